@@ -1,0 +1,222 @@
+"""Data: download the public flower photos, check a `<root>/<class>/<images>` folder, split it, and
+build the fastai DataLoaders.
+
+    python -m flowers_fastai.data download [--dest data/flowers]
+
+Every problem with a folder (missing, unknown or empty class, undecodable files) is found here, before
+anything trains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import socket
+import sys
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from fastai.vision.all import (CategoryBlock, ColReader, ColSplitter, DataBlock, ImageBlock, Normalize,
+                               PILImage, RandomResizedCrop, Transform, aug_transforms)
+
+from .classes import CLASSES, normalize_label
+from .preprocess import InvalidImageError, Preprocess, load_rgb, resize_center_crop
+
+FLOWERS_URL = "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+
+
+class DatasetError(ValueError):
+    """The data folder cannot be trained on as it is. The message says why and what to change."""
+
+
+# --------------------------------------------------------------------------- download
+
+@contextmanager
+def _socket_timeout(seconds: float):
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+def download_flowers(dest: str | Path = "data/flowers", url: str = FLOWERS_URL, force: bool = False) -> Path:
+    """Fetch and extract the flower_photos archive with fastdownload; rename class folders to our labels."""
+    from fastdownload import FastDownload
+    dest = Path(dest).absolute()
+    if dest.exists() and not force:
+        scan_folder(dest)  # already there: just prove it is usable
+        return dest
+    fd = FastDownload(base=dest.parent, archive=dest.parent / "archives", data=dest.parent / ".extract")
+    try:
+        with _socket_timeout(60):
+            extracted = Path(fd.get(url, force=force))
+    except OSError as e:
+        raise DatasetError(f"download of {url} failed ({e}). Without a network, copy a "
+                           f"<class>/<images> folder locally and pass it with --data.") from e
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.move(str(extracted), str(dest))
+    for folder in [p for p in dest.iterdir() if p.is_dir()]:
+        label = normalize_label(folder.name)
+        if label and label != folder.name:
+            folder.rename(dest / label)
+    scan_folder(dest)
+    return dest
+
+
+# --------------------------------------------------------------------------- folder -> table
+
+def scan_folder(root: str | Path) -> pd.DataFrame:
+    """One row per image file (path relative to root, label). Raises DatasetError on a missing,
+    unknown or empty class folder. Non-image extensions are ignored."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"--data {root}: no such folder (expected <root>/<class>/<images>)")
+    folders: dict[str, list[Path]] = {}
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        label = normalize_label(folder.name)
+        if label is None:
+            raise DatasetError(f"--data {root}: unknown class folder {folder.name!r}; expected only "
+                               f"{', '.join(CLASSES)} (plurals and any case accepted). Move it out.")
+        if label in folders:
+            raise DatasetError(f"--data {root}: two folders map to class {label!r}; merge them.")
+        folders[label] = folder
+    missing = [c for c in CLASSES if c not in folders]
+    if missing:
+        raise DatasetError(f"--data {root}: missing class folder(s) {', '.join(missing)}; "
+                           f"every one of {', '.join(CLASSES)} needs a folder of images.")
+    rows = []
+    for label in CLASSES:
+        files = sorted(p for p in folders[label].rglob("*")
+                       if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not files:
+            raise DatasetError(f"--data {root}: class folder {folders[label].name!r} has no image files.")
+        rows += [(str(p.relative_to(root)), label) for p in files]
+    return pd.DataFrame(rows, columns=["path", "label"])
+
+
+def _decode_problem(path: Path) -> str | None:
+    try:
+        load_rgb(path)
+        return None
+    except InvalidImageError as e:
+        return str(e).split(": ", 1)[-1]
+
+
+def find_unreadable(root: str | Path, paths: list[str], workers: int = 4) -> list[tuple[str, str]]:
+    """(path, reason) for every file that does not fully decode to an RGB image."""
+    root = Path(root)
+    with ThreadPoolExecutor(workers) as pool:
+        problems = list(pool.map(lambda p: _decode_problem(root / p), paths))
+    return [(p, why) for p, why in zip(paths, problems) if why]
+
+
+def stratified_split(df: pd.DataFrame, valid_pct: float = 0.2, seed: int = 42) -> pd.DataFrame:
+    """Adds `is_valid`: per class, a seeded random `valid_pct` (at least one image) goes to validation."""
+    if not 0 < valid_pct < 1:
+        raise DatasetError(f"--valid-pct must be between 0 and 1, not {valid_pct}")
+    rng = np.random.default_rng(seed)
+    is_valid = np.zeros(len(df), dtype=bool)
+    for label in CLASSES:
+        idx = np.flatnonzero(df["label"].to_numpy() == label)
+        if len(idx) < 2:
+            raise DatasetError(f"class {label!r} has {len(idx)} usable image(s); need at least 2 to split.")
+        n_valid = min(len(idx) - 1, max(1, round(len(idx) * valid_pct)))
+        is_valid[rng.choice(idx, size=n_valid, replace=False)] = True
+    return df.assign(is_valid=is_valid)
+
+
+def prepare_split(root: str | Path, run_dir: str | Path, valid_pct: float = 0.2, seed: int = 42,
+                  max_per_class: int | None = None) -> pd.DataFrame:
+    """Scan, drop undecodable files (warned about and listed in skipped.csv), split, write split.csv."""
+    root, run_dir = Path(root), Path(run_dir)
+    df = scan_folder(root)
+    if max_per_class:
+        df = (df.sample(frac=1.0, random_state=seed).groupby("label").head(max_per_class)
+                .sort_values("path").reset_index(drop=True))
+    skipped = find_unreadable(root, df["path"].tolist())
+    if skipped:
+        pd.DataFrame(skipped, columns=["path", "reason"]).to_csv(run_dir / "skipped.csv", index=False)
+        listing = "\n".join(f"  {p}: {why}" for p, why in skipped[:20])
+        warnings.warn(f"{len(skipped)} file(s) in {root} cannot be decoded and are left out "
+                      f"(full list in {run_dir / 'skipped.csv'}):\n{listing}", stacklevel=2)
+        df = df[~df["path"].isin({p for p, _ in skipped})].reset_index(drop=True)
+        empty = [c for c in CLASSES if not (df["label"] == c).any()]
+        if empty:
+            raise DatasetError(f"--data {root}: class(es) {', '.join(empty)} have no decodable images.")
+    df = stratified_split(df, valid_pct, seed)
+    df.to_csv(run_dir / "split.csv", index=False)
+    return df
+
+
+# --------------------------------------------------------------------------- fastai DataLoaders
+
+class RGBImage(PILImage):
+    """fastai's PILImage, decoded by `load_rgb` (EXIF orientation, alpha on white, 16-bit) like serving."""
+
+    @classmethod
+    def create(cls, fn, **kwargs):
+        return cls(load_rgb(fn))
+
+
+class EvalResizeCrop(Transform):
+    """Validation-time resize + center crop: the exact PIL operations `flowers_classifier` applies."""
+
+    split_idx, order = 1, 1
+
+    def __init__(self, size: int, crop_pct: float, interpolation: str):
+        self.size, self.crop_pct, self.interpolation = size, crop_pct, interpolation
+
+    def encodes(self, img: PILImage) -> PILImage:
+        return PILImage(resize_center_crop(img, self.size, self.crop_pct, self.interpolation))
+
+
+def make_dataloaders(df: pd.DataFrame, root: str | Path, prep: Preprocess, bs: int = 32,
+                     num_workers: int = 0, device=None, min_scale: float = 0.35, augment: bool = True):
+    """A fastai DataBlock over the split table: train = RandomResizedCrop + aug_transforms, valid =
+    the serving-time resize/center-crop; both normalised with the backbone's own mean/std."""
+    train_crop = RandomResizedCrop(prep.image_size, min_scale=min_scale)
+    train_crop.split_idx = 0  # train only; valid uses EvalResizeCrop, identical to serving
+    batch_tfms = (aug_transforms(max_rotate=15.0, max_lighting=0.2) if augment else []) + \
+        [Normalize.from_stats(list(prep.mean), list(prep.std))]
+    block = DataBlock(
+        blocks=(ImageBlock(cls=RGBImage), CategoryBlock(vocab=list(CLASSES))),
+        get_x=ColReader("path", pref=f"{Path(root).absolute()}/"),
+        get_y=ColReader("label"),
+        splitter=ColSplitter("is_valid"),
+        item_tfms=[train_crop, EvalResizeCrop(prep.image_size, prep.crop_pct, prep.interpolation)],
+        batch_tfms=batch_tfms,
+    )
+    return block.dataloaders(df, bs=bs, num_workers=num_workers, device=device)
+
+
+# --------------------------------------------------------------------------- CLI
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flowers_fastai.data", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    dl = sub.add_parser("download", help="fetch TensorFlow's flower_photos into --dest")
+    dl.add_argument("--dest", default="data/flowers", help="target folder (default: data/flowers)")
+    dl.add_argument("--url", default=FLOWERS_URL, help="archive URL (default: TensorFlow's flower_photos)")
+    dl.add_argument("--force", action="store_true", help="download and extract again even if --dest exists")
+    args = parser.parse_args(argv)
+    try:
+        dest = download_flowers(args.dest, args.url, args.force)
+    except DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    counts = scan_folder(dest)["label"].value_counts().reindex(list(CLASSES))
+    print(f"{dest}: " + ", ".join(f"{c} {n}" for c, n in counts.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""Learner construction, the callbacks our recipe adds to fastai's, and the two-stage fine-tune.
+
+The recipe is fastai's own machinery: AdamW (decoupled weight decay) + label smoothing, MixUp/CutMix,
+GradientClip, EarlyStopping, best-checkpoint saving on valid accuracy, one-cycle (cosine with warmup)
+schedules, MixedPrecision on CUDA, and discriminative learning rates through the splitter from
+`models.param_groups`. The only loop here is fastai's.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from fastai.callback.core import Callback
+from fastai.callback.mixup import CutMix, MixHandler, MixUp
+from fastai.callback.progress import ProgressCallback
+from fastai.callback.tracker import EarlyStoppingCallback, SaveModelCallback
+from fastai.learner import Learner
+from fastai.losses import LabelSmoothingCrossEntropyFlat
+from fastai.metrics import accuracy
+from fastai.optimizer import Adam
+from fastai.torch_core import set_seed
+from torch.distributions.beta import Beta
+
+from . import models
+from .export import BEST_NAME
+
+
+@dataclass
+class Recipe:
+    """Everything that shapes optimisation. Defaults are the CNN recipe; `train.py --arch clip` swaps
+    in the CLIP ones (smaller LRs, LLRD, milder smoothing)."""
+
+    epochs: int = 5
+    freeze_epochs: int = 1           # linear probe epochs (head only) before unfreezing
+    head_lr: float = 2e-3            # stage 1 LR of the head
+    lr: float = 1e-3                 # stage 2 LR of the head group; the body gets less (lr_mult)
+    lr_mult: float = 100.0           # stage 2: lr(first group) = lr / lr_mult, geometric in between
+    unfreeze_last: int | None = None  # stage 2 trains only the last K body groups (+ head)
+    pct_start: float = 0.25          # one-cycle warmup fraction
+    wd: float = 0.05
+    label_smoothing: float = 0.1
+    mixup: float = 0.0               # Beta alpha, 0 disables
+    cutmix: float = 0.0              # Beta alpha, 0 disables
+    mix_prob: float = 1.0            # probability a batch is mixed at all
+    switch_prob: float = 0.5         # with both on: probability of CutMix rather than MixUp
+    grad_clip: float | None = 1.0
+    patience: int | None = 3         # early stopping on valid accuracy, per stage
+    ema_decay: float | None = None   # timm ModelEmaV3 decay, None disables
+    precision: str = "auto"          # auto (fp16 on CUDA, fp32 on CPU), fp16, bf16, fp32
+    seed: int = 42
+
+
+def seed_everything(seed: int) -> None:
+    """Python, NumPy and torch RNGs (fastai's set_seed), so a run is repeatable on one machine."""
+    set_seed(seed, reproducible=True)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def resolve_precision(precision: str) -> str:
+    if precision == "auto":
+        return "fp16" if torch.cuda.is_available() else "fp32"
+    if precision in ("fp16", "bf16") and not torch.cuda.is_available():
+        raise ValueError(f"--{precision} mixed precision needs a CUDA GPU; on CPU training runs in fp32.")
+    if precision not in ("fp16", "bf16", "fp32"):
+        raise ValueError(f"unknown precision {precision!r}")
+    return precision
+
+
+# --------------------------------------------------------------------------- callbacks
+
+class MixUpOrCutMix(MixHandler):
+    """MixUp and CutMix in one run, timm-style: a batch is mixed with probability `prob`, by CutMix
+    with probability `switch_prob` (when both are on). Delegates to fastai's own MixUp/CutMix."""
+
+    rand_bbox = CutMix.rand_bbox
+
+    def __init__(self, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0, prob: float = 1.0,
+                 switch_prob: float = 0.5):
+        super().__init__()
+        if mixup_alpha <= 0 and cutmix_alpha <= 0:
+            raise ValueError("MixUpOrCutMix needs mixup_alpha > 0 or cutmix_alpha > 0")
+        beta = lambda a: Beta(torch.tensor(float(a)), torch.tensor(float(a))) if a > 0 else None  # noqa: E731
+        self.mixup_distrib, self.cutmix_distrib = beta(mixup_alpha), beta(cutmix_alpha)
+        self.prob, self.switch_prob = prob, switch_prob
+
+    def before_batch(self):
+        if random.random() >= self.prob:
+            self.lam, self.yb1 = 1.0, self.yb  # lerp(.., .., 1.0) = the plain loss
+            return
+        use_cutmix = self.cutmix_distrib is not None and (
+            self.mixup_distrib is None or random.random() < self.switch_prob)
+        self.distrib = self.cutmix_distrib if use_cutmix else self.mixup_distrib
+        (CutMix if use_cutmix else MixUp).before_batch(self)
+
+
+class EmaCallback(Callback):
+    """Weight EMA with timm's ModelEmaV3: updated after every step and swapped in for validation, so
+    the best checkpoint (which SaveModelCallback loads back at the end) holds EMA weights."""
+
+    order = SaveModelCallback.order + 1  # restore the raw weights only after the checkpoint was taken
+
+    def __init__(self, decay: float = 0.999):
+        self.decay, self.ema, self._raw, self._trained = decay, None, None, False
+
+    def before_fit(self):
+        from timm.utils import ModelEmaV3
+        if self.ema is None:
+            self.ema = ModelEmaV3(self.learn.model, decay=self.decay)
+
+    def after_step(self):
+        self.ema.update(self.learn.model)
+
+    def after_train(self):
+        self._trained = True  # learn.validate()/get_preds run no train phase: leave their weights alone
+
+    def before_validate(self):
+        if self._trained:
+            self._raw = {k: v.detach().clone() for k, v in self.learn.model.state_dict().items()}
+            self.learn.model.load_state_dict(self.ema.module.state_dict())
+
+    def after_epoch(self):
+        if self._raw is not None:
+            self.learn.model.load_state_dict(self._raw)
+        self._raw, self._trained = None, False
+
+
+class AtomicSaveModelCallback(SaveModelCallback):
+    """fastai's SaveModelCallback, but the checkpoint appears at its path only once fully written."""
+
+    def _save(self, name):
+        tmp = f"{name}.tmp"
+        tmp_path = self.learn.save(tmp, with_opt=self.with_opt)
+        final = tmp_path.with_name(f"{name}.pth")
+        os.replace(tmp_path, final)
+        self.last_saved_path = final
+
+
+class HistoryCallback(Callback):
+    """Appends one row per training epoch to history.csv (flushed at once, so an interrupted run keeps
+    every finished epoch) and prints one plain line per epoch when stdout is not a terminal."""
+
+    order = 70  # after the Recorder has logged the epoch
+    columns = ("epoch", "stage", "train_loss", "valid_loss", "accuracy", "lr", "time")
+
+    def __init__(self, path: Path, quiet: bool = False):
+        self.path, self.quiet, self.stage, self.epochs_done, self._trained = Path(path), quiet, "", 0, False
+        if not self.path.exists():
+            with open(self.path, "w", newline="") as f:
+                csv.writer(f).writerow(self.columns)
+
+    def before_epoch(self):
+        self._start = time.time()
+
+    def after_train(self):
+        self._trained = True  # fastai fires epoch events around learn.validate() too; skip those
+
+    def after_epoch(self):
+        if not self._trained:
+            return
+        self._trained = False
+        train_loss, valid_loss, acc = (self.recorder.log[i] for i in (1, 2, 3))
+        lr = self.opt.hypers[-1]["lr"]
+        row = (self.epochs_done, self.stage, f"{train_loss:.6f}", f"{valid_loss:.6f}", f"{acc:.6f}",
+               f"{lr:.3e}", f"{time.time() - self._start:.1f}")
+        with open(self.path, "a", newline="") as f:
+            csv.writer(f).writerow(row)
+        self.epochs_done += 1
+        if not self.quiet:
+            print(f"epoch {row[0]:>3} [{self.stage}] train_loss {row[2]} valid_loss {row[3]} "
+                  f"accuracy {row[4]} lr {row[5]} ({row[6]}s)", flush=True)
+
+
+# --------------------------------------------------------------------------- learner + recipe
+
+def _silent(*args, **kwargs) -> None:
+    pass
+
+
+def build_learner(dls, model: torch.nn.Module, recipe: Recipe, run_dir: str | Path) -> Learner:
+    """A fastai Learner around `model` with the recipe's loss, optimiser, splitter and callbacks."""
+    run_dir = Path(run_dir)
+    cbs = [AtomicSaveModelCallback(monitor="accuracy", fname=BEST_NAME, reset_on_fit=False),
+           HistoryCallback(run_dir / "history.csv", quiet=sys.stdout.isatty())]
+    if recipe.patience:
+        cbs.append(EarlyStoppingCallback(monitor="accuracy", patience=recipe.patience))
+    if recipe.mixup > 0 or recipe.cutmix > 0:
+        cbs.append(MixUpOrCutMix(recipe.mixup, recipe.cutmix, recipe.mix_prob, recipe.switch_prob))
+    if recipe.grad_clip:
+        from fastai.callback.training import GradientClip
+        cbs.append(GradientClip(max_norm=recipe.grad_clip))
+    if recipe.ema_decay:
+        cbs.append(EmaCallback(recipe.ema_decay))
+    learn = Learner(dls, model, loss_func=LabelSmoothingCrossEntropyFlat(eps=recipe.label_smoothing),
+                    opt_func=partial(Adam, decouple_wd=True), wd=recipe.wd, metrics=accuracy,
+                    splitter=models.param_groups, cbs=cbs, path=run_dir, model_dir=".",
+                    train_bn=False)  # freeze() must leave the head alone trainable (norms included)
+    if not sys.stdout.isatty():
+        learn.remove_cb(ProgressCallback)  # HistoryCallback prints the plain per-epoch lines instead
+        learn.logger = _silent             # ... and the Recorder's raw lists would repeat them
+    precision = resolve_precision(recipe.precision)
+    if precision == "fp16":
+        learn.to_fp16()
+    elif precision == "bf16":
+        learn.to_bf16()
+    return learn
+
+
+def stage2_lrs(learn: Learner, recipe: Recipe) -> slice:
+    """Discriminative LRs: fastai spreads slice(lo, hi) geometrically from the first group to the head."""
+    return slice(recipe.lr / recipe.lr_mult, recipe.lr) if recipe.lr_mult != 1 else slice(recipe.lr, recipe.lr)
+
+
+def _fit(learn: Learner, epochs: int, lr, recipe: Recipe, stage: str) -> None:
+    for cb in learn.cbs:
+        if isinstance(cb, HistoryCallback):
+            cb.stage = stage
+    learn.fit_one_cycle(epochs, lr, pct_start=recipe.pct_start)
+
+
+def fine_tune(learn: Learner, recipe: Recipe) -> Learner:
+    """Stage 1 (freeze_epochs): head only at head_lr. Stage 2 (epochs): the body (or its last
+    `unfreeze_last` groups) too, with discriminative LRs. Both one-cycle; best weights loaded at the end."""
+    if recipe.freeze_epochs > 0:
+        learn.freeze()
+        _fit(learn, recipe.freeze_epochs, recipe.head_lr, recipe, "frozen")
+    if recipe.epochs > 0:
+        if recipe.unfreeze_last:
+            learn.freeze_to(-(recipe.unfreeze_last + 1))
+        else:
+            learn.unfreeze()
+        _fit(learn, recipe.epochs, stage2_lrs(learn, recipe), recipe, "unfrozen")
+    return learn

@@ -1,0 +1,223 @@
+"""One training run, top to bottom: arguments -> data check and split -> model (pretrained resolved)
+-> fastai Learner -> freeze/unfreeze fine-tune -> run folder (+ exported .pth).
+
+The run folder holds learner.pkl (fastai export), best.pth (best weights on valid accuracy),
+history.csv, metrics.json (config, class counts, best accuracy/epoch, wall time), split.csv and,
+when some files could not be decoded, skipped.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from . import models
+from .classes import CLASSES
+from .data import DatasetError, make_dataloaders, prepare_split
+from .files import atomic_write, write_json
+from .learner import Recipe, build_learner, fine_tune, seed_everything
+from .preprocess import Preprocess
+
+# Per-family defaults; any flag the user gives wins. CLIP follows the LP-FT recipe: a linear probe at a
+# high head LR, then a gentle full fine-tune with layer-wise LR decay and milder label smoothing.
+ARCH_DEFAULTS = {
+    "cnn": dict(model=models.CNN_DEFAULT, epochs=5, freeze_epochs=1, head_lr=2e-3, lr=1e-3, lr_mult=100.0,
+                label_smoothing=0.1, mixup=0.2, cutmix=0.0, bs=32, wd=0.05),
+    "clip": dict(model=models.CLIP_DEFAULT, epochs=3, freeze_epochs=2, head_lr=1e-3, lr=1e-5, llrd=0.75,
+                 label_smoothing=0.05, mixup=0.0, cutmix=0.0, bs=32, wd=0.05),
+}
+SCRATCH_DEFAULTS = dict(freeze_epochs=0, lr=3e-3, lr_mult=1.0)  # random init: nothing to protect
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Fine-tune a flower classifier (timm ConvNeXt V2 or OpenCLIP ViT) with fastai, "
+                    "then export it for flowers_classifier. Unset options take the per-arch defaults "
+                    "shown as 'arch default'.")
+    p.add_argument("--arch", choices=("cnn", "clip"), default="cnn",
+                   help="backbone family: cnn = timm ConvNeXt V2, clip = OpenCLIP image encoder + linear head")
+    p.add_argument("--model", help="timm name (cnn; arch default convnextv2_tiny) or open_clip name "
+                                   "(clip; arch default ViT-L-14)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="data/flowers", help="folder laid out as <root>/<class>/<images>")
+    g.add_argument("--valid-pct", type=float, default=0.2, help="stratified validation fraction")
+    g.add_argument("--max-per-class", type=int, help="use at most N images per class (quick runs)")
+    g.add_argument("--img-size", type=int, help="square input size in pixels (arch default: the model's own)")
+    g.add_argument("--bs", type=int, help="batch size (arch default 32)")
+    g.add_argument("--workers", type=int, help="DataLoader worker processes (default: 0 on CPU, 8 on GPU)")
+    w = p.add_argument_group("weights (default: pretrained from the hub; fails fast when offline)")
+    x = w.add_mutually_exclusive_group()
+    x.add_argument("--no-pretrained", action="store_true",
+                   help="random init (also sets freeze epochs 0, lr 3e-3 and one LR for all groups unless given)")
+    x.add_argument("--weights", type=Path,
+                   help="local backbone weights: timm state dict / .safetensors (cnn) or open_clip checkpoint (clip)")
+    w.add_argument("--pretrained-tag", default=models.CLIP_DEFAULT_TAG,
+                   help="clip: open_clip pretrained tag (e.g. openai, laion2b_s32b_b82k, datacomp_xl_s13b_b90k)")
+    o = p.add_argument_group("recipe")
+    o.add_argument("--epochs", type=int, help="stage 2 (unfrozen) epochs (arch default: cnn 5, clip 3)")
+    o.add_argument("--freeze-epochs", type=int, help="stage 1 epochs training the head only (cnn 1, clip 2)")
+    o.add_argument("--lr", type=float, help="stage 2 max LR of the head group (cnn 1e-3, clip 1e-5)")
+    o.add_argument("--head-lr", type=float, help="stage 1 (linear probe) max LR (cnn 2e-3, clip 1e-3)")
+    o.add_argument("--lr-mult", type=float,
+                   help="cnn: stage 2 spreads LRs geometrically from lr/lr_mult (stem) to lr (head), "
+                        "fastai's lr=slice(lr/lr_mult, lr) (default 100)")
+    o.add_argument("--wd", type=float, help="AdamW decoupled weight decay (0.05)")
+    o.add_argument("--label-smoothing", type=float, help="label smoothing eps (cnn 0.1, clip 0.05)")
+    o.add_argument("--mixup", type=float, help="MixUp Beta alpha, 0 disables (cnn 0.2, clip 0)")
+    o.add_argument("--cutmix", type=float, help="CutMix Beta alpha, 0 disables (0)")
+    o.add_argument("--mix-prob", type=float, default=1.0, help="probability that a batch is mixed at all")
+    o.add_argument("--switch-prob", type=float, default=0.5,
+                   help="with MixUp and CutMix both on: probability of CutMix for a mixed batch")
+    o.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, 0 disables")
+    o.add_argument("--patience", type=int, default=3, help="early stopping patience in epochs, 0 disables")
+    o.add_argument("--ema", type=float, default=0.0, help="timm ModelEmaV3 decay (e.g. 0.999), 0 disables")
+    o.add_argument("--seed", type=int, default=42, help="seed for split, init, augmentation and order")
+    o.add_argument("--precision", choices=("auto", "fp16", "bf16", "fp32"), default="auto",
+                   help="auto = fp16 mixed precision on CUDA, fp32 on CPU")
+    o.add_argument("--bf16", action="store_const", const="bf16", dest="precision",
+                   help="shortcut for --precision bf16 (CUDA)")
+    c = p.add_argument_group("clip")
+    c.add_argument("--llrd", type=float,
+                   help="clip: layer-wise LR decay per parameter group (0.75): stage 2 LR of group g is "
+                        "lr * llrd**(groups-1-g), i.e. fastai lr=slice(lr*llrd**(groups-1), lr); "
+                        "groups = patch embed, each block, ln_post+proj, head")
+    c.add_argument("--unfreeze-last", type=int,
+                   help="stage 2 fine-tunes only the last K body groups plus the head (fastai freeze_to)")
+    c.add_argument("--head-init", choices=("zeroshot", "random"), default="zeroshot",
+                   help="clip: start the head from CLIP's text embeddings of the class prompts, or random")
+    c.add_argument("--grad-checkpointing", action="store_true", help="clip: trade compute for activation memory")
+    out = p.add_argument_group("output")
+    out.add_argument("--out", type=Path, help="run folder (default runs/<arch>-<time>)")
+    out.add_argument("--export", type=Path, help="exported .pth path (default models/<cnn|vit>_flowers.pth)")
+    out.add_argument("--no-export", action="store_true", help="leave exporting to export.py")
+    return p
+
+
+def _resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill unset options from the arch (and from-scratch) defaults."""
+    defaults = dict(ARCH_DEFAULTS[args.arch])
+    if args.no_pretrained:
+        defaults.update(SCRATCH_DEFAULTS)
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.lr_mult is None:
+        args.lr_mult = 100.0
+    if args.out is None:
+        args.out = Path("runs") / f"{args.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.export is None and not args.no_export:
+        args.export = Path("models") / ("cnn_flowers.pth" if args.arch == "cnn" else "vit_flowers.pth")
+    return args
+
+
+def build_model(args: argparse.Namespace) -> torch.nn.Module:
+    pretrained = None if args.no_pretrained else args.weights
+    if args.arch == "cnn":
+        return models.create_cnn(args.model, pretrained=pretrained if pretrained or args.no_pretrained else "hub",
+                                 drop_path_rate=0.1 if not args.no_pretrained else 0.0)
+    if pretrained is None and not args.no_pretrained:
+        pretrained = args.pretrained_tag
+    model = models.create_clip(args.model, pretrained=pretrained, image_size=args.img_size,
+                               head_init=args.head_init)
+    if args.grad_checkpointing:
+        model.visual.set_grad_checkpointing(True)
+    return model
+
+
+def model_spec(args: argparse.Namespace, model: torch.nn.Module, prep: Preprocess) -> dict:
+    """Plain metadata that rebuilds the architecture offline (see models.build_from_spec)."""
+    spec = dict(family=args.arch, model_name=args.model, classes=list(CLASSES), **prep.to_dict())
+    if args.arch == "clip":
+        spec["quick_gelu"] = model.quick_gelu
+    return spec
+
+
+def make_recipe(args: argparse.Namespace, n_groups: int) -> Recipe:
+    lr_mult = args.lr_mult
+    if args.arch == "clip" and args.llrd:
+        lr_mult = args.llrd ** -(n_groups - 1)
+    return Recipe(epochs=args.epochs, freeze_epochs=args.freeze_epochs, head_lr=args.head_lr, lr=args.lr,
+                  lr_mult=lr_mult, unfreeze_last=args.unfreeze_last, wd=args.wd,
+                  label_smoothing=args.label_smoothing, mixup=args.mixup, cutmix=args.cutmix,
+                  mix_prob=args.mix_prob, switch_prob=args.switch_prob, grad_clip=args.grad_clip or None,
+                  patience=args.patience or None, ema_decay=args.ema or None, precision=args.precision,
+                  seed=args.seed)
+
+
+def _best_from_history(path: Path) -> tuple[float, int]:
+    import pandas as pd
+    hist = pd.read_csv(path)
+    best = hist["accuracy"].idxmax()
+    return float(hist.loc[best, "accuracy"]), int(hist.loc[best, "epoch"])
+
+
+def train(args: argparse.Namespace) -> Path:
+    """Run one training as configured by `args` (see build_parser); returns the run folder."""
+    args = _resolve(args)
+    start = time.time()
+    run_dir = Path(args.out)
+    if (run_dir / "metrics.json").exists():
+        raise FileExistsError(f"--out {run_dir} already holds a run; choose another --out folder.")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(args.seed)
+
+    # 1. Data: every folder problem surfaces here, before a model is built.
+    df = prepare_split(args.data, run_dir, args.valid_pct, args.seed, args.max_per_class)
+
+    # 2. Model: pretrained weights resolved in models.py (hub, tag, local file or random init).
+    model = build_model(args)
+    prep = models.preprocess_for(model, args.img_size)
+    spec = model_spec(args, model, prep)
+    n_groups = len(models.param_groups(model))
+    recipe = make_recipe(args, n_groups)
+
+    # 3. fastai DataLoaders + Learner.
+    workers = args.workers if args.workers is not None else (8 if torch.cuda.is_available() else 0)
+    dls = make_dataloaders(df, args.data, prep, bs=args.bs, num_workers=workers)
+    learn = build_learner(dls, model, recipe, run_dir)
+    counts = {split: df[df.is_valid == (split == "valid")]["label"].value_counts().reindex(CLASSES).tolist()
+              for split in ("train", "valid")}
+    metrics = dict(status="running", model=spec, recipe=vars(recipe), param_groups=n_groups,
+                   config={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                   classes=list(CLASSES), class_counts=counts,
+                   skipped_files=int(len(open(run_dir / "skipped.csv").readlines()) - 1)
+                   if (run_dir / "skipped.csv").exists() else 0)
+    if args.arch == "clip" and args.head_init == "zeroshot":
+        metrics["zero_shot_accuracy"] = float(learn.validate()[1])
+        print(f"zero-shot valid accuracy before training: {metrics['zero_shot_accuracy']:.4f}")
+    write_json(run_dir / "metrics.json", metrics)
+
+    # 4. Train: linear probe, then fine-tune with discriminative LRs; best weights end up loaded.
+    fine_tune(learn, recipe)
+
+    # 5. Save: fastai export (for fastai users), metrics, and the plain payload for serving.
+    atomic_write(run_dir / "learner.pkl", lambda tmp: learn.export(Path(tmp).absolute()))
+    best_acc, best_epoch = _best_from_history(run_dir / "history.csv")
+    metrics.update(status="finished", best_accuracy=best_acc, best_epoch=best_epoch,
+                   wall_time_s=round(time.time() - start, 1))
+    write_json(run_dir / "metrics.json", metrics)
+    print(f"best valid accuracy {best_acc:.4f} at epoch {best_epoch}; run folder {run_dir}")
+    if args.export:
+        from .export import export_run
+        path = export_run(run_dir, args.export)
+        print(f"exported {path}")
+    return run_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*")
+    try:
+        train(args)
+    except (DatasetError, models.PretrainedWeightsUnavailable, models.WeightsFileError,
+            FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
