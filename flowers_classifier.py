@@ -132,7 +132,7 @@ def predict_proba(model: FlowerClassifier, image_path: str | os.PathLike) -> dic
     """Class -> probability for one image file (EXIF-rotated, any mode -> RGB, validation crop)."""
     x = preprocess_image(image_path, model.prep).unsqueeze(0)
     probs = model.probabilities(x)[0]
-    return {c: float(p) for c, p in zip(model.classes, probs)}
+    return {c: float(p) for c, p in zip(model.classes, probs, strict=True)}
 
 
 def predict(model: FlowerClassifier, image_path: str | os.PathLike) -> str:

@@ -20,8 +20,18 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from fastai.vision.all import (CategoryBlock, ColReader, ColSplitter, DataBlock, ImageBlock, Normalize,
-                               PILImage, RandomResizedCrop, Transform, aug_transforms)
+from fastai.vision.all import (
+    CategoryBlock,
+    ColReader,
+    ColSplitter,
+    DataBlock,
+    ImageBlock,
+    Normalize,
+    PILImage,
+    RandomResizedCrop,
+    Transform,
+    aug_transforms,
+)
 
 from .classes import CLASSES, normalize_label
 from .preprocess import InvalidImageError, Preprocess, load_rgb, resize_center_crop
@@ -115,7 +125,7 @@ def find_unreadable(root: str | Path, paths: list[str], workers: int = 4) -> lis
     root = Path(root)
     with ThreadPoolExecutor(workers) as pool:
         problems = list(pool.map(lambda p: _decode_problem(root / p), paths))
-    return [(p, why) for p, why in zip(paths, problems) if why]
+    return [(p, why) for p, why in zip(paths, problems, strict=True) if why]
 
 
 def stratified_split(df: pd.DataFrame, valid_pct: float = 0.2, seed: int = 42) -> pd.DataFrame:

@@ -18,7 +18,6 @@ sys.path.insert(0, str(ROOT))
 from flowers_fastai import models  # noqa: E402
 from flowers_fastai.classes import CLASSES  # noqa: E402
 from flowers_fastai.export import make_payload  # noqa: E402
-from flowers_fastai.preprocess import Preprocess  # noqa: E402
 
 FLOWERS128 = Path(os.environ.get("FLOWERS128_DIR", ROOT.parent / "shared" / "datasets" / "flowers128"))
 TINY_CNN, TINY_CLIP, TINY_SIZE = "convnextv2_atto", "ViT-S-32", 64
@@ -89,6 +88,3 @@ def tiny_vit_pth(tmp_path_factory) -> Path:
     """A random-init open_clip ViT-S-32 payload at 64 px, fp16 storage like a real CLIP export."""
     return tiny_clip_payload_file(tmp_path_factory.mktemp("tiny") / "vit_flowers.pth")
 
-
-__all__ = ["CLASSES", "FLOWERS128", "Preprocess", "TINY_CLIP", "TINY_CNN", "TINY_SIZE", "make_image_folder",
-           "tiny_clip_payload_file", "tiny_cnn_payload_file"]
