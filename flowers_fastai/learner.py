@@ -22,7 +22,7 @@ import torch
 from fastai.callback.core import Callback
 from fastai.callback.mixup import CutMix, MixHandler, MixUp
 from fastai.callback.progress import ProgressCallback
-from fastai.callback.tracker import EarlyStoppingCallback, SaveModelCallback
+from fastai.callback.tracker import EarlyStoppingCallback, SaveModelCallback, TrackerCallback
 from fastai.learner import Learner
 from fastai.losses import LabelSmoothingCrossEntropyFlat
 from fastai.metrics import accuracy
@@ -44,7 +44,7 @@ class Recipe:
     head_lr: float = 2e-3            # stage 1 LR of the head
     lr: float = 1e-3                 # stage 2 LR of the head group; the body gets less (lr_mult)
     lr_mult: float = 100.0           # stage 2: lr(first group) = lr / lr_mult, geometric in between
-    unfreeze_last: int | None = None  # stage 2 trains only the last K body groups (+ head)
+    unfreeze_last: int | None = None  # stage 2 trains only the last K blocks/stages (+ all above them)
     pct_start: float = 0.25          # one-cycle warmup fraction
     wd: float = 0.05
     label_smoothing: float = 0.1
@@ -110,15 +110,15 @@ class EmaCallback(Callback):
     order = SaveModelCallback.order + 1  # restore the raw weights only after the checkpoint was taken
 
     def __init__(self, decay: float = 0.999):
-        self.decay, self.ema, self._raw, self._trained = decay, None, None, False
+        self.decay, self.model_ema, self._raw, self._trained = decay, None, None, False
 
     def before_fit(self):
         from timm.utils import ModelEmaV3
-        if self.ema is None:
-            self.ema = ModelEmaV3(self.learn.model, decay=self.decay)
+        if self.model_ema is None:
+            self.model_ema = ModelEmaV3(self.learn.model, decay=self.decay)
 
     def after_step(self):
-        self.ema.update(self.learn.model)
+        self.model_ema.update(self.learn.model)
 
     def after_train(self):
         self._trained = True  # learn.validate()/get_preds run no train phase: leave their weights alone
@@ -126,7 +126,7 @@ class EmaCallback(Callback):
     def before_validate(self):
         if self._trained:
             self._raw = {k: v.detach().clone() for k, v in self.learn.model.state_dict().items()}
-            self.learn.model.load_state_dict(self.ema.module.state_dict())
+            self.learn.model.load_state_dict(self.model_ema.module.state_dict())
 
     def after_epoch(self):
         if self._raw is not None:
@@ -220,6 +220,15 @@ def stage2_lrs(learn: Learner, recipe: Recipe) -> slice:
     return slice(recipe.lr / recipe.lr_mult, recipe.lr) if recipe.lr_mult != 1 else slice(recipe.lr, recipe.lr)
 
 
+def valid_accuracy(learn: Learner) -> float:
+    """Valid accuracy of the model as it stands, outside any fit (e.g. CLIP's zero-shot head before
+    training). The trackers are set aside: validate() fires epoch events, and they would read it as an
+    epoch of a fit (and crash before the first one)."""
+    trackers = [cb for cb in learn.cbs if isinstance(cb, TrackerCallback)]
+    with learn.removed_cbs(trackers):
+        return float(learn.validate()[1])
+
+
 def _fit(learn: Learner, epochs: int, lr, recipe: Recipe, stage: str) -> None:
     for cb in learn.cbs:
         if isinstance(cb, HistoryCallback):
@@ -229,13 +238,16 @@ def _fit(learn: Learner, epochs: int, lr, recipe: Recipe, stage: str) -> None:
 
 def fine_tune(learn: Learner, recipe: Recipe) -> Learner:
     """Stage 1 (freeze_epochs): head only at head_lr. Stage 2 (epochs): the body (or its last
-    `unfreeze_last` groups) too, with discriminative LRs. Both one-cycle; best weights loaded at the end."""
+    `unfreeze_last` blocks, see models.unfreeze_index) too, with discriminative LRs. Both one-cycle;
+    best weights loaded at the end."""
+    # Resolved before stage 1, so a bad --unfreeze-last fails before any training.
+    unfreeze_at = None if recipe.unfreeze_last is None else models.unfreeze_index(learn.model, recipe.unfreeze_last)
     if recipe.freeze_epochs > 0:
         learn.freeze()
         _fit(learn, recipe.freeze_epochs, recipe.head_lr, recipe, "frozen")
     if recipe.epochs > 0:
-        if recipe.unfreeze_last:
-            learn.freeze_to(-(recipe.unfreeze_last + 1))
+        if unfreeze_at is not None:
+            learn.freeze_to(unfreeze_at)
         else:
             learn.unfreeze()
         _fit(learn, recipe.epochs, stage2_lrs(learn, recipe), recipe, "unfrozen")

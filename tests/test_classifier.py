@@ -1,0 +1,123 @@
+"""flowers_classifier: safe payload loading, preprocessing of odd images, predict/predict_proba."""
+
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+from PIL import Image
+
+import flowers_classifier as fc
+from flowers_fastai.classes import CLASSES
+from flowers_fastai.preprocess import Preprocess, load_rgb, preprocess_image
+
+PAYLOAD_KEYS = {"format_version", "family", "model_name", "classes", "image_size", "mean", "std",
+                "interpolation", "crop_pct", "dtype", "state_dict"}
+
+
+def test_payload_is_plain_data_loadable_with_weights_only(tiny_cnn_pth):
+    payload = torch.load(tiny_cnn_pth, weights_only=True)
+    assert set(payload) == PAYLOAD_KEYS
+    assert payload["family"] == "cnn" and payload["classes"] == list(CLASSES)
+    assert all(isinstance(v, torch.Tensor) for v in payload["state_dict"].values())
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # creating the marker file would prove code ran
+
+
+def test_pickled_code_is_refused_without_running(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pth"
+    torch.save({"format_version": 1, "payload": _Exploit(str(marker))}, evil)
+    with pytest.raises(fc.ModelFileError, match="pickled Python objects.*nothing in it was executed"):
+        fc.load_cnn_model(evil)
+    assert not marker.exists()
+
+
+def test_missing_file_says_how_to_make_one(tmp_path):
+    with pytest.raises(fc.ModelFileError, match="no such model file.*train.py --arch cnn"):
+        fc.load_cnn_model(tmp_path / "none.pth")
+
+
+def test_bare_name_is_looked_up_in_models_dir(tiny_cnn_pth, monkeypatch):
+    monkeypatch.setattr(fc, "MODELS_DIR", tiny_cnn_pth.parent)
+    model = fc.load_cnn_model("cnn_flowers.pth")
+    assert model.family == "cnn"
+
+
+def test_cnn_file_is_refused_by_load_vit_model(tiny_cnn_pth):
+    with pytest.raises(fc.ModelFileError, match="holds a 'cnn' model.*load_cnn_model"):
+        fc.load_vit_model(tiny_cnn_pth)
+
+
+def test_predict_returns_one_of_the_five_classes(tiny_cnn_pth, real_photos):
+    model = fc.load_cnn_model(tiny_cnn_pth, device="cpu")
+    for photos in real_photos.values():
+        probs = fc.predict_proba(model, photos[0])
+        assert list(probs) == list(CLASSES) and abs(sum(probs.values()) - 1) < 1e-5
+        assert fc.predict(model, photos[0]) == max(probs, key=probs.get)
+
+
+def test_damaged_image_error_names_the_file(tiny_cnn_pth, tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(fc.InvalidImageError, match="broken.jpg") as err:
+        fc.predict(fc.load_cnn_model(tiny_cnn_pth, device="cpu"), bad)
+    assert isinstance(err.value, ValueError)
+
+
+def test_flowers_classifier_never_imports_fastai(tiny_cnn_pth):
+    code = (f"import sys, flowers_classifier as fc; fc.load_cnn_model(r'{tiny_cnn_pth}', device='cpu'); "
+            "print('fastai' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def photo(tmp_path, name="p.jpg", exif_orientation=None):
+    """A photo with a distinct top half, optionally stored rotated with an EXIF orientation tag."""
+    arr = np.zeros((40, 60, 3), dtype=np.uint8)
+    arr[:20] = (200, 30, 30)
+    img = Image.fromarray(arr)
+    path = tmp_path / name
+    if exif_orientation:
+        exif = Image.Exif()
+        exif[0x0112] = exif_orientation  # 6 = stored rotated, display rotated 90 degrees clockwise
+        img.transpose(Image.Transpose.ROTATE_90).save(path, exif=exif.tobytes(), quality=95)
+    else:
+        img.save(path, quality=95)
+    return path
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    upright = load_rgb(photo(tmp_path, "up.jpg"))
+    rotated = load_rgb(photo(tmp_path, "rot.jpg", exif_orientation=6))
+    assert rotated.size == upright.size
+    assert np.abs(np.asarray(rotated, float) - np.asarray(upright, float)).mean() < 3
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "CMYK", "I;16"])
+def test_any_mode_becomes_rgb(tmp_path, mode):
+    img = Image.new("RGB", (30, 20), (120, 60, 200)).convert(mode)
+    path = tmp_path / f"img_{mode.replace(';', '')}.{'jpg' if mode == 'CMYK' else 'png'}"
+    img.save(path)
+    out = load_rgb(path)
+    assert out.mode == "RGB" and out.size == (30, 20)
+    x = preprocess_image(path, Preprocess(16, (0.5,) * 3, (0.5,) * 3))
+    assert x.shape == (3, 16, 16) and torch.isfinite(x).all()
+
+
+def test_transparent_pixels_become_white(tmp_path):
+    img = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    path = tmp_path / "clear.png"
+    path.write_bytes(buf.getvalue())
+    assert load_rgb(path).getpixel((3, 3)) == (255, 255, 255)

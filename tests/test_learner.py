@@ -1,0 +1,127 @@
+"""The Learner and recipe: freeze/unfreeze, discriminative LRs, MixUp/CutMix, EMA, history, checkpoints."""
+
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import torch
+from conftest import TINY_CNN, make_image_folder
+from fastai.callback.core import Callback
+from fastai.losses import LabelSmoothingCrossEntropyFlat
+
+from flowers_fastai import data, models
+from flowers_fastai.learner import EmaCallback, MixUpOrCutMix, Recipe, build_learner, fine_tune
+from flowers_fastai.preprocess import Preprocess
+
+QUIET = dict(patience=None, grad_clip=1.0)
+
+
+@pytest.fixture
+def tiny_dls(tmp_path):
+    root = make_image_folder(tmp_path / "imgs", per_class=6, size=40)
+    df = data.stratified_split(data.scan_folder(root), 0.34, seed=0)
+    prep = Preprocess(32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    return data.make_dataloaders(df, root, prep, bs=8)
+
+
+def tiny_learner(dls, run_dir, **recipe):
+    torch.manual_seed(0)
+    return build_learner(dls, models.create_cnn(TINY_CNN, pretrained=None), Recipe(**{**QUIET, **recipe}), run_dir)
+
+
+def test_freeze_leaves_only_the_head_trainable(tiny_dls, tmp_path):
+    learn = tiny_learner(tiny_dls, tmp_path)
+    learn.freeze()
+    trainable = {id(p) for p in learn.model.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in learn.model.head.parameters()}
+    learn.unfreeze()
+    assert all(p.requires_grad for p in learn.model.parameters())
+
+
+def test_unfrozen_stage_lrs_rise_geometrically_from_body_to_head(tiny_dls, tmp_path):
+    learn = tiny_learner(tiny_dls, tmp_path)
+    fine_tune(learn, Recipe(epochs=1, freeze_epochs=0, lr=1e-3, lr_mult=100, **QUIET))
+    lrs = torch.tensor([h["lr"] for h in learn.opt.hypers], dtype=torch.float64)
+    assert len(lrs) == 6  # stem, 4 stages, head
+    ratios = lrs[1:] / lrs[:-1]
+    assert torch.allclose(ratios, torch.full_like(ratios, 100 ** (1 / 5)), rtol=1e-6)
+
+
+def test_two_stage_fine_tune_writes_history_and_atomic_best_checkpoint(tiny_dls, tmp_path):
+    learn = tiny_learner(tiny_dls, tmp_path)
+    fine_tune(learn, Recipe(epochs=2, freeze_epochs=1, **QUIET))
+    hist = pd.read_csv(tmp_path / "history.csv")
+    assert list(hist.columns) == ["epoch", "stage", "train_loss", "valid_loss", "accuracy", "lr", "time"]
+    assert hist["epoch"].tolist() == [0, 1, 2] and hist["stage"].tolist() == ["frozen", "unfrozen", "unfrozen"]
+    best = torch.load(tmp_path / "best.pth", weights_only=True)
+    assert all(torch.equal(best[k], v) for k, v in learn.model.state_dict().items())  # best loaded at the end
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def mix_batch(cb, x, y):
+    """Run the callback's before_train/before_batch on a stand-in learner; return it."""
+    learn = SimpleNamespace(xb=(x.clone(),), yb=(y,), loss_func=LabelSmoothingCrossEntropyFlat(), training=True)
+    learn.x, learn.y = learn.xb[0], y
+    cb.learn = learn
+    cb.before_train()
+    cb.before_batch()
+    return learn
+
+
+def test_mixup_blends_images_and_losses():
+    torch.manual_seed(0)
+    x, y = torch.rand(8, 3, 16, 16), torch.arange(8) % 5
+    cb = MixUpOrCutMix(mixup_alpha=0.4, cutmix_alpha=0.0)
+    learn = mix_batch(cb, x, y)
+    assert not torch.equal(learn.xb[0], x) and (cb.lam >= 0.5).all()
+    pred = torch.randn(8, 5)
+    plain = LabelSmoothingCrossEntropyFlat(reduction="none")
+    expected = (cb.lam * plain(pred, y) + (1 - cb.lam) * plain(pred, cb.yb1[0])).mean()
+    assert torch.allclose(learn.loss_func(pred, y), expected, atol=1e-6)
+
+
+def test_cutmix_pastes_patches_from_other_images():
+    torch.manual_seed(0)
+    x, y = torch.rand(8, 3, 32, 32), torch.arange(8) % 5
+    cb = MixUpOrCutMix(mixup_alpha=0.0, cutmix_alpha=1.0)
+    out = mix_batch(cb, x, y).xb[0]
+    changed = (out != x).any(dim=1)  # (N, H, W) pixels replaced
+    assert changed.any() and 0 < float(cb.lam) <= 1
+    assert all(any(torch.equal(out[i][:, changed[i]], x[j][:, changed[i]]) for j in range(8))
+               for i in range(8) if changed[i].any())
+
+
+@pytest.mark.parametrize("switch_prob, expect", [(1.0, "cutmix"), (0.0, "mixup")])
+def test_switch_prob_picks_cutmix_or_mixup(switch_prob, expect):
+    cb = MixUpOrCutMix(mixup_alpha=0.4, cutmix_alpha=1.0, switch_prob=switch_prob)
+    mix_batch(cb, torch.rand(4, 3, 16, 16), torch.arange(4))
+    assert cb.distrib is getattr(cb, f"{expect}_distrib")
+
+
+def test_mix_prob_zero_leaves_batch_and_loss_untouched():
+    x, y = torch.rand(4, 3, 16, 16), torch.arange(4)
+    cb = MixUpOrCutMix(mixup_alpha=0.4, cutmix_alpha=1.0, prob=0.0)
+    learn = mix_batch(cb, x, y)
+    pred = torch.randn(4, 5)
+    assert torch.equal(learn.xb[0], x)
+    assert torch.allclose(learn.loss_func(pred, y), LabelSmoothingCrossEntropyFlat()(pred, y))
+
+
+class RawWeightsProbe(Callback):
+    """Records the model's weights after EMA swapped the raw ones back (end of each epoch)."""
+
+    order = EmaCallback.order + 1
+
+    def after_epoch(self):
+        self.raw = {k: v.clone() for k, v in self.learn.model.state_dict().items()}
+
+
+def test_ema_weights_are_validated_checkpointed_and_kept(tiny_dls, tmp_path):
+    learn = tiny_learner(tiny_dls, tmp_path, ema_decay=0.5)
+    probe = RawWeightsProbe()
+    learn.add_cb(probe)
+    fine_tune(learn, Recipe(epochs=1, freeze_epochs=0, ema_decay=0.5, **QUIET))
+    ema = next(cb for cb in learn.cbs if isinstance(cb, EmaCallback)).model_ema.module.state_dict()
+    final = learn.model.state_dict()
+    assert all(torch.equal(final[k], ema[k]) for k in final)
+    assert any(not torch.equal(final[k], probe.raw[k]) for k in final if final[k].is_floating_point())

@@ -1,0 +1,103 @@
+"""The CNN factory: local weights files, offline failure, the stage splitter, preprocessing stats."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, TINY_CNN, make_image_folder
+from safetensors.torch import save_file
+
+from flowers_fastai import models
+from flowers_fastai.classes import CLASSES
+
+
+def backbone(sd: dict) -> dict:
+    return {k: v for k, v in sd.items() if not k.startswith("head.fc")}
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_local_weights_file_is_exactly_the_starting_backbone(tmp_path, suffix):
+    torch.manual_seed(1)
+    source = models.create_cnn(TINY_CNN, pretrained=None, num_classes=1000)  # an ImageNet-style checkpoint
+    path = tmp_path / f"backbone{suffix}"
+    if suffix == ".safetensors":
+        save_file(source.state_dict(), str(path))
+    else:
+        torch.save({"state_dict": source.state_dict()}, path)  # wrapped, as many trainers save it
+    torch.manual_seed(2)
+    model = models.create_cnn(TINY_CNN, pretrained=path)
+    loaded, expected = backbone(model.state_dict()), backbone(source.state_dict())
+    assert loaded.keys() == expected.keys()
+    assert all(torch.equal(loaded[k], expected[k]) for k in expected)
+    assert model.head.fc.out_features == len(CLASSES)
+
+
+def test_weights_for_another_architecture_are_refused(tmp_path):
+    other = models.create_cnn("convnextv2_femto", pretrained=None)
+    path = tmp_path / "femto.safetensors"
+    save_file(other.state_dict(), str(path))
+    with pytest.raises(models.WeightsFileError, match="--weights .*femto.safetensors"):
+        models.create_cnn(TINY_CNN, pretrained=path)
+
+
+def test_weights_with_unrelated_keys_are_refused_not_ignored(tmp_path):
+    path = tmp_path / "other.pth"
+    torch.save({"encoder.weight": torch.zeros(3)}, path)
+    with pytest.raises(models.WeightsFileError, match="does not match"):
+        models.create_cnn(TINY_CNN, pretrained=path)
+
+
+def test_missing_weights_file(tmp_path):
+    with pytest.raises(models.WeightsFileError, match="no such file"):
+        models.create_cnn(TINY_CNN, pretrained=tmp_path / "nope.safetensors")
+
+
+def test_default_tag_prefers_imagenet22k_finetune():
+    assert models.cnn_pretrained_tag("convnextv2_tiny") == "fcmae_ft_in22k_in1k"
+    assert models.cnn_pretrained_tag("convnextv2_atto") == "fcmae_ft_in1k"  # timm has no 22k atto
+
+
+def offline_env(tmp_path) -> dict:
+    """The hub unreachable (a closed loopback port) and an empty cache: what CI and users offline see."""
+    return {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf"),
+            "HF_HUB_CACHE": str(tmp_path / "hf" / "hub")}
+
+
+def test_hub_weights_offline_fail_fast_naming_both_flags(tmp_path):
+    code = ("from flowers_fastai import models\n"
+            "try:\n    models.create_cnn('convnextv2_atto', pretrained='hub')\n"
+            "except models.PretrainedWeightsUnavailable as e:\n    print('REFUSED', e)\n")
+    start = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=offline_env(tmp_path),
+                         capture_output=True, text=True, timeout=120)
+    assert time.monotonic() - start < 60
+    assert "REFUSED" in out.stdout and "--weights" in out.stdout and "--no-pretrained" in out.stdout
+
+
+def test_train_cli_offline_default_fails_within_60s(tmp_path):
+    data = make_image_folder(tmp_path / "imgs", per_class=3)
+    start = time.monotonic()
+    out = subprocess.run([sys.executable, "train.py", "--arch", "cnn", "--model", TINY_CNN, "--data", str(data),
+                          "--out", str(tmp_path / "run"), "--no-export"],
+                         cwd=ROOT, env=offline_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert time.monotonic() - start < 60
+    assert out.returncode == 2
+    assert "--weights" in out.stderr and "--no-pretrained" in out.stderr
+    assert not (tmp_path / "run" / "best.pth").exists()
+
+
+def test_stage_splitter_covers_every_parameter_once():
+    model = models.create_cnn(TINY_CNN, pretrained=None)
+    groups = models.param_groups(model)
+    assert len(groups) == 1 + len(model.stages) + 1  # stem, stages, head
+    ids = [id(p) for g in groups for p in g]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    assert {id(p) for p in model.head.parameters()} <= {id(p) for p in groups[-1]}
+
+
+def test_cnn_preprocess_uses_the_backbone_stats():
+    prep = models.cnn_preprocess(models.create_cnn(TINY_CNN, pretrained=None), image_size=96)
+    assert prep.image_size == 96 and prep.mean == (0.485, 0.456, 0.406) and prep.interpolation == "bicubic"

@@ -1,0 +1,105 @@
+"""End to end on real photos: train.py -> export.py -> flowers_classifier, and the run folder's contents.
+
+One from-scratch convnextv2_atto run at 64 px on 200 photos per class (about a minute on 2 cores),
+shared by the tests below through a module fixture.
+"""
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+from conftest import ROOT, TINY_CNN, make_image_folder
+from fastai.learner import load_learner
+
+import flowers_classifier as fc
+from flowers_fastai.classes import CLASSES
+from flowers_fastai.data import scan_folder
+
+PER_CLASS, EPOCHS = 200, 8
+
+
+def run_cli(*args, timeout=900):
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(flowers128, tmp_path_factory):
+    """(run_dir, exported .pth, stdout of train.py) of one real-photo run, exported by export.py."""
+    tmp = tmp_path_factory.mktemp("e2e")
+    run_dir = tmp / "run"
+    out = run_cli("train.py", "--arch", "cnn", "--model", TINY_CNN, "--no-pretrained", "--data", str(flowers128),
+                  "--max-per-class", str(PER_CLASS), "--img-size", "64", "--epochs", str(EPOCHS),
+                  "--mixup", "0", "--patience", "0", "--out", str(run_dir), "--no-export")
+    run_cli("export.py", str(run_dir), "--out", str(tmp / "cnn_flowers.pth"))
+    return run_dir, tmp / "cnn_flowers.pth", out.stdout
+
+
+def test_run_folder_holds_everything(trained):
+    run_dir, _, stdout = trained
+    for name in ("learner.pkl", "best.pth", "history.csv", "metrics.json", "split.csv"):
+        assert (run_dir / name).is_file(), name
+    hist = pd.read_csv(run_dir / "history.csv")
+    assert len(hist) == EPOCHS and {"epoch", "train_loss", "valid_loss", "accuracy", "lr", "time"} <= set(hist)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "finished" and metrics["best_accuracy"] == hist["accuracy"].max()
+    assert metrics["config"]["seed"] == 42 and metrics["wall_time_s"] > 0
+    assert sum(metrics["class_counts"]["train"]) + sum(metrics["class_counts"]["valid"]) == PER_CLASS * 5
+    # stdout is a pipe here: one plain line per epoch, no progress-bar noise
+    assert sum(line.startswith("epoch ") for line in stdout.splitlines()) == EPOCHS
+
+
+def test_exported_model_beats_majority_on_unseen_photos(trained, flowers128):
+    run_dir, pth, _ = trained
+    seen = set(pd.read_csv(run_dir / "split.csv")["path"])
+    everything = scan_folder(flowers128)
+    unseen = everything[~everything["path"].isin(seen)].sample(300, random_state=0)
+    model = fc.load_cnn_model(pth, device="cpu")
+    preds = [fc.predict(model, flowers128 / p) for p in unseen["path"]]
+    assert set(preds) <= set(CLASSES)
+    accuracy = (pd.Series(preds, index=unseen.index) == unseen["label"]).mean()
+    majority = unseen["label"].value_counts(normalize=True).max()
+    assert accuracy > majority + 0.08, (accuracy, majority)
+
+
+def test_exported_model_matches_the_fastai_learner(trained, flowers128):
+    run_dir, pth, _ = trained
+    learn = load_learner(run_dir / "learner.pkl")
+    files = [flowers128 / p for p in pd.read_csv(run_dir / "split.csv").query("is_valid")["path"][:60]]
+    ours, _ = learn.get_preds(dl=learn.dls.test_dl([str(f) for f in files]))
+    model = fc.load_cnn_model(pth, device="cpu")
+    served = torch.tensor([list(fc.predict_proba(model, f).values()) for f in files])
+    assert torch.equal(ours.argmax(1), served.argmax(1))
+    assert (ours - served).abs().max() < 1e-4
+
+
+def test_corrupt_and_fake_jpegs_are_skipped_and_reported(tmp_path):
+    root = make_image_folder(tmp_path / "imgs", per_class=5)
+    good = next((root / "rose").glob("*.jpg")).read_bytes()
+    (root / "rose" / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    (root / "tulip" / "readme.jpg").write_text("a text file renamed .jpg\n")
+    run_dir = tmp_path / "run"
+    out = run_cli("train.py", "--model", TINY_CNN, "--no-pretrained", "--data", str(root), "--img-size", "32",
+                  "--epochs", "1", "--bs", "8", "--out", str(run_dir), "--export", str(tmp_path / "m.pth"))
+    assert "truncated.jpg" in out.stderr and "readme.jpg" in out.stderr  # the warning lists them
+    assert set(pd.read_csv(run_dir / "skipped.csv")["path"]) == {"rose/truncated.jpg", "tulip/readme.jpg"}
+    assert json.loads((run_dir / "metrics.json").read_text())["skipped_files"] == 2
+    assert fc.predict(fc.load_cnn_model(tmp_path / "m.pth", device="cpu"), root / "rose" / "0.jpg") in CLASSES
+
+
+def test_help_explains_every_flag():
+    text = run_cli("train.py", "--help").stdout
+    for flag in ("--arch", "--model", "--data", "--epochs", "--freeze-epochs", "--img-size", "--bs", "--lr",
+                 "--seed", "--no-pretrained", "--weights", "--out", "--mixup", "--cutmix", "--ema", "--bf16"):
+        assert flag in text, flag
+
+
+def test_existing_run_folder_is_not_overwritten(trained):
+    run_dir, _, _ = trained
+    out = subprocess.run([sys.executable, "train.py", "--no-pretrained", "--data", "x", "--out", str(run_dir)],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2 and "already holds a run" in out.stderr
