@@ -5,6 +5,9 @@ PIL only (no fastai, no network).
     model = fc.load_cnn_model("cnn_flowers.pth")   # a bare name is also looked up in models/
     fc.predict(model, "rose.jpg")                   # -> "rose"
     fc.predict_proba(model, "rose.jpg")             # -> {"daisy": 0.01, "dandelion": 0.02, ...}
+    fc.predict_batch(model, fc.find_images(["photos/"]), bs=32)   # -> one record per image
+
+    python -m flowers_classifier PATH... [--model models/cnn_flowers.pth] [--top-k 3] [--json OUT] [--bs N]
 
 Payloads are read with `torch.load(weights_only=True)`: a file holding pickled objects is refused
 without running anything.
@@ -12,8 +15,13 @@ without running anything.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import pickle
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -22,9 +30,6 @@ from torch import nn
 from flowers_fastai.classes import CLASSES
 from flowers_fastai.models import build_from_spec
 from flowers_fastai.preprocess import InvalidImageError, Preprocess, preprocess_image
-
-__all__ = ["CLASSES", "FlowerClassifier", "InvalidImageError", "ModelFileError", "load_cnn_model",
-           "load_model", "load_vit_model", "predict", "predict_proba"]
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 REQUIRED_KEYS = frozenset({"format_version", "family", "model_name", "classes", "image_size", "mean", "std",
@@ -74,6 +79,9 @@ def load_payload(weights_path: str | os.PathLike) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):  # not a torch file at all (random bytes, text, ...)
+            raise ModelFileError(f"{path}: not a readable model file (damaged, or not a torch file at all); "
+                                 f"export it again with export.py.") from e
         raise ModelFileError(f"{path}: refused to load: the file holds pickled Python objects, not a "
                              f"plain flowers_fastai payload (nothing in it was executed). Re-export it "
                              f"with export.py.") from e
@@ -128,14 +136,181 @@ def load_vit_model(weights_path: str | os.PathLike = "vit_flowers.pth", device=N
     return load_model(weights_path, "clip", device, dtype)
 
 
-def predict_proba(model: FlowerClassifier, image_path: str | os.PathLike) -> dict[str, float]:
-    """Class -> probability for one image file (EXIF-rotated, any mode -> RGB, validation crop)."""
-    x = preprocess_image(image_path, model.prep).unsqueeze(0)
-    probs = model.probabilities(x)[0]
-    return {c: float(p) for c, p in zip(model.classes, probs, strict=True)}
+def load_ensemble(cnn_path: str | os.PathLike = "cnn_flowers.pth", vit_path: str | os.PathLike = "vit_flowers.pth",
+                  device=None) -> list[FlowerClassifier]:
+    """The CNN and the ViT together: pass the list to `predict_proba`/`predict` for the mean of both
+    probability vectors (each model still sees its own crop size and normalisation)."""
+    return [load_cnn_model(cnn_path, device), load_vit_model(vit_path, device)]
 
 
-def predict(model: FlowerClassifier, image_path: str | os.PathLike) -> str:
+def predict_proba(model: FlowerClassifier | Sequence[FlowerClassifier],
+                  image_path: str | os.PathLike) -> dict[str, float]:
+    """Class -> probability for one image file (EXIF-rotated, any mode -> RGB, validation crop).
+    A list of models (see `load_ensemble`) gives the unweighted mean of their probability vectors."""
+    models = [model] if isinstance(model, FlowerClassifier) else list(model) if isinstance(model, Sequence) else []
+    if not models or not all(isinstance(m, FlowerClassifier) for m in models):
+        raise TypeError(f"predict_proba: expected a FlowerClassifier or a non-empty list of them, got "
+                        f"{type(model).__name__}; load one with load_cnn_model/load_vit_model/load_ensemble.")
+    # Averaging probabilities (not logits) keeps each model's calibration and needs no shared scale.
+    probs = torch.stack([m.probabilities(preprocess_image(image_path, m.prep).unsqueeze(0))[0] for m in models])
+    return {c: float(p) for c, p in zip(models[0].classes, probs.mean(0), strict=True)}
+
+
+def predict(model: FlowerClassifier | Sequence[FlowerClassifier], image_path: str | os.PathLike) -> str:
     """The most likely class: always one of daisy, dandelion, rose, sunflower, tulip."""
     probs = predict_proba(model, image_path)
     return max(probs, key=probs.get)
+
+
+# --------------------------------------------------------------------------- batch prediction + CLI
+
+# The suffixes flowers_fastai.data scans for (that module imports fastai, so it is not imported here).
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+
+
+def find_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Files as given, whatever their suffix (they were asked for), and every image file below each
+    folder (recursive, sorted). A path that does not exist is kept: predicting it reports the error."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        else:
+            found.append(path)
+    return found
+
+
+def _load_or_error(load: Callable, path: Path, prep: Preprocess) -> torch.Tensor | str:
+    try:
+        return load(path, prep)
+    except InvalidImageError as e:
+        return str(e)
+
+
+def iter_probabilities(model: FlowerClassifier, image_paths: Iterable[str | os.PathLike], bs: int = 32,
+                       load: Callable[[Path, Preprocess], torch.Tensor] = preprocess_image,
+                       workers: int = 4) -> Iterator[tuple[Path, torch.Tensor | None, str | None]]:
+    """(path, probabilities, error) for every image, in order, `bs` images per forward pass; a file that
+    does not decode gives (path, None, message) and the others go on. `load(path, prep)` makes the input
+    (default: the served preprocessing); when it returns a stack of views (V, 3, H, W) the probabilities
+    are (V, K), one row per view, for test-time augmentation."""
+    paths = [Path(p) for p in image_paths]
+    with ThreadPoolExecutor(workers) as pool:  # PIL decodes outside the GIL: overlap the files of a batch
+        for start in range(0, len(paths), bs):
+            chunk = paths[start:start + bs]
+            inputs = list(pool.map(lambda p: _load_or_error(load, p, model.prep), chunk))
+            stacks = [x if x.dim() == 4 else x.unsqueeze(0) for x in inputs if isinstance(x, torch.Tensor)]
+            probs = iter(model.probabilities(torch.cat(stacks)).split([len(s) for s in stacks]) if stacks else [])
+            for path, x in zip(chunk, inputs, strict=True):
+                if isinstance(x, str):
+                    yield path, None, x
+                else:
+                    p = next(probs)
+                    yield path, (p if x.dim() == 4 else p[0]), None
+
+
+def _error_record(path: str | os.PathLike, error: str) -> dict:
+    return dict(image_path=str(path), predicted_class=None, confidence=None, probabilities=None, error=error)
+
+
+def iter_predictions(model: FlowerClassifier, image_paths: Iterable[str | os.PathLike],
+                     bs: int = 32) -> Iterator[dict]:
+    """One JSON-ready record per image: image_path, predicted_class, confidence, probabilities (class ->
+    probability) and error (None, or why the file could not be read, the other fields then None)."""
+    for path, probs, error in iter_probabilities(model, image_paths, bs):
+        if error is not None:
+            yield _error_record(path, error)
+            continue
+        best = int(probs.argmax())
+        yield dict(image_path=str(path), predicted_class=model.classes[best], confidence=float(probs[best]),
+                   probabilities={c: float(p) for c, p in zip(model.classes, probs, strict=True)}, error=None)
+
+
+def predict_batch(model: FlowerClassifier, image_paths: Iterable[str | os.PathLike], bs: int = 32) -> list[dict]:
+    """Records (see `iter_predictions`) for many images at once: batched, unreadable files reported."""
+    return list(iter_predictions(model, image_paths, bs))
+
+
+def _top_k(record: dict, k: int) -> str:
+    ranked = sorted(record["probabilities"].items(), key=lambda kv: kv[1], reverse=True)[:k]
+    return f"{record['image_path']}\t" + "  ".join(f"{c} {p:.3f}" for c, p in ranked)
+
+
+class _Progress:
+    """`done/total` on stderr, only on a terminal; cleared before each stdout line so they do not mix."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.on = total, 0, sys.stderr.isatty()
+
+    def clear(self) -> None:
+        if self.on:
+            sys.stderr.write("\r\033[K")
+
+    def step(self) -> None:
+        self.done += 1
+        if self.on:
+            width = 30
+            filled = width * self.done // self.total
+            sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} images")
+            sys.stderr.flush()
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m flowers_classifier",
+                                description="Predict the flower class of image files and folders (searched "
+                                            "recursively) with an exported model, in batches.")
+    p.add_argument("paths", nargs="+", help="image files and/or folders")
+    p.add_argument("--model", default="models/cnn_flowers.pth", help="exported .pth, cnn or clip "
+                                                                     "(default: models/cnn_flowers.pth)")
+    p.add_argument("--top-k", type=int, default=3, help="classes printed per image (default 3)")
+    p.add_argument("--json", type=Path, help="also write one record per image to this JSON file")
+    p.add_argument("--bs", type=int, default=32, help="images per forward pass (default 32)")
+    args = p.parse_args(argv)
+    if not 1 <= args.top_k <= len(CLASSES):
+        p.error(f"--top-k must be between 1 and {len(CLASSES)}, not {args.top_k}")
+    if args.bs < 1:
+        p.error(f"--bs must be at least 1, not {args.bs}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: one line per image (path, top-k classes with confidences), errors on stderr; exit code 0 when
+    every image was predicted, 1 when some could not be read, 2 when nothing could run."""
+    args = _parse_args(argv)
+    try:
+        model = load_model(args.model)
+    except ModelFileError as e:
+        print(f"error: {e} (--model)", file=sys.stderr)
+        return 2
+    paths, records = [], []
+    for arg in args.paths:
+        found = find_images([arg])
+        if not found:  # only a folder comes back empty
+            records.append(_error_record(arg, f"{arg}: folder holds no image files "
+                                              f"({', '.join(sorted(IMAGE_EXTENSIONS))})"))
+            print(f"error: {records[-1]['error']}", file=sys.stderr)
+        paths += found
+    if not paths:
+        print("error: nothing to predict; pass image files or folders holding them.", file=sys.stderr)
+        return 2
+    progress = _Progress(len(paths))
+    for record in iter_predictions(model, paths, args.bs):
+        progress.clear()
+        if record["error"]:
+            print(f"error: {record['error']}", file=sys.stderr)
+        else:
+            print(_top_k(record, args.top_k), flush=True)
+        records.append(record)
+        progress.step()
+    progress.clear()
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(records, indent=2) + "\n")
+    failed = sum(r["error"] is not None for r in records)
+    print(f"{len(records) - failed} image(s) predicted, {failed} failed"
+          + (f"; records in {args.json}" if args.json else ""), file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,6 +2,7 @@
 build the fastai DataLoaders.
 
     python -m flowers_fastai.data download [--dest data/flowers]
+    python -m flowers_fastai.data audit DIR [--json OUT] [--min-size 224]   (see flowers_fastai.audit)
 
 Every problem with a folder (missing, unknown or empty class, undecodable files) is found here, before
 anything trains.
@@ -14,7 +15,6 @@ import shutil
 import socket
 import sys
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,8 +33,10 @@ from fastai.vision.all import (
     aug_transforms,
 )
 
+from .audit import AUDIT_MIN_SIZE, audit_table, format_report, inspect_files
 from .classes import CLASSES, normalize_label
-from .preprocess import InvalidImageError, Preprocess, load_rgb, resize_center_crop
+from .files import write_json
+from .preprocess import Preprocess, load_rgb, resize_center_crop
 
 FLOWERS_URL = "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
@@ -112,20 +114,9 @@ def scan_folder(root: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["path", "label"])
 
 
-def _decode_problem(path: Path) -> str | None:
-    try:
-        load_rgb(path)
-        return None
-    except InvalidImageError as e:
-        return str(e).split(": ", 1)[-1]
-
-
 def find_unreadable(root: str | Path, paths: list[str], workers: int = 4) -> list[tuple[str, str]]:
     """(path, reason) for every file that does not fully decode to an RGB image."""
-    root = Path(root)
-    with ThreadPoolExecutor(workers) as pool:
-        problems = list(pool.map(lambda p: _decode_problem(root / p), paths))
-    return [(p, why) for p, why in zip(paths, problems, strict=True) if why]
+    return [(i.path, i.error) for i in inspect_files(root, paths, workers) if i.error]
 
 
 def stratified_split(df: pd.DataFrame, valid_pct: float = 0.2, seed: int = 42) -> pd.DataFrame:
@@ -144,14 +135,17 @@ def stratified_split(df: pd.DataFrame, valid_pct: float = 0.2, seed: int = 42) -
 
 
 def prepare_split(root: str | Path, run_dir: str | Path, valid_pct: float = 0.2, seed: int = 42,
-                  max_per_class: int | None = None) -> pd.DataFrame:
-    """Scan, drop undecodable files (warned about and listed in skipped.csv), split, write split.csv."""
+                  max_per_class: int | None = None, min_size: int = AUDIT_MIN_SIZE) -> pd.DataFrame:
+    """Scan, audit (audit.json: duplicates, images below `min_size`, ...), drop undecodable files (warned
+    about and listed in skipped.csv), split, write split.csv."""
     root, run_dir = Path(root), Path(run_dir)
     df = scan_folder(root)
     if max_per_class:
         df = (df.sample(frac=1.0, random_state=seed).groupby("label").head(max_per_class)
                 .sort_values("path").reset_index(drop=True))
-    skipped = find_unreadable(root, df["path"].tolist())
+    infos = inspect_files(root, df["path"].tolist())  # the one decode pass: unreadable files + the audit
+    write_json(run_dir / "audit.json", audit_table(root, df, infos, min_size))
+    skipped = [(i.path, i.error) for i in infos if i.error]
     if skipped:
         pd.DataFrame(skipped, columns=["path", "reason"]).to_csv(run_dir / "skipped.csv", index=False)
         listing = "\n".join(f"  {p}: {why}" for p, why in skipped[:20])
@@ -209,6 +203,22 @@ def make_dataloaders(df: pd.DataFrame, root: str | Path, prep: Preprocess, bs: i
 
 # --------------------------------------------------------------------------- CLI
 
+def audit_main(root: Path, json_out: Path | None = None, min_size: int = AUDIT_MIN_SIZE) -> int:
+    """`data audit`: print the report of every image under `root` (and write it as JSON). 0, or 2 on a
+    folder that cannot be scanned; problems found in the data are reported, not failures."""
+    try:
+        df = scan_folder(root)
+    except DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    report = audit_table(root, df, inspect_files(root, df["path"].tolist()), min_size)
+    print(format_report(report))
+    if json_out:
+        write_json(json_out, report)
+        print(f"wrote {json_out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flowers_fastai.data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -217,7 +227,14 @@ def main(argv: list[str] | None = None) -> int:
     dl.add_argument("--dest", default="data/flowers", help="target folder (default: data/flowers)")
     dl.add_argument("--url", default=FLOWERS_URL, help="archive URL (default: TensorFlow's flower_photos)")
     dl.add_argument("--force", action="store_true", help="download and extract again even if --dest exists")
+    au = sub.add_parser("audit", help="counts, undecodable files, duplicates (also across classes), small images")
+    au.add_argument("root", type=Path, help="folder laid out as <root>/<class>/<images>")
+    au.add_argument("--json", type=Path, help="also write the full report to this JSON file")
+    au.add_argument("--min-size", type=int, default=AUDIT_MIN_SIZE,
+                    help=f"flag images whose short side is below this many pixels (default {AUDIT_MIN_SIZE})")
     args = parser.parse_args(argv)
+    if args.command == "audit":
+        return audit_main(args.root, args.json, args.min_size)
     try:
         dest = download_flowers(args.dest, args.url, args.force)
     except DatasetError as e:

@@ -220,13 +220,23 @@ def stage2_lrs(learn: Learner, recipe: Recipe) -> slice:
     return slice(recipe.lr / recipe.lr_mult, recipe.lr) if recipe.lr_mult != 1 else slice(recipe.lr, recipe.lr)
 
 
+def fit_only_callbacks(learn: Learner) -> list[Callback]:
+    """Callbacks that only make sense inside a fit: the trackers (early stopping, best checkpoint), the
+    history writer and the EMA swap. validate() fires epoch events too, and the trackers would read it as
+    an epoch of a fit (and crash before the first one)."""
+    return [cb for cb in learn.cbs if isinstance(cb, (TrackerCallback, HistoryCallback, EmaCallback))]
+
+
 def valid_accuracy(learn: Learner) -> float:
-    """Valid accuracy of the model as it stands, outside any fit (e.g. CLIP's zero-shot head before
-    training). The trackers are set aside: validate() fires epoch events, and they would read it as an
-    epoch of a fit (and crash before the first one)."""
-    trackers = [cb for cb in learn.cbs if isinstance(cb, TrackerCallback)]
-    with learn.removed_cbs(trackers):
+    """Valid accuracy of the model as it stands, outside any fit (e.g. CLIP's zero-shot head before training)."""
+    with learn.removed_cbs(fit_only_callbacks(learn)):
         return float(learn.validate()[1])
+
+
+def export_learner(learn: Learner, path: Path) -> None:
+    """fastai's learn.export without the fit-only callbacks, so load_learner(...).validate() works."""
+    with learn.removed_cbs(fit_only_callbacks(learn)):
+        learn.export(path)
 
 
 def _fit(learn: Learner, epochs: int, lr, recipe: Recipe, stage: str) -> None:

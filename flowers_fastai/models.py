@@ -119,13 +119,19 @@ def _load_backbone(model: nn.Module, sd: dict[str, torch.Tensor], path: Path, he
     """Load every backbone tensor strictly; the classifier may be dropped (other class count)."""
     own = model.state_dict()
     sd = {k: v for k, v in sd.items() if not (k.startswith(head_prefix) and k in own and v.shape != own[k].shape)}
+    hint = "is it a backbone of the model given by --model?"
+    shapes = [k for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    if shapes:
+        k = shapes[0]
+        raise WeightsFileError(f"--weights {path}: tensor shapes do not match {type(model).__name__} "
+                               f"(e.g. {k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)}); {hint}")
     result = model.load_state_dict(sd, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith(head_prefix)]
     if missing or result.unexpected_keys:
         raise WeightsFileError(
             f"--weights {path}: does not match {type(model).__name__} "
             f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {result.unexpected_keys[:5]}); is it a backbone of the model given by --model?")
+            f"unexpected {result.unexpected_keys[:5]}); {hint}")
 
 
 def create_cnn(model_name: str = CNN_DEFAULT, pretrained: str | os.PathLike | None = "hub",
@@ -177,9 +183,38 @@ class ClipClassifier(nn.Module):
         return self.head(F.normalize(self.visual(x), dim=-1))
 
 
-def _clip_tag_config(model_name: str, tag: str | None) -> dict:
+def _is_weights_file(pretrained: str | os.PathLike) -> bool:
+    """A path (given as such, with a suffix, or existing) rather than an open_clip tag like "openai"."""
+    return isinstance(pretrained, os.PathLike) or bool(Path(pretrained).suffix) or Path(pretrained).exists()
+
+
+def check_clip_pretrained(model_name: str, pretrained: str | os.PathLike | None) -> dict:
+    """Fail fast, before anything is built or downloaded, when `pretrained` cannot be had: a missing
+    file, an unknown tag, or a tag whose weights are neither cached nor downloadable. Returns the tag's
+    open_clip config ({} for a file or random init)."""
     import open_clip
-    return open_clip.get_pretrained_cfg(model_name, tag) if tag else {}
+    if ":" not in model_name and model_name not in open_clip.list_models():  # "hf-hub:..." names pass
+        raise ValueError(f"--model {model_name}: not an open_clip model name; use one of open_clip.list_models(), "
+                         f"e.g. {CLIP_DEFAULT}, ViT-L-14-336, ViT-B-16.")
+    if pretrained is None:
+        return {}
+    if _is_weights_file(pretrained):
+        if not Path(pretrained).is_file():
+            raise WeightsFileError(f"--weights {pretrained}: no such file (expected an open_clip checkpoint "
+                                   f"of {model_name}).")
+        return {}
+    tag_cfg = open_clip.get_pretrained_cfg(model_name, str(pretrained))
+    if not tag_cfg:
+        known = open_clip.list_pretrained_tags_by_model(model_name)
+        raise PretrainedWeightsUnavailable(
+            f"open_clip has no pretrained tag {pretrained!r} for --model {model_name!r} "
+            f"(known: {', '.join(known) or 'none'}). Use --pretrained-tag with one of those, or: {OFFLINE_HINT}")
+    if tag_cfg.get("hf_hub"):
+        # "org/repo/" means open_clip's default file names; "org/repo/file.bin" names the file.
+        repo, filename = os.path.split(tag_cfg["hf_hub"])
+        files = (filename,) if filename else ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+        _require_hub(repo, files, f"{model_name}/{pretrained}")
+    return tag_cfg
 
 
 def create_clip(model_name: str = CLIP_DEFAULT, pretrained: str | os.PathLike | None = CLIP_DEFAULT_TAG,
@@ -188,47 +223,36 @@ def create_clip(model_name: str = CLIP_DEFAULT, pretrained: str | os.PathLike | 
     """The OpenCLIP image tower of `model_name` with a linear head; the text tower is dropped once the
     zero-shot head is built.
 
-    pretrained: an open_clip tag ("openai", a LAION/DataComp tag), a local open_clip checkpoint file,
-    or None for random init. head_init: "zeroshot" (text embeddings of the class prompts times CLIP's
-    logit scale) or "random".
+    pretrained: an open_clip tag ("openai", a LAION/DataComp tag), a local open_clip checkpoint file
+    (a str with a suffix, or any os.PathLike), or None for random init. head_init: "zeroshot" (text
+    embeddings of the class prompts times CLIP's logit scale) or "random". quick_gelu: None takes it
+    from the tag (OpenAI's weights were trained with QuickGELU; a GELU model would silently degrade them).
     """
     import open_clip
-    tag_cfg, source = {}, None
-    if pretrained is not None:
-        if Path(pretrained).suffix or Path(pretrained).exists():  # a file, not a tag
-            if not Path(pretrained).is_file():
-                raise WeightsFileError(f"--weights {pretrained}: no such file")
-            source = str(pretrained)
-        else:
-            tag_cfg = _clip_tag_config(model_name, str(pretrained))
-            if not tag_cfg:
-                known = open_clip.list_pretrained_tags_by_model(model_name)
-                raise PretrainedWeightsUnavailable(
-                    f"open_clip has no pretrained tag {pretrained!r} for {model_name!r} "
-                    f"(known: {', '.join(known) or 'none'}). Use --pretrained-tag with one of those, "
-                    f"or: {OFFLINE_HINT}")
-            if tag_cfg.get("hf_hub"):
-                repo = tag_cfg["hf_hub"].rstrip("/")
-                _require_hub(repo, ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"),
-                             f"{model_name}/{pretrained}")
-            source = str(pretrained)
+    if head_init not in ("zeroshot", "random"):
+        raise ValueError(f"--head-init must be 'zeroshot' or 'random', not {head_init!r}")
+    tag_cfg = check_clip_pretrained(model_name, pretrained)
     if quick_gelu is None:
         quick_gelu = bool(tag_cfg.get("quick_gelu", False))
+    source = None if pretrained is None else str(pretrained)
     try:
         clip = open_clip.create_model(model_name, pretrained=source, force_image_size=image_size,
                                       force_quick_gelu=quick_gelu)
-    except RuntimeError as e:
-        if source and Path(source).is_file():
-            raise WeightsFileError(f"--weights {source}: not an open_clip checkpoint for {model_name} ({e})") from e
+    except Exception as e:  # noqa: BLE001 - any failure to read a local file is the same user error
+        if source and not tag_cfg:
+            raise WeightsFileError(f"--weights {source}: not an open_clip checkpoint of {model_name} "
+                                   f"({type(e).__name__}: {str(e)[:300]}). Check --model.") from e
+        if source:  # a tag: the download (or the cached file) failed after the hub check passed
+            raise PretrainedWeightsUnavailable(f"open_clip weights {model_name}/{source} could not be loaded "
+                                               f"({type(e).__name__}: {str(e)[:300]}). {OFFLINE_HINT}") from e
         raise
     model = ClipClassifier(clip.visual, num_classes, quick_gelu)
-    with torch.no_grad():
-        if head_init == "zeroshot":
+    if head_init == "zeroshot":
+        with torch.no_grad():
             model.head.weight.copy_(zero_shot_weights(clip, open_clip.get_tokenizer(model_name), classes))
             model.head.bias.zero_()
-        elif head_init != "random":
-            raise ValueError(f"--head-init must be 'zeroshot' or 'random', not {head_init!r}")
-    return model  # the full `clip` (text tower included) goes out of scope here
+    del clip  # the text tower (and logit scale) are not needed any more: only the image tower stays alive
+    return model
 
 
 @torch.no_grad()
@@ -245,8 +269,11 @@ def zero_shot_weights(clip: nn.Module, tokenizer, classes: tuple[str, ...],
 
 
 def clip_preprocess(model: ClipClassifier) -> Preprocess:
+    """CLIP's own eval transform: bicubic resize of the short side to the model's input size (224, 336
+    for -336 models, or the forced size), center crop, CLIP's mean/std (from the tag where it has them)."""
     cfg = model.visual.preprocess_cfg
-    return Preprocess(image_size=int(cfg["size"][0]), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
+    size = cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0]
+    return Preprocess(image_size=int(size), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
                       interpolation=cfg.get("interpolation", "bicubic"), crop_pct=1.0)
 
 
@@ -254,6 +281,9 @@ def clip_param_groups(model: ClipClassifier) -> list[list[nn.Parameter]]:
     """[patch embedding + class/positional embeddings + ln_pre], one group per transformer block,
     [ln_post + projection (+ anything else in the tower)], [head]."""
     v = model.visual
+    if not hasattr(getattr(v, "transformer", None), "resblocks"):
+        raise ValueError(f"the image tower of this --model is a {type(v).__name__}, not an open_clip "
+                         f"VisionTransformer; the CLIP splitter supports the ViT-* models (e.g. ViT-L-14).")
     blocks = list(v.transformer.resblocks)
     stem = [p for name, p in v.named_parameters() if name.split(".")[0] in
             ("conv1", "class_embedding", "positional_embedding", "ln_pre", "patch_embed")]
@@ -264,6 +294,17 @@ def clip_param_groups(model: ClipClassifier) -> list[list[nn.Parameter]]:
 
 
 # --------------------------------------------------------------------------- shared entry points
+
+def unfreeze_index(model: nn.Module, last_k: int) -> int:
+    """fastai `freeze_to` index that trains the last `last_k` blocks (clip: transformer blocks, cnn:
+    stages) and every group above them: clip [ln_post + proj] and [head], cnn [norm_pre + head]."""
+    top = 2 if isinstance(model, ClipClassifier) else 1
+    n_blocks = len(param_groups(model)) - top - 1  # minus the stem group
+    if not 1 <= last_k <= n_blocks:
+        raise ValueError(f"--unfreeze-last {last_k}: the model has {n_blocks} blocks, so give 1..{n_blocks} "
+                         f"(or leave the flag out to fine-tune the whole body).")
+    return -(last_k + top)
+
 
 def param_groups(model: nn.Module) -> list[list[nn.Parameter]]:
     """The splitter for either family: body groups from the input upwards, the head last."""

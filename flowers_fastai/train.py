@@ -2,8 +2,13 @@
 -> fastai Learner -> freeze/unfreeze fine-tune -> run folder (+ exported .pth).
 
 The run folder holds learner.pkl (fastai export), best.pth (best weights on valid accuracy),
-history.csv, metrics.json (config, class counts, best accuracy/epoch, wall time), split.csv and,
-when some files could not be decoded, skipped.csv.
+history.csv, metrics.json (config, class counts, sanity check, best accuracy/epoch, wall time), split.csv,
+audit.json (data audit), the evaluation of the best weights on the valid split (eval_metrics.json,
+predictions.csv, confusion_matrix.png, top_losses.png, curves.png; see evaluate.py), lr_find.png/.json
+with --lr auto and, when some files could not be decoded, skipped.csv.
+
+--lr-find and --overfit-batch probe the learner the run would train, write their report into the run
+folder (lr_find.png/.json, overfit_batch.json) and stop: no training, no export, no metrics.json.
 """
 
 from __future__ import annotations
@@ -12,16 +17,20 @@ import argparse
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from . import models
+from .audit import AUDIT_MIN_SIZE
 from .classes import CLASSES
 from .data import DatasetError, make_dataloaders, prepare_split
+from .evaluate import evaluate_run
 from .files import atomic_write, write_json
-from .learner import Recipe, build_learner, fine_tune, seed_everything
+from .learner import Recipe, build_learner, fine_tune, seed_everything, valid_accuracy
 from .preprocess import Preprocess
+from .report import SanityCheckError, find_lr, overfit_one_batch, sanity_check
 
 # Per-family defaults; any flag the user gives wins. CLIP follows the LP-FT recipe: a linear probe at a
 # high head LR, then a gentle full fine-tune with layer-wise LR decay and milder label smoothing.
@@ -31,7 +40,20 @@ ARCH_DEFAULTS = {
     "clip": dict(model=models.CLIP_DEFAULT, epochs=3, freeze_epochs=2, head_lr=1e-3, lr=1e-5, llrd=0.75,
                  label_smoothing=0.05, mixup=0.0, cutmix=0.0, bs=32, wd=0.05),
 }
-SCRATCH_DEFAULTS = dict(freeze_epochs=0, lr=3e-3, lr_mult=1.0)  # random init: nothing to protect
+SCRATCH_DEFAULTS = dict(freeze_epochs=0, lr_mult=1.0, llrd=1.0)  # random init: no frozen stage, one LR for all groups
+
+
+def _lr_arg(text: str) -> float | str:
+    """--lr: a positive number, or 'auto'."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a learning rate (e.g. 1e-3) or 'auto', not {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"the learning rate must be positive, not {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,15 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
     w = p.add_argument_group("weights (default: pretrained from the hub; fails fast when offline)")
     x = w.add_mutually_exclusive_group()
     x.add_argument("--no-pretrained", action="store_true",
-                   help="random init (also sets freeze epochs 0, lr 3e-3 and one LR for all groups unless given)")
+                   help="random init (then, unless given: no frozen stage and one LR for all groups)")
     x.add_argument("--weights", type=Path,
-                   help="local backbone weights: timm state dict / .safetensors (cnn) or open_clip checkpoint (clip)")
+                   help="local backbone weights: timm state dict / .safetensors (cnn) or open_clip checkpoint "
+                        "(clip; for a file of OpenAI's weights use --model ViT-L-14-quickgelu, as they need QuickGELU)")
     w.add_argument("--pretrained-tag", default=models.CLIP_DEFAULT_TAG,
                    help="clip: open_clip pretrained tag (e.g. openai, laion2b_s32b_b82k, datacomp_xl_s13b_b90k)")
     o = p.add_argument_group("recipe")
     o.add_argument("--epochs", type=int, help="stage 2 (unfrozen) epochs (arch default: cnn 5, clip 3)")
     o.add_argument("--freeze-epochs", type=int, help="stage 1 epochs training the head only (cnn 1, clip 2)")
-    o.add_argument("--lr", type=float, help="stage 2 max LR of the head group (cnn 1e-3, clip 1e-5)")
+    o.add_argument("--lr", type=_lr_arg, help="stage 2 max LR of the head group (cnn 1e-3, clip 1e-5), or 'auto': "
+                                               "fastai's lr_find on the model as stage 2 trains it, right before "
+                                               "stage 2, picks its valley suggestion (lr_find.png/.json)")
     o.add_argument("--head-lr", type=float, help="stage 1 (linear probe) max LR (cnn 2e-3, clip 1e-3)")
     o.add_argument("--lr-mult", type=float,
                    help="cnn: stage 2 spreads LRs geometrically from lr/lr_mult (stem) to lr (head), "
@@ -82,13 +107,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto = fp16 mixed precision on CUDA, fp32 on CPU")
     o.add_argument("--bf16", action="store_const", const="bf16", dest="precision",
                    help="shortcut for --precision bf16 (CUDA)")
+    e = p.add_argument_group("explore (instead of training: report into the run folder, then stop)")
+    e.add_argument("--lr-find", action="store_true",
+                   help="fastai lr_find with valley/slide/minimum/steep suggestions: lr_find.png + lr_find.json")
+    e.add_argument("--lr-find-stage", choices=("frozen", "unfrozen"),
+                   help="stage to probe (default: the one the run starts with, frozen unless --freeze-epochs 0)")
+    e.add_argument("--lr-find-iters", type=int, default=100, help="lr_find steps (also used by --lr auto)")
+    e.add_argument("--overfit-batch", action="store_true",
+                   help="train on one batch (no label smoothing, no MixUp) until its loss < 0.1; exit 1 if not")
+    e.add_argument("--overfit-steps", type=int, default=200, help="most optimizer steps for --overfit-batch")
     c = p.add_argument_group("clip")
-    c.add_argument("--llrd", type=float,
-                   help="clip: layer-wise LR decay per parameter group (0.75): stage 2 LR of group g is "
-                        "lr * llrd**(groups-1-g), i.e. fastai lr=slice(lr*llrd**(groups-1), lr); "
-                        "groups = patch embed, each block, ln_post+proj, head")
-    c.add_argument("--unfreeze-last", type=int,
-                   help="stage 2 fine-tunes only the last K body groups plus the head (fastai freeze_to)")
+    c.add_argument("--llrd", type=float, metavar="DECAY",
+                   help="clip: layer-wise LR decay DECAY in (0, 1] (arch default 0.75; 1 with --no-pretrained): "
+                        "stage 2 LR of group g is lr * DECAY**(groups-1-g), equivalent to fastai "
+                        "lr=slice(lr*DECAY**(groups-1), lr); groups = [patch embed + class/pos embed + ln_pre], "
+                        "one per transformer block (24 for ViT-L-14), [ln_post + proj], [head]. "
+                        "Replaces --lr-mult for clip")
+    c.add_argument("--unfreeze-last", type=int, metavar="K",
+                   help="stage 2 fine-tunes only the last K blocks (clip: transformer blocks, cnn: stages) and "
+                        "everything above them (clip: ln_post+proj and head), via fastai freeze_to")
     c.add_argument("--head-init", choices=("zeroshot", "random"), default="zeroshot",
                    help="clip: start the head from CLIP's text embeddings of the class prompts, or random")
     c.add_argument("--grad-checkpointing", action="store_true", help="clip: trade compute for activation memory")
@@ -116,14 +153,27 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def clip_pretrained(args: argparse.Namespace) -> str | Path | None:
+    """--no-pretrained -> None, --weights FILE -> the file, else the --pretrained-tag (default openai)."""
+    if args.no_pretrained:
+        return None
+    return args.weights if args.weights is not None else args.pretrained_tag
+
+
+def check_clip_args(args: argparse.Namespace) -> None:
+    """What can be checked before the data scan and the (large) download: --llrd's range, and that the
+    weights exist (file, known tag, cached or downloadable: offline without a cache fails here)."""
+    if not 0 < args.llrd <= 1:
+        raise ValueError(f"--llrd {args.llrd}: the decay must be in (0, 1]; 1 means one LR for all groups.")
+    models.check_clip_pretrained(args.model, clip_pretrained(args))
+
+
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
     pretrained = None if args.no_pretrained else args.weights
     if args.arch == "cnn":
         return models.create_cnn(args.model, pretrained=pretrained if pretrained or args.no_pretrained else "hub",
                                  drop_path_rate=0.1 if not args.no_pretrained else 0.0)
-    if pretrained is None and not args.no_pretrained:
-        pretrained = args.pretrained_tag
-    model = models.create_clip(args.model, pretrained=pretrained, image_size=args.img_size,
+    model = models.create_clip(args.model, pretrained=clip_pretrained(args), image_size=args.img_size,
                                head_init=args.head_init)
     if args.grad_checkpointing:
         model.visual.set_grad_checkpointing(True)
@@ -140,14 +190,45 @@ def model_spec(args: argparse.Namespace, model: torch.nn.Module, prep: Preproces
 
 def make_recipe(args: argparse.Namespace, n_groups: int) -> Recipe:
     lr_mult = args.lr_mult
-    if args.arch == "clip" and args.llrd:
-        lr_mult = args.llrd ** -(n_groups - 1)
-    return Recipe(epochs=args.epochs, freeze_epochs=args.freeze_epochs, head_lr=args.head_lr, lr=args.lr,
+    if args.arch == "clip":
+        lr_mult = args.llrd ** -(n_groups - 1)  # fastai's slice(lr / lr_mult, lr) is then exactly the LLRD
+    lr = None if args.lr == "auto" else args.lr  # --lr auto: set by lr_find right before stage 2
+    return Recipe(epochs=args.epochs, freeze_epochs=args.freeze_epochs, head_lr=args.head_lr, lr=lr,
                   lr_mult=lr_mult, unfreeze_last=args.unfreeze_last, wd=args.wd,
                   label_smoothing=args.label_smoothing, mixup=args.mixup, cutmix=args.cutmix,
                   mix_prob=args.mix_prob, switch_prob=args.switch_prob, grad_clip=args.grad_clip or None,
                   patience=args.patience or None, ema_decay=args.ema or None, precision=args.precision,
                   seed=args.seed)
+
+
+def explore(args: argparse.Namespace, learn, recipe: Recipe, run_dir: Path) -> None:
+    """--lr-find / --overfit-batch: probe the learner this run would train, report, and stop."""
+    if args.lr_find:
+        stage = args.lr_find_stage or ("frozen" if recipe.freeze_epochs > 0 else "unfrozen")
+        found = find_lr(learn, stage, run_dir, args.lr_find_iters, recipe.unfreeze_last)
+        print(f"lr_find, {stage} stage: " + ", ".join(f"{k} {v:.2e}" for k, v in found["suggestions"].items()))
+        print(f"wrote {run_dir / 'lr_find.png'} and {run_dir / 'lr_find.json'}")
+    if args.overfit_batch:
+        result = overfit_one_batch(learn, recipe.lr or recipe.head_lr, args.overfit_steps)
+        write_json(run_dir / "overfit_batch.json", result)
+        verdict = "reached" if result["success"] else "did NOT reach"
+        print(f"overfit one batch of {result['batch_size']}: loss {result['final_loss']:.4f} after "
+              f"{result['steps']} steps at lr {result['lr']:.1e} ({verdict} < {result['target']}); "
+              f"wrote {run_dir / 'overfit_batch.json'}")
+        if not result["success"]:
+            raise SanityCheckError(f"the model could not overfit one batch in {args.overfit_steps} steps (loss "
+                                   f"{result['final_loss']:.4f}); check labels and preprocessing, or raise --lr "
+                                   f"or --overfit-steps.")
+
+
+def fine_tune_auto_lr(learn, recipe: Recipe, run_dir: Path, num_it: int) -> dict:
+    """--lr auto: stage 1 as configured, then fastai's lr_find on the model as stage 2 trains it (head
+    trained, body unfrozen); its valley suggestion becomes stage 2's LR. Returns the metrics.json record."""
+    fine_tune(learn, replace(recipe, epochs=0))
+    recipe.lr = find_lr(learn, "unfrozen", run_dir, num_it, recipe.unfreeze_last)["suggestions"]["valley"]
+    print(f"--lr auto: lr_find valley suggestion {recipe.lr:.2e} is stage 2's LR (see {run_dir / 'lr_find.png'})")
+    fine_tune(learn, replace(recipe, freeze_epochs=0))
+    return dict(valley=recipe.lr, used_for="lr", stage="unfrozen", file="lr_find.json")
 
 
 def _best_from_history(path: Path) -> tuple[float, int]:
@@ -164,11 +245,14 @@ def train(args: argparse.Namespace) -> Path:
     run_dir = Path(args.out)
     if (run_dir / "metrics.json").exists():
         raise FileExistsError(f"--out {run_dir} already holds a run; choose another --out folder.")
+    if args.arch == "clip":  # e.g. offline without cached weights: say so before the (slow) data scan
+        check_clip_args(args)
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(args.seed)
 
     # 1. Data: every folder problem surfaces here, before a model is built.
-    df = prepare_split(args.data, run_dir, args.valid_pct, args.seed, args.max_per_class)
+    df = prepare_split(args.data, run_dir, args.valid_pct, args.seed, args.max_per_class,
+                       min_size=args.img_size or AUDIT_MIN_SIZE)  # audit.json: duplicates, small images, ...
 
     # 2. Model: pretrained weights resolved in models.py (hub, tag, local file or random init).
     model = build_model(args)
@@ -181,6 +265,9 @@ def train(args: argparse.Namespace) -> Path:
     workers = args.workers if args.workers is not None else (8 if torch.cuda.is_available() else 0)
     dls = make_dataloaders(df, args.data, prep, bs=args.bs, num_workers=workers)
     learn = build_learner(dls, model, recipe, run_dir)
+    if args.lr_find or args.overfit_batch:  # explore instead of training
+        explore(args, learn, recipe, run_dir)
+        return run_dir
     counts = {split: df[df.is_valid == (split == "valid")]["label"].value_counts().reindex(CLASSES).tolist()
               for split in ("train", "valid")}
     metrics = dict(status="running", model=spec, recipe=vars(recipe), param_groups=n_groups,
@@ -188,17 +275,25 @@ def train(args: argparse.Namespace) -> Path:
                    classes=list(CLASSES), class_counts=counts,
                    skipped_files=int(len(open(run_dir / "skipped.csv").readlines()) - 1)
                    if (run_dir / "skipped.csv").exists() else 0)
+    # Before any step: loss near ln(5) (below it for a zero-shot head) and a gradient that flows.
+    metrics["sanity"] = sanity_check(learn, expect_chance=args.arch == "cnn" or args.head_init == "random")
     if args.arch == "clip" and args.head_init == "zeroshot":
-        metrics["zero_shot_accuracy"] = float(learn.validate()[1])
+        metrics["zero_shot_accuracy"] = valid_accuracy(learn)
         print(f"zero-shot valid accuracy before training: {metrics['zero_shot_accuracy']:.4f}")
     write_json(run_dir / "metrics.json", metrics)
 
     # 4. Train: linear probe, then fine-tune with discriminative LRs; best weights end up loaded.
-    fine_tune(learn, recipe)
+    if args.lr == "auto":
+        metrics["lr_auto"] = fine_tune_auto_lr(learn, recipe, run_dir, args.lr_find_iters)
+    else:
+        fine_tune(learn, recipe)
 
     # 5. Save: fastai export (for fastai users), metrics, and the plain payload for serving.
-    atomic_write(run_dir / "learner.pkl", lambda tmp: learn.export(Path(tmp).absolute()))
+    atomic_write(run_dir / "learner.pkl", lambda tmp: export_learner(learn, Path(tmp).absolute()))
     best_acc, best_epoch = _best_from_history(run_dir / "history.csv")
+    # The best weights as the exported payload serves them, on the valid split: eval_metrics.json + plots.
+    evaluation = evaluate_run(run_dir, args.data, bs=args.bs)
+    metrics["evaluation"] = {k: evaluation[k] for k in ("accuracy", "macro_f1", "loss", "baselines")}
     metrics.update(status="finished", best_accuracy=best_acc, best_epoch=best_epoch,
                    wall_time_s=round(time.time() - start, 1))
     write_json(run_dir / "metrics.json", metrics)
@@ -219,5 +314,8 @@ def main(argv: list[str] | None = None) -> int:
             FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except SanityCheckError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 

@@ -1,0 +1,216 @@
+"""app.py, served in-process on 127.0.0.1 with tiny exported models and driven through gradio_client:
+the `/predict` endpoint for CNN, ViT and Ensemble, bad uploads, the 20 MB limit, the page without
+models, the CLI's start-up errors, and that importing the app never imports fastai."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import struct
+import subprocess
+import sys
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import gradio as gr
+import httpx
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+
+import app
+import flowers_classifier as fc
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serving(demo: gr.Blocks) -> Iterator[str]:
+    """The demo on a free loopback port for the duration of the block; yields its URL."""
+    url = app.launch_demo(demo, "127.0.0.1", free_port(), prevent_thread_lock=True)
+    try:
+        yield url
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def demo(tiny_cnn_pth, tiny_vit_pth, flowers128) -> gr.Blocks:
+    return app.build_demo(tiny_cnn_pth, tiny_vit_pth, flowers128)
+
+
+@pytest.fixture(scope="module")
+def url(demo) -> Iterator[str]:
+    with serving(demo) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(url) -> Client:
+    return Client(url, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def rose(real_photos) -> Path:
+    return real_photos["rose"][0]
+
+
+def components(demo: gr.Blocks, kind: type) -> list:
+    return [b for b in demo.blocks.values() if isinstance(b, kind)]
+
+
+def radio_choices(demo: gr.Blocks) -> list[str]:
+    (radio,) = components(demo, gr.Radio)
+    return [value for _, value in radio.choices]
+
+
+def assert_valid_label(result: tuple, choice: str) -> dict[str, float]:
+    label, timing = result
+    confidences = {c["label"]: c["confidence"] for c in label["confidences"]}
+    assert label["label"] in fc.CLASSES
+    assert sorted(confidences) == sorted(fc.CLASSES)
+    assert math.fsum(confidences.values()) == pytest.approx(1.0, abs=1e-5)
+    assert label["label"] == max(confidences, key=confidences.get)
+    assert timing.endswith(f" ms with {choice}")
+    return confidences
+
+
+def huge_png(path: Path, side: int = 30_000) -> Path:
+    """A valid PNG header claiming side x side pixels (900 MP) with almost no data: a decompression
+    bomb that must be refused from its header, without allocating anything."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_importing_app_does_not_import_fastai():
+    code = "import sys, app; print(sorted(m for m in sys.modules if m.split('.')[0] == 'fastai'))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]", f"importing app imported fastai: {proc.stdout[:500]}"
+
+
+def test_page_offers_cnn_vit_and_ensemble(demo):
+    assert radio_choices(demo) == [app.CNN, app.VIT, app.ENSEMBLE]
+    (label,) = components(demo, gr.Label)
+    assert label.num_top_classes == 5
+
+
+def test_only_named_endpoint_is_predict(client):
+    assert list(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == ["/predict"]
+
+
+@pytest.mark.parametrize("choice", [app.CNN, app.VIT, app.ENSEMBLE])
+def test_predict_through_gradio_client(client, rose, choice):
+    assert_valid_label(client.predict(handle_file(str(rose)), choice, api_name="/predict"), choice)
+
+
+def test_ensemble_endpoint_is_the_mean_of_cnn_and_vit(client, real_photos):
+    photo = handle_file(str(real_photos["sunflower"][0]))
+    cnn, vit, both = (assert_valid_label(client.predict(photo, c, api_name="/predict"), c)
+                      for c in (app.CNN, app.VIT, app.ENSEMBLE))
+    assert cnn != vit
+    for c in fc.CLASSES:
+        assert both[c] == pytest.approx((cnn[c] + vit[c]) / 2, abs=1e-6)
+
+
+def test_model_defaults_to_the_first_choice(client, rose):
+    default = client.predict(handle_file(str(rose)), api_name="/predict")
+    assert default[0] == client.predict(handle_file(str(rose)), app.CNN, api_name="/predict")[0]
+
+
+@pytest.mark.parametrize("kind", ["text", "truncated", "huge", "empty"])
+def test_bad_upload_is_an_error_and_the_next_call_works(client, rose, tmp_path, kind):
+    if kind == "text":
+        bad, expected = tmp_path / "notes.txt", "notes.txt: not a recognised image format"
+        bad.write_text("daisy, dandelion, rose\n")
+    elif kind == "truncated":
+        bad, expected = tmp_path / "half.jpg", "half.jpg: cannot decode image"
+        bad.write_bytes(rose.read_bytes()[: rose.stat().st_size // 2])
+    elif kind == "huge":
+        bad, expected = huge_png(tmp_path / "huge.png"), "huge.png: image is too large to decode safely"
+    else:
+        bad, expected = tmp_path / "empty.jpg", "empty.jpg: not a recognised image format"
+        bad.write_bytes(b"")
+    with pytest.raises(AppError, match=expected):
+        client.predict(handle_file(str(bad)), app.CNN, api_name="/predict")
+    assert_valid_label(client.predict(handle_file(str(rose)), app.CNN, api_name="/predict"), app.CNN)
+
+
+def test_upload_over_20mb_is_refused(client, url, rose, tmp_path):
+    big = tmp_path / "big.jpg"
+    big.write_bytes(os.urandom(20 * 2**20 + 1))
+    # gradio_client checks the limit the server advertises before sending ...
+    with pytest.raises(ValueError, match="exceeds the maximum file size of 20971520 bytes"):
+        client.predict(handle_file(str(big)), app.CNN, api_name="/predict")
+    # ... and the server itself refuses a client that does not (a browser script, curl).
+    with big.open("rb") as f:
+        response = httpx.post(f"{url}gradio_api/upload", files={"files": ("big.jpg", f)}, timeout=60)
+    assert response.status_code == 413, response.text
+    assert "maximum allowed size of 20971520 bytes" in response.text
+    assert_valid_label(client.predict(handle_file(str(rose)), app.CNN, api_name="/predict"), app.CNN)
+
+
+def test_unknown_model_choice_is_an_error(client, rose):
+    with pytest.raises(AppError, match="Model 'ResNet' is not loaded here; choose one of CNN, ViT, Ensemble"):
+        client.predict(handle_file(str(rose)), "ResNet", api_name="/predict")
+
+
+def test_one_model_file_means_no_ensemble(tiny_cnn_pth, tmp_path):
+    demo = app.build_demo(tiny_cnn_pth, tmp_path / "vit_flowers.pth")
+    assert radio_choices(demo) == [app.CNN]
+
+
+def test_without_models_the_page_says_how_to_train(tmp_path, rose):
+    demo = app.build_demo(tmp_path / "cnn_flowers.pth", tmp_path / "vit_flowers.pth")
+    page = "\n".join(str(md.value) for md in components(demo, gr.Markdown))
+    for command in ("python train.py --arch cnn", "models/cnn_flowers.pth", "python train.py --arch clip",
+                    "models/vit_flowers.pth", "--data ../shared/datasets/flowers128 --no-pretrained"):
+        assert command in page
+    assert radio_choices(demo) == []
+    with serving(demo) as url:
+        with pytest.raises(AppError, match=r"No model is loaded\. Train and export one with 'python train.py"):
+            Client(url, verbose=False).predict(handle_file(str(rose)), app.CNN, api_name="/predict")
+
+
+def test_examples_one_photo_per_class_folder(flowers128, demo):
+    found = app.find_examples(flowers128)
+    assert [p.parent.name for p in found] == list(fc.CLASSES)
+    (dataset,) = components(demo, gr.Dataset)
+    assert len(dataset.samples) == len(fc.CLASSES)
+
+
+def test_examples_photos_directly_in_the_folder(tmp_path, rose):
+    (tmp_path / "b.jpg").write_bytes(rose.read_bytes())
+    (tmp_path / "a.png").write_bytes(rose.read_bytes())
+    (tmp_path / "readme.txt").write_text("not an example")
+    assert app.find_examples(tmp_path) == [tmp_path / "a.png", tmp_path / "b.jpg"]
+
+
+def test_main_refuses_a_missing_or_empty_examples_folder(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    assert app.main(["--cnn", str(tmp_path / "x.pth"), "--vit", str(tmp_path / "y.pth"),
+                     "--examples", str(missing)]) == 2
+    assert f"--examples {missing}: no such folder" in capsys.readouterr().err
+    assert app.main(["--cnn", str(tmp_path / "x.pth"), "--vit", str(tmp_path / "y.pth"),
+                     "--examples", str(tmp_path)]) == 2
+    assert f"--examples {tmp_path}: no photos" in capsys.readouterr().err
+
+
+def test_main_refuses_a_broken_model_file(tmp_path, capsys):
+    broken = tmp_path / "cnn_flowers.pth"
+    broken.write_bytes(b"not a torch file")
+    assert app.main(["--cnn", str(broken), "--vit", str(tmp_path / "vit_flowers.pth")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {broken}: ")
