@@ -28,7 +28,7 @@ from .classes import CLASSES
 from .data import DatasetError, make_dataloaders, prepare_split
 from .evaluate import evaluate_run
 from .files import atomic_write, write_json
-from .learner import Recipe, build_learner, fine_tune, seed_everything, valid_accuracy
+from .learner import Recipe, build_learner, export_learner, fine_tune, seed_everything, valid_accuracy
 from .preprocess import Preprocess
 from .report import SanityCheckError, find_lr, overfit_one_batch, sanity_check
 
