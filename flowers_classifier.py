@@ -6,6 +6,7 @@ PIL only (no fastai, no network).
     fc.predict(model, "rose.jpg")                   # -> "rose"
     fc.predict_proba(model, "rose.jpg")             # -> {"daisy": 0.01, "dandelion": 0.02, ...}
     fc.predict_batch(model, fc.find_images(["photos/"]), bs=32)   # -> one record per image
+    model = fc.load_model("cnn_flowers.onnx")       # ONNX Runtime instead of torch (`export.py --onnx`)
 
     python -m flowers_classifier PATH... [--model models/cnn_flowers.pth] [--top-k 3] [--json OUT] [--bs N]
 
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from flowers_fastai.classes import CLASSES
+from flowers_fastai.export import ONNX_INPUT, ONNX_METADATA_KEY, ONNX_OUTPUTS
 from flowers_fastai.models import build_from_spec
 from flowers_fastai.preprocess import InvalidImageError, Preprocess, preprocess_image
 
@@ -105,7 +107,10 @@ def load_payload(weights_path: str | os.PathLike) -> dict:
 def load_model(weights_path: str | os.PathLike, family: str | None = None,
                device: str | torch.device | None = None, dtype: torch.dtype = torch.float32) -> FlowerClassifier:
     """Build the architecture the payload describes (no download), load its weights, eval mode.
-    `family` ("cnn" or "clip") makes a file of the other family an error. Uses CUDA when available."""
+    `family` ("cnn" or "clip") makes a file of the other family an error. Uses CUDA when available.
+    A `.onnx` file (`export.py --onnx`) is served by ONNX Runtime instead: see `load_onnx_model`."""
+    if _resolve(weights_path).suffix.lower() == ".onnx":
+        return load_onnx_model(weights_path, family, device)
     payload = load_payload(weights_path)
     path = _resolve(weights_path)
     if family and payload["family"] != family:
@@ -134,6 +139,75 @@ def load_vit_model(weights_path: str | os.PathLike = "vit_flowers.pth", device=N
                    dtype: torch.dtype = torch.float32) -> FlowerClassifier:
     """The exported CLIP ViT classifier; fp32 on CPU, fp16/bf16 allowed on GPU via `dtype`."""
     return load_model(weights_path, "clip", device, dtype)
+
+
+# --------------------------------------------------------------------------- ONNX Runtime (optional)
+
+class _OrtNet(nn.Module):
+    """An ONNX Runtime session behind the module interface FlowerClassifier expects (forward -> logits)."""
+
+    def __init__(self, session):
+        super().__init__()
+        self.session = session
+
+    def run(self, output: str, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run([output], {ONNX_INPUT: x.float().contiguous().numpy()})[0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(ONNX_OUTPUTS[0], x)
+
+
+class OnnxFlowerClassifier(FlowerClassifier):
+    """A FlowerClassifier whose network is an exported ONNX graph run by ONNX Runtime on the CPU: same
+    classes, preprocessing and `probabilities`, so predict/predict_proba/predict_batch work unchanged."""
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.net.run(ONNX_OUTPUTS[1], batch)  # the graph's own softmax output, fp32
+
+
+def _onnx_session(path: Path, threads: int | None):
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise ModelFileError(f"{path}: serving an .onnx model needs onnxruntime, which is not installed; "
+                             f"`pip install onnxruntime`, or serve the .pth payload instead.") from e
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - truncated protobuf, not an ONNX file, unknown op, ...
+        raise ModelFileError(f"{path}: not a readable ONNX model ({type(e).__name__}: {str(e)[:300]}); "
+                             f"export it again with `python export.py MODEL.pth --onnx OUT.onnx`.") from e
+
+
+def load_onnx_model(onnx_path: str | os.PathLike, family: str | None = None, device: str | torch.device | None = None,
+                    threads: int | None = None) -> OnnxFlowerClassifier:
+    """An ONNX graph written by `export.py --onnx`, served by ONNX Runtime (CPU; `threads` sets its
+    intra-op threads, default: ONNX Runtime's choice). The preprocessing comes from the file's metadata."""
+    path = _resolve(onnx_path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such model file. Write one with `python export.py MODEL.pth --onnx {path}`.")
+    if device is not None and torch.device(device).type != "cpu":
+        raise ModelFileError(f"{path}: .onnx models are served on the CPU by ONNX Runtime; pass device='cpu' "
+                             f"(or leave it out), or serve the .pth payload on {device}.")
+    session = _onnx_session(path, threads)
+    meta = session.get_modelmeta().custom_metadata_map.get(ONNX_METADATA_KEY)
+    if meta is None:
+        raise ModelFileError(f"{path}: an ONNX model without flowers_fastai metadata (no preprocessing spec); "
+                             f"export it with `python export.py MODEL.pth --onnx OUT.onnx`.")
+    spec = json.loads(meta)
+    if spec.get("format_version") not in SUPPORTED_FORMATS or tuple(spec.get("classes", ())) != CLASSES:
+        raise ModelFileError(f"{path}: metadata format {spec.get('format_version')} / classes {spec.get('classes')} "
+                             f"are not {SUPPORTED_FORMATS} / {list(CLASSES)}; re-export it with this version.")
+    if family and spec["family"] != family:
+        raise ModelFileError(f"{path}: holds a {spec['family']!r} model, not {family!r}.")
+    return OnnxFlowerClassifier(_OrtNet(session), spec["family"], spec["model_name"], CLASSES,
+                                Preprocess.from_dict(spec))
 
 
 def load_ensemble(cnn_path: str | os.PathLike = "cnn_flowers.pth", vit_path: str | os.PathLike = "vit_flowers.pth",

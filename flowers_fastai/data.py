@@ -32,11 +32,12 @@ from fastai.vision.all import (
     Transform,
     aug_transforms,
 )
+from PIL import Image
 
 from .audit import AUDIT_MIN_SIZE, audit_table, format_report, inspect_files
 from .classes import CLASSES, normalize_label
 from .files import write_json
-from .preprocess import Preprocess, load_rgb, resize_center_crop
+from .preprocess import InvalidImageError, Preprocess, load_rgb, resize_center_crop
 
 FLOWERS_URL = "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
@@ -134,6 +135,13 @@ def stratified_split(df: pd.DataFrame, valid_pct: float = 0.2, seed: int = 42) -
     return df.assign(is_valid=is_valid)
 
 
+def non_image_files(root: Path) -> list[tuple[str, str]]:
+    """(path, reason) for files in class folders that scan_folder leaves out for their extension."""
+    return [(str(p.relative_to(root)), f"not an image file ({p.suffix or 'no extension'})")
+            for folder in sorted(root.iterdir()) if folder.is_dir() and normalize_label(folder.name)
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix.lower() not in IMAGE_EXTENSIONS]
+
+
 def prepare_split(root: str | Path, run_dir: str | Path, valid_pct: float = 0.2, seed: int = 42,
                   max_per_class: int | None = None, min_size: int = AUDIT_MIN_SIZE) -> pd.DataFrame:
     """Scan, audit (audit.json: duplicates, images below `min_size`, ...), drop undecodable files (warned
@@ -145,11 +153,11 @@ def prepare_split(root: str | Path, run_dir: str | Path, valid_pct: float = 0.2,
                 .sort_values("path").reset_index(drop=True))
     infos = inspect_files(root, df["path"].tolist())  # the one decode pass: unreadable files + the audit
     write_json(run_dir / "audit.json", audit_table(root, df, infos, min_size))
-    skipped = [(i.path, i.error) for i in infos if i.error]
+    skipped = [(i.path, i.error) for i in infos if i.error] + non_image_files(root)
     if skipped:
         pd.DataFrame(skipped, columns=["path", "reason"]).to_csv(run_dir / "skipped.csv", index=False)
         listing = "\n".join(f"  {p}: {why}" for p, why in skipped[:20])
-        warnings.warn(f"{len(skipped)} file(s) in {root} cannot be decoded and are left out "
+        warnings.warn(f"{len(skipped)} file(s) in {root} cannot be decoded or are not images, and are left out "
                       f"(full list in {run_dir / 'skipped.csv'}):\n{listing}", stacklevel=2)
         df = df[~df["path"].isin({p for p, _ in skipped})].reset_index(drop=True)
         empty = [c for c in CLASSES if not (df["label"] == c).any()]
@@ -165,9 +173,27 @@ def prepare_split(root: str | Path, run_dir: str | Path, valid_pct: float = 0.2,
 class RGBImage(PILImage):
     """fastai's PILImage, decoded by `load_rgb` (EXIF orientation, alpha on white, 16-bit) like serving."""
 
+    failure_log: Path | None = None  # train() points it at run_dir/skipped.csv
+
     @classmethod
     def create(cls, fn, **kwargs):
-        return cls(load_rgb(fn))
+        try:
+            return cls(load_rgb(fn))
+        except InvalidImageError as e:
+            # Decoded fine when the run started, gone or broken now (deleted, rewritten mid-training):
+            # never crash mid-epoch. A mid-grey stand-in keeps the batch whole; the file is reported.
+            report_late_failure(cls.failure_log, str(fn), str(e))
+            return cls(Image.new("RGB", (64, 64), (128, 128, 128)))
+
+
+def report_late_failure(log: Path | None, path: str, reason: str) -> None:
+    warnings.warn(f"{reason} (it decoded before training; a grey stand-in is used this time)", stacklevel=3)
+    if log is not None:
+        new = not log.exists()
+        with open(log, "a", newline="") as f:
+            if new:
+                f.write("path,reason\n")
+            pd.DataFrame([(path, f"failed during training: {reason}")]).to_csv(f, header=False, index=False)
 
 
 class EvalResizeCrop(Transform):

@@ -33,6 +33,8 @@ from torch.distributions.beta import Beta
 from . import models
 from .export import BEST_NAME
 
+LAST_NAME = "last"  # run_dir/last.pth: weights + optimizer after the last finished epoch (--resume)
+
 
 @dataclass
 class Recipe:
@@ -134,18 +136,57 @@ class EmaCallback(Callback):
         self._raw, self._trained = None, False
 
 
-class AtomicSaveModelCallback(SaveModelCallback):
-    """fastai's SaveModelCallback, but the checkpoint appears at its path only once fully written."""
+def atomic_learn_save(learn: Learner, name: str, with_opt: bool) -> Path:
+    """learn.save, but the file appears at run_dir/<name>.pth only once fully written."""
+    tmp = learn.save(f"{name}.tmp", with_opt=with_opt)
+    final = tmp.with_name(f"{name}.pth")
+    os.replace(tmp, final)
+    return final
+
+
+class OnTrainedEpochs(Callback):
+    """Acts once per *trained* epoch. fastai also fires epoch events around learn.validate()/get_preds
+    and for the epochs that fit(start_epoch=...) skips on --resume; those must not count as epochs."""
+
+    _trained = False
+
+    def after_train(self):
+        self._trained = True
+
+    def after_epoch(self):
+        if self._trained:
+            self.after_trained_epoch()
+        self._trained = False
+
+    def after_trained_epoch(self):
+        raise NotImplementedError
+
+
+class AtomicSaveModelCallback(OnTrainedEpochs, SaveModelCallback):
+    """fastai's SaveModelCallback (best weights on the monitored metric), written atomically."""
+
+    after_trained_epoch = SaveModelCallback.after_epoch
 
     def _save(self, name):
-        tmp = f"{name}.tmp"
-        tmp_path = self.learn.save(tmp, with_opt=self.with_opt)
-        final = tmp_path.with_name(f"{name}.pth")
-        os.replace(tmp_path, final)
-        self.last_saved_path = final
+        self.last_saved_path = atomic_learn_save(self.learn, name, self.with_opt)
 
 
-class HistoryCallback(Callback):
+class EarlyStopping(OnTrainedEpochs, EarlyStoppingCallback):
+    """fastai's EarlyStoppingCallback, counting trained epochs only."""
+
+    after_trained_epoch = EarlyStoppingCallback.after_epoch
+
+
+class LastCheckpointCallback(OnTrainedEpochs):
+    """After every finished epoch: weights + optimizer state as last.pth (atomically), for --resume."""
+
+    order = EmaCallback.order + 1  # the raw weights, after EMA swapped them back
+
+    def after_trained_epoch(self):
+        atomic_learn_save(self.learn, LAST_NAME, with_opt=True)
+
+
+class HistoryCallback(OnTrainedEpochs):
     """Appends one row per training epoch to history.csv (flushed at once, so an interrupted run keeps
     every finished epoch) and prints one plain line per epoch when stdout is not a terminal."""
 
@@ -153,7 +194,7 @@ class HistoryCallback(Callback):
     columns = ("epoch", "stage", "train_loss", "valid_loss", "accuracy", "lr", "time")
 
     def __init__(self, path: Path, quiet: bool = False):
-        self.path, self.quiet, self.stage, self.epochs_done, self._trained = Path(path), quiet, "", 0, False
+        self.path, self.quiet, self.stage, self.epochs_done = Path(path), quiet, "", 0
         if not self.path.exists():
             with open(self.path, "w", newline="") as f:
                 csv.writer(f).writerow(self.columns)
@@ -161,23 +202,17 @@ class HistoryCallback(Callback):
     def before_epoch(self):
         self._start = time.time()
 
-    def after_train(self):
-        self._trained = True  # fastai fires epoch events around learn.validate() too; skip those
-
-    def after_epoch(self):
-        if not self._trained:
-            return
-        self._trained = False
+    def after_trained_epoch(self):
         train_loss, valid_loss, acc = (self.recorder.log[i] for i in (1, 2, 3))
         lr = self.opt.hypers[-1]["lr"]
-        row = (self.epochs_done, self.stage, f"{train_loss:.6f}", f"{valid_loss:.6f}", f"{acc:.6f}",
+        row = (self.epochs_done, self.stage, f"{train_loss:.6f}", f"{valid_loss:.6f}", repr(float(acc)),
                f"{lr:.3e}", f"{time.time() - self._start:.1f}")
         with open(self.path, "a", newline="") as f:
             csv.writer(f).writerow(row)
         self.epochs_done += 1
         if not self.quiet:
             print(f"epoch {row[0]:>3} [{self.stage}] train_loss {row[2]} valid_loss {row[3]} "
-                  f"accuracy {row[4]} lr {row[5]} ({row[6]}s)", flush=True)
+                  f"accuracy {acc:.6f} lr {row[5]} ({row[6]}s)", flush=True)
 
 
 # --------------------------------------------------------------------------- learner + recipe
@@ -189,10 +224,10 @@ def _silent(*args, **kwargs) -> None:
 def build_learner(dls, model: torch.nn.Module, recipe: Recipe, run_dir: str | Path) -> Learner:
     """A fastai Learner around `model` with the recipe's loss, optimiser, splitter and callbacks."""
     run_dir = Path(run_dir)
-    cbs = [AtomicSaveModelCallback(monitor="accuracy", fname=BEST_NAME, reset_on_fit=False),
+    cbs = [AtomicSaveModelCallback(monitor="accuracy", fname=BEST_NAME, reset_on_fit=False), LastCheckpointCallback(),
            HistoryCallback(run_dir / "history.csv", quiet=sys.stdout.isatty())]
     if recipe.patience:
-        cbs.append(EarlyStoppingCallback(monitor="accuracy", patience=recipe.patience))
+        cbs.append(EarlyStopping(monitor="accuracy", patience=recipe.patience))
     if recipe.mixup > 0 or recipe.cutmix > 0:
         cbs.append(MixUpOrCutMix(recipe.mixup, recipe.cutmix, recipe.mix_prob, recipe.switch_prob))
     if recipe.grad_clip:
@@ -224,7 +259,8 @@ def fit_only_callbacks(learn: Learner) -> list[Callback]:
     """Callbacks that only make sense inside a fit: the trackers (early stopping, best checkpoint), the
     history writer and the EMA swap. validate() fires epoch events too, and the trackers would read it as
     an epoch of a fit (and crash before the first one)."""
-    return [cb for cb in learn.cbs if isinstance(cb, (TrackerCallback, HistoryCallback, EmaCallback))]
+    fit_only = (TrackerCallback, HistoryCallback, EmaCallback, LastCheckpointCallback)
+    return [cb for cb in learn.cbs if isinstance(cb, fit_only)]
 
 
 def valid_accuracy(learn: Learner) -> float:
@@ -239,26 +275,56 @@ def export_learner(learn: Learner, path: Path) -> None:
         learn.export(path)
 
 
-def _fit(learn: Learner, epochs: int, lr, recipe: Recipe, stage: str) -> None:
+def _fit(learn: Learner, epochs: int, lr, recipe: Recipe, stage: str, start_epoch: int = 0) -> None:
     for cb in learn.cbs:
         if isinstance(cb, HistoryCallback):
             cb.stage = stage
-    learn.fit_one_cycle(epochs, lr, pct_start=recipe.pct_start)
+    # start_epoch > 0 (resume): fastai replays the one-cycle schedule from that epoch on.
+    learn.fit_one_cycle(epochs, lr, pct_start=recipe.pct_start, start_epoch=start_epoch)
 
 
-def fine_tune(learn: Learner, recipe: Recipe) -> Learner:
+def fine_tune(learn: Learner, recipe: Recipe, epochs_done: int = 0) -> Learner:
     """Stage 1 (freeze_epochs): head only at head_lr. Stage 2 (epochs): the body (or its last
     `unfreeze_last` blocks, see models.unfreeze_index) too, with discriminative LRs. Both one-cycle;
-    best weights loaded at the end."""
+    best weights loaded at the end. `epochs_done` (resume) skips the epochs a run already finished."""
     # Resolved before stage 1, so a bad --unfreeze-last fails before any training.
     unfreeze_at = None if recipe.unfreeze_last is None else models.unfreeze_index(learn.model, recipe.unfreeze_last)
-    if recipe.freeze_epochs > 0:
-        learn.freeze()
-        _fit(learn, recipe.freeze_epochs, recipe.head_lr, recipe, "frozen")
-    if recipe.epochs > 0:
-        if unfreeze_at is not None:
-            learn.freeze_to(unfreeze_at)
-        else:
-            learn.unfreeze()
-        _fit(learn, recipe.epochs, stage2_lrs(learn, recipe), recipe, "unfrozen")
+    if recipe.freeze_epochs > epochs_done:
+        _trainable_from(learn, -1, keep_optimizer_state=epochs_done > 0)
+        _fit(learn, recipe.freeze_epochs, recipe.head_lr, recipe, "frozen", start_epoch=epochs_done)
+    done_in_stage2 = max(0, epochs_done - recipe.freeze_epochs)
+    if recipe.epochs > done_in_stage2:
+        _trainable_from(learn, 0 if unfreeze_at is None else unfreeze_at, keep_optimizer_state=done_in_stage2 > 0)
+        _fit(learn, recipe.epochs, stage2_lrs(learn, recipe), recipe, "unfrozen", start_epoch=done_in_stage2)
     return learn
+
+
+def _trainable_from(learn: Learner, group: int, keep_optimizer_state: bool) -> None:
+    """learn.freeze_to(group) (freeze() is -1, unfreeze() is 0). fastai clears the optimizer state there, as a
+    new stage should; a stage resumed halfway keeps the state it was saved with."""
+    if learn.opt is None:
+        learn.create_opt()
+    learn.opt.freeze_to(group)
+    if not keep_optimizer_state:
+        learn.opt.clear_state()
+
+
+def resume_learner(learn: Learner, recipe: Recipe) -> int:
+    """Put an interrupted run's state back into a fresh learner: weights + optimizer from last.pth, the
+    epoch count and best accuracy from history.csv. Returns the number of finished epochs."""
+    import pandas as pd
+    history = pd.read_csv(learn.path / "history.csv")
+    done = len(history)
+    if done == 0 or not (learn.path / f"{LAST_NAME}.pth").is_file():
+        raise FileNotFoundError(f"{learn.path} has no finished epoch (history.csv, last.pth) to resume from; "
+                                f"start a new run instead.")
+    learn.create_opt()
+    learn.load(LAST_NAME, with_opt=True)
+    if done == recipe.freeze_epochs:  # stage 1 ended: an unbroken run starts stage 2 from its best weights
+        learn.load(BEST_NAME, with_opt=False)
+    for cb in learn.cbs:
+        if isinstance(cb, HistoryCallback):
+            cb.epochs_done = done
+        if isinstance(cb, SaveModelCallback):
+            cb.best = float(history["accuracy"].max())  # a worse epoch must not replace best.pth
+    return done

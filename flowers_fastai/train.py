@@ -14,21 +14,23 @@ folder (lr_find.png/.json, overfit_batch.json) and stop: no training, no export,
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 import warnings
 from dataclasses import replace
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from . import models
 from .audit import AUDIT_MIN_SIZE
 from .classes import CLASSES
-from .data import DatasetError, make_dataloaders, prepare_split
+from .data import DatasetError, RGBImage, make_dataloaders, prepare_split
 from .evaluate import evaluate_run
 from .files import atomic_write, write_json
-from .learner import Recipe, build_learner, export_learner, fine_tune, seed_everything, valid_accuracy
+from .learner import Recipe, build_learner, export_learner, fine_tune, resume_learner, seed_everything, valid_accuracy
 from .preprocess import Preprocess
 from .report import SanityCheckError, find_lr, overfit_one_batch, sanity_check
 
@@ -133,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--out", type=Path, help="run folder (default runs/<arch>-<time>)")
     out.add_argument("--export", type=Path, help="exported .pth path (default models/<cnn|vit>_flowers.pth)")
     out.add_argument("--no-export", action="store_true", help="leave exporting to export.py")
+    out.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                     help="continue an interrupted run from its last finished epoch, with the run's own config "
+                          "and split (other options are ignored)")
     return p
 
 
@@ -238,28 +243,63 @@ def _best_from_history(path: Path) -> tuple[float, int]:
     return float(hist.loc[best, "accuracy"]), int(hist.loc[best, "epoch"])
 
 
+class TrainingInterrupted(Exception):
+    """Ctrl-C during training; the message says how to resume."""
+
+
+def read_metrics(run_dir: Path) -> dict:
+    """metrics.json of a run to resume; refuses finished or foreign folders."""
+    path = Path(run_dir) / "metrics.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume {run_dir}: no metrics.json there; is it a train.py run folder?")
+    metrics = json.loads(path.read_text())
+    if metrics.get("status") == "finished":
+        raise FileExistsError(f"--resume {run_dir}: that run already finished; export it with export.py.")
+    if metrics["recipe"]["lr"] == "auto":
+        raise ValueError(f"--resume {run_dir}: the run was interrupted before --lr auto chose its LR; "
+                         f"start it again instead.")
+    return metrics
+
+
+def resume_args(run_dir: Path) -> argparse.Namespace:
+    """The interrupted run's own options (metrics.json config), pointed back at its folder."""
+    config = read_metrics(run_dir)["config"]
+    args = build_parser().parse_args([])
+    for key, value in config.items():
+        setattr(args, key, Path(value) if key in ("out", "weights", "export") and value else value)
+    args.out, args.resume = Path(run_dir), Path(run_dir)
+    return args
+
+
 def train(args: argparse.Namespace) -> Path:
     """Run one training as configured by `args` (see build_parser); returns the run folder."""
     args = _resolve(args)
     start = time.time()
     run_dir = Path(args.out)
-    if (run_dir / "metrics.json").exists():
-        raise FileExistsError(f"--out {run_dir} already holds a run; choose another --out folder.")
-    if args.arch == "clip":  # e.g. offline without cached weights: say so before the (slow) data scan
+    resumed = read_metrics(run_dir) if args.resume else None
+    if resumed is None and (run_dir / "metrics.json").exists():
+        raise FileExistsError(f"--out {run_dir} already holds a run; choose another --out folder "
+                              f"(or continue it with --resume {run_dir}).")
+    if args.arch == "clip" and not resumed:  # e.g. offline without cached weights: say so before the data scan
         check_clip_args(args)
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(args.seed)
 
-    # 1. Data: every folder problem surfaces here, before a model is built.
-    df = prepare_split(args.data, run_dir, args.valid_pct, args.seed, args.max_per_class,
-                       min_size=args.img_size or AUDIT_MIN_SIZE)  # audit.json: duplicates, small images, ...
+    # 1. Data: every folder problem surfaces here, before a model is built (a resumed run keeps its split).
+    if resumed:
+        df = pd.read_csv(run_dir / "split.csv")
+    else:
+        df = prepare_split(args.data, run_dir, args.valid_pct, args.seed, args.max_per_class,
+                           min_size=args.img_size or AUDIT_MIN_SIZE)  # audit.json: duplicates, small images, ...
+    RGBImage.failure_log = run_dir / "skipped.csv"  # files that break after this check are reported there
 
-    # 2. Model: pretrained weights resolved in models.py (hub, tag, local file or random init).
-    model = build_model(args)
+    # 2. Model: pretrained weights resolved in models.py (hub, tag, local file or random init); a resumed
+    #    run rebuilds its architecture offline and takes its weights from last.pth.
+    model = models.build_from_spec(resumed["model"]) if resumed else build_model(args)
     prep = models.preprocess_for(model, args.img_size)
     spec = model_spec(args, model, prep)
     n_groups = len(models.param_groups(model))
-    recipe = make_recipe(args, n_groups)
+    recipe = Recipe(**resumed["recipe"]) if resumed else make_recipe(args, n_groups)
 
     # 3. fastai DataLoaders + Learner.
     workers = args.workers if args.workers is not None else (8 if torch.cuda.is_available() else 0)
@@ -268,6 +308,8 @@ def train(args: argparse.Namespace) -> Path:
     if args.lr_find or args.overfit_batch:  # explore instead of training
         explore(args, learn, recipe, run_dir)
         return run_dir
+    if resumed:
+        return finish(args, learn, recipe, resumed, start, epochs_done=resume_learner(learn, recipe))
     counts = {split: df[df.is_valid == (split == "valid")]["label"].value_counts().reindex(CLASSES).tolist()
               for split in ("train", "valid")}
     metrics = dict(status="running", model=spec, recipe=vars(recipe), param_groups=n_groups,
@@ -281,12 +323,25 @@ def train(args: argparse.Namespace) -> Path:
         metrics["zero_shot_accuracy"] = valid_accuracy(learn)
         print(f"zero-shot valid accuracy before training: {metrics['zero_shot_accuracy']:.4f}")
     write_json(run_dir / "metrics.json", metrics)
+    return finish(args, learn, recipe, metrics, start)
 
-    # 4. Train: linear probe, then fine-tune with discriminative LRs; best weights end up loaded.
-    if args.lr == "auto":
-        metrics["lr_auto"] = fine_tune_auto_lr(learn, recipe, run_dir, args.lr_find_iters)
-    else:
-        fine_tune(learn, recipe)
+
+def finish(args: argparse.Namespace, learn, recipe: Recipe, metrics: dict, start: float,
+           epochs_done: int = 0) -> Path:
+    """Steps 4-5 of a run (also what --resume runs): train, then save, evaluate and export."""
+    run_dir = Path(args.out)
+    # 4. Train: linear probe, then fine-tune with discriminative LRs; best weights end up loaded. Ctrl-C
+    #    leaves best.pth, last.pth and history.csv as of the last finished epoch: --resume continues.
+    try:
+        if args.lr == "auto" and not epochs_done:
+            metrics["lr_auto"] = fine_tune_auto_lr(learn, recipe, run_dir, args.lr_find_iters)
+        else:
+            fine_tune(learn, recipe, epochs_done)
+    except KeyboardInterrupt:
+        metrics.update(status="interrupted", wall_time_s=round(time.time() - start, 1))
+        write_json(run_dir / "metrics.json", metrics)
+        raise TrainingInterrupted(f"interrupted; best.pth and history.csv hold every finished epoch. "
+                                  f"Continue with: python train.py --resume {run_dir}") from None
 
     # 5. Save: fastai export (for fastai users), metrics, and the plain payload for serving.
     atomic_write(run_dir / "learner.pkl", lambda tmp: export_learner(learn, Path(tmp).absolute()))
@@ -309,11 +364,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*")
     try:
-        train(args)
+        train(resume_args(args.resume) if args.resume else args)
     except (DatasetError, models.PretrainedWeightsUnavailable, models.WeightsFileError,
-            FileExistsError, ValueError) as e:
+            FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:
+        print(f"\n{e}", file=sys.stderr)
+        return 130
     except SanityCheckError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

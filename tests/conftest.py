@@ -26,9 +26,10 @@ TINY_CNN, TINY_CLIP, TINY_SIZE = "convnextv2_atto", "ViT-S-32", 64
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: builds or trains something large (still runs in CI)")
     config.addinivalue_line("markers", "browser: drives Debian's chromium through Playwright")
-    # Third-party deprecation noise (torch.jit in timm, numpy.core/pandas options in fastai).
+    # Third-party deprecation noise (torch.jit in timm, numpy.core/pandas options in fastai and gradio).
     for pattern in ("ignore:.*torch.jit.script.*:FutureWarning", "ignore::DeprecationWarning:fastai",
-                    "ignore:.*mode.chained_assignment.*", "ignore:.*load_learner.*insecure pickle.*"):
+                    "ignore:.*mode.chained_assignment.*", "ignore:.*load_learner.*insecure pickle.*",
+                    "ignore:.*copy keyword is deprecated.*"):
         config.addinivalue_line("filterwarnings", pattern)
 
 

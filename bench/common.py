@@ -1,0 +1,119 @@
+"""What every benchmark shares: where the photos are (FLOWERS128_DIR, skipped cleanly when absent),
+machine facts for the report, waiting for a quiet machine, timing statistics, peak RSS and tables.
+
+Benchmarks are scripts (`python bench/NAME.py`), not tests: speed goals live here, never in tests/.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import resource
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASS_NAMES = ("daisy", "dandelion", "rose", "sunflower", "tulip")  # flowers_fastai.classes, without its import
+
+
+def flowers_dir() -> Path | None:
+    """FLOWERS128_DIR, default ../shared/datasets/flowers128 beside the repo; None when it is not there."""
+    path = Path(os.environ.get("FLOWERS128_DIR", ROOT.parent / "shared" / "datasets" / "flowers128"))
+    return path if all((path / c).is_dir() for c in CLASS_NAMES) else None
+
+
+def require_flowers(script: str) -> Path:
+    """The photo folder, or exit 0 with a note: a machine without the data skips the benchmark cleanly."""
+    path = flowers_dir()
+    if path is None:
+        print(f"{script}: skipped: no <class>/*.jpg photo folder at FLOWERS128_DIR "
+              f"({os.environ.get('FLOWERS128_DIR', '../shared/datasets/flowers128')}); set FLOWERS128_DIR to one.")
+        sys.exit(0)
+    return path
+
+
+def sample_photos(root: Path, n: int) -> list[Path]:
+    """`n` photos, round-robin over the classes in sorted order: the same files on every run."""
+    per_class = [sorted((root / c).glob("*.jpg")) for c in CLASS_NAMES]
+    picked = [files[i] for i in range(max(map(len, per_class))) for files in per_class if i < len(files)]
+    return picked[:n]
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict:
+    import torch
+    info = dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), cpu=cpu_model(),
+                cores=os.cpu_count(), torch=torch.__version__, torch_threads=torch.get_num_threads(),
+                python=platform.python_version(), loadavg_1min=round(os.getloadavg()[0], 2))
+    try:
+        import onnxruntime
+        info["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def wait_for_quiet(threshold: float = 0.7, poll_s: float = 20.0, give_up_s: float = 900.0) -> float:
+    """Block until the 1-minute load average is below `threshold` (others share these cores), at most
+    `give_up_s`; returns the load average measured at the start of the run (report it)."""
+    start = time.monotonic()
+    while (load := os.getloadavg()[0]) >= threshold and time.monotonic() - start < give_up_s:
+        print(f"waiting for a quiet machine: 1-min load {load:.2f} >= {threshold}", file=sys.stderr, flush=True)
+        time.sleep(poll_s)
+    if load >= threshold:
+        print(f"gave up waiting after {give_up_s:.0f} s: measuring at load {load:.2f}", file=sys.stderr)
+    return round(load, 2)
+
+
+def time_calls(fn: Callable[[], object], runs: int, warmup: int) -> np.ndarray:
+    """Seconds per call of `fn`, `runs` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = np.empty(runs)
+    for i in range(runs):
+        start = time.perf_counter()
+        fn()
+        times[i] = time.perf_counter() - start
+    return times
+
+
+def latency_ms(times: np.ndarray) -> dict:
+    return dict(p50_ms=float(np.percentile(times, 50) * 1e3), p95_ms=float(np.percentile(times, 95) * 1e3))
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def fmt(value, digits: int = 1) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def verdict(ratio: float, goal: float, higher_is_better: bool) -> str:
+    met = ratio >= goal if higher_is_better else ratio <= goal
+    return f"{ratio:.2f}x (goal {'>=' if higher_is_better else '<='} {goal:.2f}x: {'met' if met else 'NOT met'})"

@@ -1,0 +1,128 @@
+"""Interrupted training and export lose nothing; data that breaks mid-run never crashes an epoch."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+from conftest import ROOT, TINY_CNN, make_image_folder
+
+from flowers_fastai import data
+from flowers_fastai.classes import CLASSES
+
+TRAIN = [sys.executable, "train.py", "--model", TINY_CNN, "--no-pretrained", "--img-size", "64", "--bs", "16",
+         "--no-export", "--patience", "0"]
+
+
+def history_rows(run_dir) -> int:
+    path = run_dir / "history.csv"
+    return len(path.read_text().splitlines()) - 1 if path.exists() else 0
+
+
+def test_sigint_in_epoch_2_then_resume_continues_the_same_run(flowers128, tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = TRAIN + ["--data", str(flowers128), "--max-per-class", "60", "--freeze-epochs", "1", "--epochs", "3",
+                   "--out", str(run_dir)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while history_rows(run_dir) < 1 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)  # inside epoch 2 (the first unfrozen one)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert f"python train.py --resume {run_dir}" in err
+    finished = history_rows(run_dir)
+    assert 1 <= finished < 4
+    hist = pd.read_csv(run_dir / "history.csv")
+    assert hist["epoch"].tolist() == list(range(finished))  # only whole epochs, no half-written row
+    best = torch.load(run_dir / "best.pth", weights_only=True)  # complete and loadable
+    assert "head.fc.weight" in best
+    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "interrupted"
+    split_before = (run_dir / "split.csv").read_text()
+
+    out = subprocess.run([sys.executable, "train.py", "--resume", str(run_dir)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    hist = pd.read_csv(run_dir / "history.csv")
+    assert hist["epoch"].tolist() == [0, 1, 2, 3]
+    assert hist["stage"].tolist() == ["frozen", "unfrozen", "unfrozen", "unfrozen"]
+    assert (run_dir / "split.csv").read_text() == split_before
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "finished" and metrics["best_accuracy"] == hist["accuracy"].max()
+    assert (run_dir / "learner.pkl").exists()
+
+
+def test_resume_refuses_a_finished_run(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.json").write_text(json.dumps({"status": "finished", "recipe": {"lr": 1e-3}}))
+    out = subprocess.run([sys.executable, "train.py", "--resume", str(run_dir)], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert out.returncode == 2 and "already finished" in out.stderr
+
+
+def test_killed_export_leaves_no_half_written_file(tmp_path, tiny_cnn_pth):
+    """export.py killed (SIGKILL) in the middle of writing: the target keeps its old content."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    payload = torch.load(tiny_cnn_pth, weights_only=True)
+    spec = {k: v for k, v in payload.items() if k not in ("state_dict", "format_version", "dtype")}
+    (run_dir / "metrics.json").write_text(json.dumps({"model": spec}))
+    torch.save(payload["state_dict"], run_dir / "best.pth")
+    target = tmp_path / "cnn_flowers.pth"
+    target.write_bytes(b"previous export")
+    code = ("import os, signal, torch, flowers_fastai.export as e\n"
+            "def dying_save(obj, f):\n"
+            "    open(f, 'wb').write(b'half a payload')\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n"
+            f"torch.save = dying_save\ne.export_run(r'{run_dir}', r'{target}')\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True)
+    assert out.returncode == -signal.SIGKILL
+    assert target.read_bytes() == b"previous export"
+    # and a normal export replaces it with a loadable payload
+    subprocess.run([sys.executable, "export.py", str(run_dir), "--out", str(target)], cwd=ROOT, check=True)
+    assert torch.load(target, weights_only=True)["family"] == "cnn"
+
+
+def test_non_image_files_and_symlink_loops_are_reported_not_fatal(tmp_path):
+    root = make_image_folder(tmp_path / "imgs", per_class=3)
+    (root / "rose" / "notes.txt").write_text("not an image")
+    (root / "daisy" / "Thumbs.db").write_bytes(b"\x00" * 10)
+    os.symlink("..", root / "tulip" / "loop")  # a folder that contains itself
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with pytest.warns(UserWarning, match="2 file\\(s\\)"):
+        df = data.prepare_split(root, run_dir, seed=0)
+    assert len(df) == 3 * len(CLASSES)
+    assert set(pd.read_csv(run_dir / "skipped.csv")["path"]) == {"rose/notes.txt", "daisy/Thumbs.db"}
+
+
+def test_file_deleted_after_the_check_is_reported_and_the_epoch_finishes(tmp_path):
+    """The check passed; then a file vanishes before the epoch reads it. Training completes."""
+    from flowers_fastai import models
+    from flowers_fastai.learner import Recipe, build_learner, fine_tune
+    from flowers_fastai.preprocess import Preprocess
+
+    root = make_image_folder(tmp_path / "imgs", per_class=4)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    df = data.prepare_split(root, run_dir, valid_pct=0.25, seed=0)
+    gone = df[~df.is_valid]["path"].iloc[0]
+    (root / gone).unlink()
+    data.RGBImage.failure_log = run_dir / "skipped.csv"
+    try:
+        dls = data.make_dataloaders(df, root, Preprocess(32, (0.5,) * 3, (0.5,) * 3), bs=8)
+        learn = build_learner(dls, models.create_cnn(TINY_CNN, pretrained=None), Recipe(patience=None), run_dir)
+        with pytest.warns(UserWarning, match="no such file"):
+            fine_tune(learn, Recipe(epochs=1, freeze_epochs=0, patience=None))
+    finally:
+        data.RGBImage.failure_log = None
+    assert len(pd.read_csv(run_dir / "history.csv")) == 1
+    reported = pd.read_csv(run_dir / "skipped.csv")
+    assert any(p.endswith(gone) and "failed during training" in r for p, r in zip(reported.path, reported.reason, strict=True))
