@@ -125,4 +125,5 @@ def test_file_deleted_after_the_check_is_reported_and_the_epoch_finishes(tmp_pat
         data.RGBImage.failure_log = None
     assert len(pd.read_csv(run_dir / "history.csv")) == 1
     reported = pd.read_csv(run_dir / "skipped.csv")
-    assert any(p.endswith(gone) and "failed during training" in r for p, r in zip(reported.path, reported.reason, strict=True))
+    rows = zip(reported.path, reported.reason, strict=True)
+    assert any(p.endswith(gone) and "failed during training" in r for p, r in rows)
