@@ -212,11 +212,12 @@ def find_lr(learn, stage: str, out_dir: str | Path, num_it: int = 100, unfreeze_
     from fastai.callback.schedule import SuggestionMethod
     from fastai.callback.tracker import TrackerCallback
 
-    from .learner import EmaCallback, HistoryCallback
+    from .learner import EmaCallback, OnTrainedEpochs
     set_stage(learn, stage, unfreeze_last)
-    # The trackers and history would take the mock fit for training epochs, the EMA would keep its weights;
-    # MixUp/CutMix and gradient clipping stay: they shape the loss being probed.
-    aside = [cb for cb in learn.cbs if isinstance(cb, TrackerCallback | HistoryCallback | EmaCallback)]
+    # The per-epoch callbacks (best/last checkpoints, early stopping, history) would take the mock fit's
+    # epochs for training epochs and the EMA would keep its weights; MixUp/CutMix and gradient clipping
+    # stay: they shape the loss being probed.
+    aside = [cb for cb in learn.cbs if isinstance(cb, TrackerCallback | OnTrainedEpochs | EmaCallback)]
     methods = tuple(getattr(SuggestionMethod, name.capitalize()) for name in LR_FIND_METHODS)
     with learn.removed_cbs(aside):
         try:

@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stage to probe (default: the one the run starts with, frozen unless --freeze-epochs 0)")
     e.add_argument("--lr-find-iters", type=int, default=100, help="lr_find steps (also used by --lr auto)")
     e.add_argument("--overfit-batch", action="store_true",
-                   help="train on one batch (no label smoothing, no MixUp) until its loss < 0.1; exit 1 if not")
+                   help="train every parameter at --lr (AdamW, no label smoothing, no MixUp) on one batch until "
+                        "its loss < 0.1: overfit_batch.json; exit 1 if it does not get there")
     e.add_argument("--overfit-steps", type=int, default=200, help="most optimizer steps for --overfit-batch")
     c = p.add_argument_group("clip")
     c.add_argument("--llrd", type=float, metavar="DECAY",
@@ -237,7 +238,6 @@ def fine_tune_auto_lr(learn, recipe: Recipe, run_dir: Path, num_it: int) -> dict
 
 
 def _best_from_history(path: Path) -> tuple[float, int]:
-    import pandas as pd
     hist = pd.read_csv(path)
     best = hist["accuracy"].idxmax()
     return float(hist.loc[best, "accuracy"]), int(hist.loc[best, "epoch"])
@@ -255,7 +255,7 @@ def read_metrics(run_dir: Path) -> dict:
     metrics = json.loads(path.read_text())
     if metrics.get("status") == "finished":
         raise FileExistsError(f"--resume {run_dir}: that run already finished; export it with export.py.")
-    if metrics["recipe"]["lr"] == "auto":
+    if metrics["recipe"]["lr"] is None:  # --lr auto, stopped before its lr_find picked the LR
         raise ValueError(f"--resume {run_dir}: the run was interrupted before --lr auto chose its LR; "
                          f"start it again instead.")
     return metrics

@@ -44,7 +44,7 @@ def test_lr_argument_accepts_numbers_and_auto():
 
 def test_lr_find_cli_writes_plot_and_suggestions_and_does_not_train(images, tmp_path, capsys):
     out = tmp_path / "run"
-    assert train.main([*TINY, "--data", str(images), "--lr-find", "--lr-find-iters", "50", "--out", str(out)]) == 0
+    assert train.main([*TINY, "--data", str(images), "--lr-find", "--lr-find-iters", "30", "--out", str(out)]) == 0
     assert (out / "lr_find.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     found = json.loads((out / "lr_find.json").read_text())
     assert set(found["suggestions"]) == set(LR_FIND_METHODS)
@@ -69,18 +69,19 @@ def test_too_few_lr_find_steps_is_a_clear_error(images, tmp_path, capsys):
 def test_find_lr_leaves_weights_and_callbacks_as_they_were(learn, tmp_path):
     before = {k: v.clone() for k, v in learn.model.state_dict().items()}
     cbs = {type(cb).__name__ for cb in learn.cbs}
-    found = find_lr(learn, "frozen", tmp_path / "explore", num_it=40)
+    found = find_lr(learn, "frozen", tmp_path / "explore", num_it=30)
     assert found["stage"] == "frozen" and len(found["suggestions"]) == 4
     assert all(torch.equal(before[k], v) for k, v in learn.model.state_dict().items())
     assert {type(cb).__name__ for cb in learn.cbs} == cbs
     history = next(cb for cb in learn.cbs if isinstance(cb, HistoryCallback))
     assert history.epochs_done == 0  # the mock fit did not count as training epochs
+    assert not any((tmp_path / f"{name}.pth").exists() for name in ("best", "last"))  # nor saved checkpoints
     assert (tmp_path / "explore" / "lr_find.png").is_file()
 
 
 def test_lr_auto_trains_stage_2_with_the_valley_suggestion(images, tmp_path):
     out = tmp_path / "run"
-    assert train.main([*TINY, "--data", str(images), "--lr", "auto", "--lr-find-iters", "50", "--epochs", "1",
+    assert train.main([*TINY, "--data", str(images), "--lr", "auto", "--lr-find-iters", "30", "--epochs", "1",
                        "--mixup", "0", "--out", str(out), "--no-export"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     valley = json.loads((out / "lr_find.json").read_text())["suggestions"]["valley"]
