@@ -17,15 +17,18 @@ without running anything.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import pickle
 import sys
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from flowers_fastai.classes import CLASSES
@@ -47,6 +50,8 @@ class ModelFileError(ValueError):
 class FlowerClassifier(nn.Module):
     """An exported network plus what it needs to be fed: classes and preprocessing."""
 
+    channels_last = False  # load_model sets it for ConvNeXt on the CPU: inputs are then fed NHWC
+
     def __init__(self, net: nn.Module, family: str, model_name: str, classes: tuple[str, ...], prep: Preprocess):
         super().__init__()
         self.net, self.family, self.model_name, self.classes, self.prep = net, family, model_name, classes, prep
@@ -62,7 +67,8 @@ class FlowerClassifier(nn.Module):
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) normalised images -> (N, num_classes) fp32 probabilities."""
         dtype = next(self.net.parameters()).dtype
-        return self.net(batch.to(self.device, dtype)).float().softmax(-1).cpu()
+        memory_format = torch.channels_last if self.channels_last else torch.preserve_format
+        return self.net(batch.to(self.device, dtype, memory_format=memory_format)).float().softmax(-1).cpu()
 
 
 def _resolve(weights_path: str | os.PathLike) -> Path:
@@ -104,10 +110,33 @@ def load_payload(weights_path: str | os.PathLike) -> dict:
     return payload
 
 
+def _build_with_weights(payload: dict) -> nn.Module:
+    """The payload's architecture holding its weights. Built on the meta device and given the payload's
+    tensors: no random init to throw away and no second copy of the weights (a faster cold start, half
+    the peak memory). Built for real when that cannot work: a builder that moves its tensors (open_clip
+    calls .to()) or a tensor that the state dict does not cover (it would stay meta)."""
+    try:
+        with torch.device("meta"):
+            net = build_from_spec(payload)
+    except NotImplementedError:  # "Cannot copy out of meta tensor"
+        net = None
+    if net is not None:
+        net.load_state_dict(payload["state_dict"], strict=True, assign=True)
+    if net is None or any(t.is_meta for t in itertools.chain(net.parameters(), net.buffers())):
+        net = build_from_spec(payload)
+        net.load_state_dict(payload["state_dict"], strict=True)
+    return net
+
+
 def load_model(weights_path: str | os.PathLike, family: str | None = None,
-               device: str | torch.device | None = None, dtype: torch.dtype = torch.float32) -> FlowerClassifier:
+               device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
+               compile: bool = False) -> FlowerClassifier:
     """Build the architecture the payload describes (no download), load its weights, eval mode.
     `family` ("cnn" or "clip") makes a file of the other family an error. Uses CUDA when available.
+    On the CPU, Linear layers run as 1x1 convolutions (`_LinearAsConv`) and a ConvNeXt runs channels_last.
+    `compile=True` adds torch.compile (see `_compile`): faster still on the CPU, mostly at batch sizes
+    above 1, but the first call at each new batch-size range compiles (seconds to a minute); for
+    long-running servers.
     A `.onnx` file (`export.py --onnx`) is served by ONNX Runtime instead: see `load_onnx_model`."""
     if _resolve(weights_path).suffix.lower() == ".onnx":
         return load_onnx_model(weights_path, family, device)
@@ -117,16 +146,62 @@ def load_model(weights_path: str | os.PathLike, family: str | None = None,
         loader = "load_cnn_model" if payload["family"] == "cnn" else "load_vit_model"
         raise ModelFileError(f"{path}: holds a {payload['family']!r} model, not {family!r}; use {loader}().")
     try:
-        net = build_from_spec(payload)
-        net.load_state_dict(payload["state_dict"], strict=True)
+        net = _build_with_weights(payload)
     except (RuntimeError, KeyError, ValueError) as e:
         raise ModelFileError(f"{path}: weights do not fit {payload['model_name']} ({e})") from e
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":
         dtype = torch.float32  # half precision on CPU is slower and less exact
     prep = Preprocess.from_dict(payload)
-    return FlowerClassifier(net.to(device, dtype).eval(), payload["family"], payload["model_name"],
-                            tuple(payload["classes"]), prep)
+    model = FlowerClassifier(net.to(device, dtype).eval(), payload["family"], payload["model_name"],
+                             tuple(payload["classes"]), prep)
+    if device.type == "cpu":
+        _linears_as_convs(model.net)
+        if model.family == "cnn":
+            # oneDNN's convolutions are fastest on NHWC, and ConvNeXt's MLP permutes to NHWC anyway: no copies.
+            model.net, model.channels_last = model.net.to(memory_format=torch.channels_last), True
+    return _compile(model) if compile else model
+
+
+class _LinearAsConv(nn.Module):
+    """An nn.Linear over the last dim of an (N, H, W, C) or (N, L, C) tensor, computed as a 1x1 convolution
+    of its channels-last view: the same arithmetic up to float rounding, but through oneDNN rather than
+    MKL's sgemm, which runs at about half oneDNN's speed on the AMD EPYC measured in bench/RESULTS.md
+    (MKL does not take its AVX-512 path there). Same parameters and state-dict keys as the Linear."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight[:, :, None, None]
+        if x.dim() == 4:  # (N, H, W, C) is an NCHW tensor in channels_last memory once permuted: no copy
+            return F.conv2d(x.permute(0, 3, 1, 2), w, self.bias).permute(0, 2, 3, 1)
+        if x.dim() == 3:  # (N, L, C) -> (N, C, L, 1), channels_last in memory too
+            return F.conv2d(x.transpose(1, 2).unsqueeze(-1), w, self.bias).squeeze(-1).transpose(1, 2)
+        return F.linear(x, self.weight, self.bias)
+
+
+def _linears_as_convs(net: nn.Module) -> None:
+    """Swap every nn.Linear of `net` (ConvNeXt's MLPs, the ViT blocks' MLPs, heads) for _LinearAsConv."""
+    for module in list(net.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear:  # not subclasses: NonDynamicallyQuantizableLinear of attention stays
+                setattr(module, name, _LinearAsConv(child))
+
+
+def _compile(model: FlowerClassifier) -> FlowerClassifier:
+    """torch.compile with inductor freezing (weights folded and prepacked, elementwise ops fused), warmed
+    up on one image so that a missing C++ compiler shows here, as a warning, and eager serving goes on."""
+    eager = model.net
+    model.net = torch.compile(eager, options={"freezing": True})
+    try:
+        model.probabilities(torch.zeros(1, 3, model.prep.image_size, model.prep.image_size))
+    except Exception as e:  # noqa: BLE001 - any backend failure leaves the (correct) eager model in place
+        warnings.warn(f"load_model(compile=True): torch.compile failed ({type(e).__name__}: {str(e)[:300]}); "
+                      f"serving the eager model. It needs a C++ compiler (gcc/g++) on PATH.", stacklevel=3)
+        model.net = eager
+    return model
 
 
 def load_cnn_model(weights_path: str | os.PathLike = "cnn_flowers.pth", device=None,

@@ -1,7 +1,10 @@
 """ONNX export (`export.py --onnx`, `flowers_fastai.export.export_onnx`) and serving an .onnx with
-flowers_classifier: the graph's probabilities equal PyTorch's, the preprocessing travels in its metadata."""
+flowers_classifier: the graph's probabilities equal PyTorch's, the preprocessing travels in its metadata.
+Also the CPU fast paths of torch serving (channels_last, compile=True) against the plain module."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -13,6 +16,7 @@ from conftest import ROOT, TINY_CNN, make_image_folder
 import flowers_classifier as fc
 from flowers_fastai import export
 from flowers_fastai.classes import CLASSES
+from flowers_fastai.models import build_from_spec
 from flowers_fastai.preprocess import preprocess_image
 
 
@@ -110,3 +114,25 @@ def test_bad_onnx_files_are_refused_with_their_name(tiny_onnx, tmp_path):
         fc.load_vit_model(tiny_onnx[1])
     with pytest.raises(fc.ModelFileError, match="missing.onnx: no such model file"):
         fc.load_model(tmp_path / "missing.onnx")
+
+
+def test_fast_cpu_serving_matches_the_plain_module(tiny_cnn_pth, photos):
+    """The CPU fast paths (channels_last by default for ConvNeXt, compile=True) serve the probabilities of
+    the module as built, NCHW and eager."""
+    payload = fc.load_payload(tiny_cnn_pth)
+    plain = build_from_spec(payload)
+    plain.load_state_dict(payload["state_dict"])
+    served = fc.load_model(tiny_cnn_pth, device="cpu")
+    assert served.channels_last and next(served.net.parameters()).is_contiguous(memory_format=torch.channels_last)
+    if shutil.which(os.environ.get("CXX", "g++")):
+        compiled = fc.load_model(tiny_cnn_pth, device="cpu", compile=True)
+        assert type(compiled.net).__name__ == "OptimizedModule"
+    else:  # e.g. a runtime-only Docker image: told so, and served eagerly
+        with pytest.warns(UserWarning, match="torch.compile failed.*C\\+\\+ compiler"):
+            compiled = fc.load_model(tiny_cnn_pth, device="cpu", compile=True)
+    x = torch.stack([preprocess_image(p, served.prep) for p in photos])
+    with torch.inference_mode():
+        expected = plain.eval()(x).softmax(-1)
+    for model in (served, compiled):
+        for batch in (x[:1], x):
+            assert (model.probabilities(batch) - expected[:len(batch)]).abs().max() < 1e-5

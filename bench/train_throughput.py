@@ -1,0 +1,163 @@
+"""Training throughput: our fastai path vs a plain PyTorch + timm loop, same model, data, size and batch.
+
+    python bench/train_throughput.py [--epochs 1] [--max-images 1600] [--model convnextv2_atto]
+                                     [--img-size 112] [--bs 32] [--workers 0,2] [--channels-last] [--wait-quiet]
+
+ours:  flowers_fastai.data.make_dataloaders + learner.build_learner + fine_tune (the CNN recipe from random
+       init as `train.py --no-pretrained` runs it: label smoothing, MixUp 0.2, gradient clipping, one-cycle,
+       per-epoch checkpoint, history.csv), fastai's DataLoader and aug_transforms.
+plain: bench/plain_loop.py (torchvision transforms in DataLoader workers, AdamW, warmup + cosine).
+
+Both run once per --workers value (DataLoader worker processes; train.py uses 0 on a CPU). Reported:
+train-phase images/s (data loading included, validation excluded) and the whole epoch (+ validation).
+CPU only here; on a GPU both would run with fp16/bf16 autocast + channels_last (not measured here).
+Photos: FLOWERS128_DIR (skipped cleanly when absent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/train_throughput.py` from anywhere
+
+from bench.common import machine_info, markdown_table, require_flowers, verdict, wait_for_quiet  # noqa: E402
+from bench.plain_loop import PlainConfig, train_plain  # noqa: E402
+
+GOAL = 1.0  # ours images/s >= the plain loop's
+
+
+def split_table(root: Path, max_images: int | None, seed: int):
+    """The same stratified 80/20 split for both loops, at most `max_images` photos (per class in proportion)."""
+    from flowers_fastai.data import scan_folder, stratified_split
+    df = scan_folder(root)
+    if max_images and max_images < len(df):
+        df = (df.groupby("label", group_keys=False).sample(frac=max_images / len(df), random_state=seed)
+                .sort_values("path").reset_index(drop=True))
+    return stratified_split(df, 0.2, seed)
+
+
+def train_ours(df, root: Path, cfg: PlainConfig) -> dict:
+    """fastai: make_dataloaders + build_learner + fine_tune; a callback times the train phase of each epoch."""
+    from fastai.callback.core import Callback
+
+    from flowers_fastai import models
+    from flowers_fastai.data import make_dataloaders
+    from flowers_fastai.learner import Recipe, build_learner, fine_tune, seed_everything
+
+    class Timer(Callback):
+        order = 71  # after the Recorder (50) and HistoryCallback (70): recorder.log holds this epoch
+
+        def __init__(self):
+            self.history = []
+
+        def before_epoch(self):
+            self.epoch_start = time.perf_counter()
+
+        def before_train(self):
+            self.start, self.seen = time.perf_counter(), 0
+
+        def after_batch(self):
+            if self.training:
+                self.seen += len(self.learn.xb[0])
+
+        def after_train(self):
+            self.train_s = time.perf_counter() - self.start
+
+        def after_epoch(self):
+            self.history.append(dict(train_s=self.train_s, train_images=self.seen,
+                                     accuracy=float(self.recorder.log[3]),
+                                     epoch_s=time.perf_counter() - self.epoch_start))
+
+    seed_everything(cfg.seed)
+    model = models.create_cnn(cfg.model, pretrained=None)
+    prep = models.cnn_preprocess(model, cfg.img_size)
+    recipe = Recipe(epochs=cfg.epochs, freeze_epochs=0, lr=cfg.lr, lr_mult=1.0, mixup=0.2, patience=None,
+                    wd=cfg.wd, seed=cfg.seed)
+    with tempfile.TemporaryDirectory(prefix="bench-ours-") as run_dir:
+        dls = make_dataloaders(df, root, prep, bs=cfg.bs, num_workers=cfg.workers)
+        learn = build_learner(dls, model, recipe, run_dir)
+        timer = Timer()
+        learn.add_cb(timer)
+        if cfg.channels_last:
+            learn.to_channels_last()
+        with contextlib.redirect_stdout(sys.stderr):  # history lines: progress, not results
+            fine_tune(learn, recipe)
+    return dict(history=timer.history, accuracy=timer.history[-1]["accuracy"])
+
+
+def summarise(name: str, workers: int, result: dict) -> dict:
+    h = result["history"]
+    images, train_s = sum(e["train_images"] for e in h), sum(e["train_s"] for e in h)
+    return dict(loop=name, workers=workers, images_per_s=images / train_s, train_s=train_s,
+                epoch_s=sum(e["epoch_s"] for e in h), accuracy=result["accuracy"])
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench/train_throughput.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--max-images", type=int, default=1600, help="photos used, train + valid (default 1600; 0: all)")
+    p.add_argument("--model", default="convnextv2_atto", help="timm model name (default convnextv2_atto)")
+    p.add_argument("--img-size", type=int, default=112)
+    p.add_argument("--bs", type=int, default=32)
+    p.add_argument("--workers", type=lambda s: [int(v) for v in s.split(",")], default=[0, 2],
+                   help="comma-separated DataLoader worker counts, each run for both loops (default 0,2)")
+    p.add_argument("--channels-last", action="store_true", help="both loops: model and batches channels_last")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--wait-quiet", action="store_true", help="first wait (<= 15 min) for a 1-min load below 0.7")
+    p.add_argument("--json", type=Path, help="also write the measurements to this JSON file")
+    args = p.parse_args(argv)
+    if args.epochs < 1 or args.bs < 1 or args.img_size < 32 or min(args.workers) < 0:
+        p.error("--epochs and --bs must be >= 1, --img-size >= 32, --workers >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    import os
+
+    import torch
+    args = parse_args(argv)
+    root = require_flowers("bench/train_throughput.py")
+    df = split_table(root, args.max_images, args.seed)
+    load_start = wait_for_quiet() if args.wait_quiet else round(os.getloadavg()[0], 2)
+    from flowers_fastai.classes import CLASSES
+    rows = []
+    for workers in args.workers:
+        cfg = PlainConfig(model=args.model, img_size=args.img_size, bs=args.bs, epochs=args.epochs, workers=workers,
+                          channels_last=args.channels_last, seed=args.seed)
+        print(f"workers {workers}: ours ...", file=sys.stderr, flush=True)
+        rows.append(summarise("ours (fastai)", workers, train_ours(df, root, cfg)))
+        print(f"workers {workers}: plain ...", file=sys.stderr, flush=True)
+        rows.append(summarise("plain PyTorch", workers, train_plain(df, root, CLASSES, cfg)))
+    meta = dict(machine_info(), load_start=load_start, load_end=round(os.getloadavg()[0], 2),
+                torch_threads=torch.get_num_threads(), train_images=int((~df.is_valid).sum()),
+                valid_images=int(df.is_valid.sum()))
+    print(f"# bench/train_throughput.py {' '.join(sys.argv[1:])}")
+    print(json.dumps({k: meta[k] for k in ("date", "cpu", "cores", "torch", "torch_threads")}))
+    print(f"{args.model} at {args.img_size} px, bs {args.bs}, {args.epochs} epoch(s), {meta['train_images']} train / "
+          f"{meta['valid_images']} valid photos, {'channels_last' if args.channels_last else 'NCHW'}, random init; "
+          f"1-min load at start {load_start}, at end {meta['load_end']}\n")
+    print(markdown_table(["loop", "workers", "train img/s", "train s", "epoch s (+valid)", "valid acc %"],
+                         [[r["loop"], r["workers"], r["images_per_s"], r["train_s"], r["epoch_s"], 100 * r["accuracy"]]
+                          for r in rows]))
+    print()
+    by = {(r["loop"], r["workers"]): r["images_per_s"] for r in rows}
+    for workers in args.workers:
+        ratio = by[("ours (fastai)", workers)] / by[("plain PyTorch", workers)]
+        print(f"- workers {workers}: ours / plain train images/s {verdict(ratio, GOAL, True)}")
+    best_ours = max(v for (loop, _), v in by.items() if loop.startswith("ours"))
+    best_plain = max(v for (loop, _), v in by.items() if loop.startswith("plain"))
+    print(f"- best of each: ours / plain {verdict(best_ours / best_plain, GOAL, True)}")
+    if args.json:
+        args.json.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
