@@ -5,12 +5,15 @@
 
 ours:  flowers_fastai.data.make_dataloaders + learner.build_learner + fine_tune (the CNN recipe from random
        init as `train.py --no-pretrained` runs it: label smoothing, MixUp 0.2, gradient clipping, one-cycle,
-       per-epoch checkpoint, history.csv), fastai's DataLoader and aug_transforms.
-plain: bench/plain_loop.py (torchvision transforms in DataLoader workers, AdamW, warmup + cosine).
+       per-epoch checkpoints, history.csv), fastai's DataLoader and aug_transforms. What makes it fast:
+       models.FastGlobalResponseNorm (ConvNeXt V2's GRN in fewer, faster passes).
+plain: bench/plain_loop.py (timm's model as built, torchvision transforms in DataLoader workers, AdamW,
+       warmup + cosine).
 
 Both run once per --workers value (DataLoader worker processes; train.py uses 0 on a CPU). Reported:
 train-phase images/s (data loading included, validation excluded) and the whole epoch (+ validation).
-CPU only here; on a GPU both would run with fp16/bf16 autocast + channels_last (not measured here).
+CPU only: the plain loop never moves to CUDA, so a GPU comparison (ours there: fp16 MixedPrecision,
+channels_last, batch augmentation on the GPU) needs that added first; no GPU was lent to measure it.
 Photos: FLOWERS128_DIR (skipped cleanly when absent).
 """
 
@@ -78,14 +81,12 @@ def train_ours(df, root: Path, cfg: PlainConfig) -> dict:
     model = models.create_cnn(cfg.model, pretrained=None)
     prep = models.cnn_preprocess(model, cfg.img_size)
     recipe = Recipe(epochs=cfg.epochs, freeze_epochs=0, lr=cfg.lr, lr_mult=1.0, mixup=0.2, patience=None,
-                    wd=cfg.wd, seed=cfg.seed)
+                    wd=cfg.wd, seed=cfg.seed, channels_last=cfg.channels_last)
     with tempfile.TemporaryDirectory(prefix="bench-ours-") as run_dir:
         dls = make_dataloaders(df, root, prep, bs=cfg.bs, num_workers=cfg.workers)
         learn = build_learner(dls, model, recipe, run_dir)
         timer = Timer()
         learn.add_cb(timer)
-        if cfg.channels_last:
-            learn.to_channels_last()
         with contextlib.redirect_stdout(sys.stderr):  # history lines: progress, not results
             fine_tune(learn, recipe)
     return dict(history=timer.history, accuracy=timer.history[-1]["accuracy"])

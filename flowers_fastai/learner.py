@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fastai.callback.channelslast import ChannelsLast
 from fastai.callback.core import Callback
 from fastai.callback.mixup import CutMix, MixHandler, MixUp
 from fastai.callback.progress import ProgressCallback
@@ -58,6 +59,7 @@ class Recipe:
     patience: int | None = 3         # early stopping on valid accuracy, per stage
     ema_decay: float | None = None   # timm ModelEmaV3 decay, None disables
     precision: str = "auto"          # auto (fp16 on CUDA, fp32 on CPU), fp16, bf16, fp32
+    channels_last: bool | None = None  # None: on CUDA for the ConvNeXt (tensor cores want NHWC), off on CPU
     seed: int = 42
 
 
@@ -242,12 +244,22 @@ def build_learner(dls, model: torch.nn.Module, recipe: Recipe, run_dir: str | Pa
     if not sys.stdout.isatty():
         learn.remove_cb(ProgressCallback)  # HistoryCallback prints the plain per-epoch lines instead
         learn.logger = _silent             # ... and the Recorder's raw lists would repeat them
+    if use_channels_last(recipe, model):
+        learn.add_cb(ChannelsLast())
     precision = resolve_precision(recipe.precision)
     if precision == "fp16":
         learn.to_fp16()
     elif precision == "bf16":
         learn.to_bf16()
     return learn
+
+
+def use_channels_last(recipe: Recipe, model: torch.nn.Module) -> bool:
+    """fastai's ChannelsLast for the CNN on CUDA by default: fp16/bf16 convolutions on tensor cores run
+    NHWC. On the CPU it measured no faster for ConvNeXt V2 training (bench/RESULTS.md), so off there."""
+    if recipe.channels_last is not None:
+        return recipe.channels_last
+    return torch.cuda.is_available() and not isinstance(model, models.ClipClassifier)
 
 
 def stage2_lrs(learn: Learner, recipe: Recipe) -> slice:

@@ -121,3 +121,16 @@ def test_transparent_pixels_become_white(tmp_path):
     path = tmp_path / "clear.png"
     path.write_bytes(buf.getvalue())
     assert load_rgb(path).getpixel((3, 3)) == (255, 255, 255)
+
+
+def test_cpu_micro_batches_give_the_whole_batch_result_in_order(tiny_cnn_pth):
+    model = fc.load_model(tiny_cnn_pth, device="cpu")
+    assert model.micro_batch == fc.CPU_MICRO_BATCH
+    x = torch.randn(2 * fc.CPU_MICRO_BATCH + 1, 3, model.prep.image_size, model.prep.image_size)
+    chunked = model.probabilities(x)
+    model.micro_batch = None
+    whole = model.probabilities(x)
+    assert chunked.shape == (len(x), len(CLASSES))
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
+    one_by_one = torch.cat([model.probabilities(x[i:i + 1]) for i in range(len(x))])
+    torch.testing.assert_close(chunked, one_by_one, rtol=1e-5, atol=1e-6)

@@ -117,3 +117,12 @@ def test_valid_batches_are_exactly_the_serving_preprocessing(tmp_path):
     assert [CLASSES[i] for i in yb.tolist()] == valid_rows["label"][:4].tolist()
     xt, _ = dls.train.one_batch()
     assert xt.shape == (4, 3, 32, 32)
+
+
+def test_min_scale_reaches_the_train_crop_only(tmp_path):
+    from fastai.vision.augment import RandomResizedCrop
+    root = make_image_folder(tmp_path / "imgs", per_class=2, size=40)
+    df = data.stratified_split(data.scan_folder(root), 0.5, seed=0)
+    dls = data.make_dataloaders(df, root, Preprocess(32, (0.5,) * 3, (0.25,) * 3), bs=2, min_scale=0.7)
+    crops = [t for t in dls.train.after_item.fs if isinstance(t, RandomResizedCrop)]
+    assert len(crops) == 1 and crops[0].min_scale == 0.7 and crops[0].split_idx == 0

@@ -125,3 +125,14 @@ def test_ema_weights_are_validated_checkpointed_and_kept(tiny_dls, tmp_path):
     final = learn.model.state_dict()
     assert all(torch.equal(final[k], ema[k]) for k in final)
     assert any(not torch.equal(final[k], probe.raw[k]) for k in final if final[k].is_floating_point())
+
+
+def test_channels_last_is_opt_in_on_cpu_and_trains(tiny_dls, tmp_path):
+    stem_is_nhwc = lambda learn: learn.model.stem[0].weight.is_contiguous(memory_format=torch.channels_last)  # noqa: E731
+    default = tiny_learner(tiny_dls, tmp_path / "default")
+    fine_tune(default, Recipe(epochs=1, freeze_epochs=0, **QUIET))
+    assert not stem_is_nhwc(default)  # CPU default: off
+    nhwc = tiny_learner(tiny_dls, tmp_path / "nhwc", channels_last=True)
+    fine_tune(nhwc, Recipe(epochs=1, freeze_epochs=0, channels_last=True, **QUIET))
+    assert stem_is_nhwc(nhwc)
+    assert pd.read_csv(tmp_path / "nhwc" / "history.csv")["train_loss"].notna().all()

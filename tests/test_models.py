@@ -101,3 +101,31 @@ def test_stage_splitter_covers_every_parameter_once():
 def test_cnn_preprocess_uses_the_backbone_stats():
     prep = models.cnn_preprocess(models.create_cnn(TINY_CNN, pretrained=None), image_size=96)
     assert prep.image_size == 96 and prep.mean == (0.485, 0.456, 0.406) and prep.interpolation == "bicubic"
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_fast_grn_is_timms_grn_forward_and_backward(channels_last):
+    from timm.layers.grn import GlobalResponseNorm
+    torch.manual_seed(0)
+    ref = GlobalResponseNorm(16, channels_last=channels_last)
+    with torch.no_grad():  # timm initialises weight = bias = 0, where GRN is the identity: test it as trained
+        ref.weight.normal_()
+        ref.bias.normal_()
+    fast = models.use_fast_grn(torch.nn.Sequential(ref)).eval()[0]
+    assert type(fast) is models.FastGlobalResponseNorm and fast is ref  # swapped in place, same parameters
+    slow = GlobalResponseNorm(16, channels_last=channels_last)
+    slow.load_state_dict(fast.state_dict())
+    shape = (2, 5, 7, 16) if channels_last else (2, 16, 5, 7)
+    x = torch.randn(shape, requires_grad=True)
+    out_fast, out_slow = fast(x), slow(x)
+    torch.testing.assert_close(out_fast, out_slow, rtol=1e-5, atol=1e-5)
+    grads_fast = torch.autograd.grad(out_fast.square().sum(), [x, fast.weight, fast.bias])
+    grads_slow = torch.autograd.grad(out_slow.square().sum(), [x, slow.weight, slow.bias])
+    for a, b in zip(grads_fast, grads_slow, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_cnn_factory_uses_fast_grn_unless_asked_not_to():
+    kinds = lambda net: {type(m).__name__ for m in net.modules() if type(m).__name__.endswith("GlobalResponseNorm")}  # noqa: E731
+    assert kinds(models.create_cnn(TINY_CNN, pretrained=None)) == {"FastGlobalResponseNorm"}
+    assert kinds(models.create_cnn(TINY_CNN, pretrained=None, fast_grn=False)) == {"GlobalResponseNorm"}
