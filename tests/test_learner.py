@@ -129,6 +129,8 @@ def test_ema_weights_are_validated_checkpointed_and_kept(tiny_dls, tmp_path):
 
 def test_channels_last_is_opt_in_on_cpu_and_trains(tiny_dls, tmp_path):
     stem_is_nhwc = lambda learn: learn.model.stem[0].weight.is_contiguous(memory_format=torch.channels_last)  # noqa: E731
+    for name in ("default", "nhwc"):
+        (tmp_path / name).mkdir()
     default = tiny_learner(tiny_dls, tmp_path / "default")
     fine_tune(default, Recipe(epochs=1, freeze_epochs=0, **QUIET))
     assert not stem_is_nhwc(default)  # CPU default: off
