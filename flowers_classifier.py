@@ -41,7 +41,7 @@ REQUIRED_KEYS = frozenset({"format_version", "family", "model_name", "classes", 
                            "state_dict"})
 OPTIONAL_KEYS = frozenset({"interpolation", "crop_pct", "quick_gelu", "dtype"})
 SUPPORTED_FORMATS = (1,)
-CPU_MICRO_BATCH = 4  # images per forward pass on the CPU (see load_model)
+CPU_MICRO_BATCH = 2  # images per forward pass on the CPU (see load_model)
 
 
 class ModelFileError(ValueError):
@@ -161,9 +161,9 @@ def load_model(weights_path: str | os.PathLike, family: str | None = None,
     model = FlowerClassifier(net.to(device, dtype).eval(), payload["family"], payload["model_name"],
                              tuple(payload["classes"]), prep)
     if device.type == "cpu":
-        # Activations of a few images stay in the CPU's caches; those of 32 do not, and then the elementwise
-        # ops between the convolutions (GELU, GRN, LayerNorm) run at memory speed: chunks of 4 are ~1.8x
-        # faster per image than one batch of 32 (bench/RESULTS.md).
+        # Activations of a couple of images stay in the CPU's caches; those of 32 do not, and then the
+        # elementwise ops between the convolutions (GELU, GRN, LayerNorm) run at memory speed: chunks of 2
+        # are ~2x faster per image than one pass of 32 (bench/cpu_kernels.py, bench/RESULTS.md).
         model.micro_batch = CPU_MICRO_BATCH
         _linears_as_convs(model.net)
         if model.family == "cnn":

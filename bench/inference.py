@@ -1,13 +1,14 @@
 """Inference benchmark: flowers_classifier vs the raw torch module vs ONNX Runtime, on this CPU.
 
-    python bench/inference.py [--vit] [--runs 30] [--threads N] [--no-compile] [--wait-quiet] [--json OUT]
+    python bench/inference.py [--vit] [--runs 30] [--rounds 10] [--threads N] [--no-compile] [--wait-quiet]
+                              [--json OUT]
 
 A random-init convnextv2_tiny at 224 px (ViT-L-14 at 224 with --vit) is exported to a .pth payload and to
 ONNX (export_onnx). The contenders:
 
   ours          flowers_classifier.predict_proba from the JPEG file (decode, resize, crop, normalise, model);
                 default load_model on the CPU: Linear layers as 1x1 convolutions (oneDNN), ConvNeXt
-                channels_last, batches in micro-batches of 4, inference_mode
+                channels_last, batches in micro-batches of 2, inference_mode
   ours model    FlowerClassifier.probabilities on an already preprocessed tensor
   ours compiled the same with load_model(compile=True) (torch.compile, inductor freezing; --no-compile skips)
   torch eager   the module as timm/open_clip build it, NCHW, under torch.inference_mode: what a plain script does
@@ -135,20 +136,23 @@ def measure_in_turn(workers: list[Worker], args: argparse.Namespace) -> dict:
 
     for w in workers:
         w.ask(op="warmup", runs=args.warmup)
+    in_turn = lambda r: workers[r % len(workers):] + workers[:r % len(workers)]  # noqa: E731 - who goes first rotates
     runs = max(1, -(-args.runs // args.rounds))
     for r in range(args.rounds):
-        for w in workers[r % len(workers):] + workers[:r % len(workers)]:
+        for w in in_turn(r):
             turn(w, f"{w.variant}/model", op="model", bs=1, runs=runs)
             if w.variant not in ("torch", "ort"):
                 turn(w, f"{w.variant}/e2e", op="e2e", bs=1, runs=runs)
             if w.variant == "ours":
                 turn(w, "preprocess", op="preprocess", runs=runs)
-        for bs in args.batch_sizes:
-            batches = max(1, -(-args.min_images // (bs * args.rounds)))
-            for w in workers:
-                turn(w, f"{w.variant}/model@{bs}", op="model", bs=bs, runs=batches)
+    for bs in args.batch_sizes:
+        batches = max(2, -(-args.min_images // bs))  # per contender, spread over up to --rounds turns
+        rounds = min(args.rounds, batches)
+        for r in range(rounds):
+            for w in in_turn(r):
+                turn(w, f"{w.variant}/model@{bs}", op="model", bs=bs, runs=-(-batches // rounds))
                 if w.variant not in ("torch", "ort"):
-                    turn(w, f"{w.variant}/e2e@{bs}", op="e2e", bs=bs, runs=batches)
+                    turn(w, f"{w.variant}/e2e@{bs}", op="e2e", bs=bs, runs=-(-batches // rounds))
     import numpy as np
     latency = {k: latency_ms(np.array(v)) for k, v in times.items() if "@" not in k}
     throughput: dict[str, dict] = {}
@@ -306,15 +310,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                               "about a minute per batch-size range on 2 cores)")
     p.add_argument("--wait-quiet", action="store_true", help="first wait (<= 15 min) for a 1-min load below 0.7")
     p.add_argument("--json", type=Path, help="also write every measurement to this JSON file")
-    p.add_argument("--rounds", type=int, default=3, help="turns per contender, each 1/rounds of the runs (default 3)")
+    p.add_argument("--rounds", type=int, default=10,
+                   help="turns per contender and measurement, each 1/rounds of its runs (default 10)")
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--child-models", help=argparse.SUPPRESS)
     p.add_argument("--files", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.runs = args.runs or (8 if args.vit else 30)
     args.min_images = args.min_images or (16 if args.vit else 64)
-    if args.runs < 2 or args.threads < 1 or min(args.batch_sizes) < 1:
-        p.error("--runs must be >= 2, --threads >= 1 and every --batch-sizes entry >= 1")
+    if args.runs < 2 or args.rounds < 1 or args.threads < 1 or min(args.batch_sizes) < 1:
+        p.error("--runs must be >= 2, --rounds and --threads >= 1 and every --batch-sizes entry >= 1")
     return args
 
 

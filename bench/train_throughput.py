@@ -1,16 +1,18 @@
 """Training throughput: our fastai path vs a plain PyTorch + timm loop, same model, data, size and batch.
 
     python bench/train_throughput.py [--epochs 1] [--max-images 1600] [--model convnextv2_atto]
-                                     [--img-size 112] [--bs 32] [--workers 0,2] [--channels-last] [--wait-quiet]
+                                     [--img-size 112] [--bs 32] [--workers 0,2] [--repeats 2] [--channels-last]
 
 ours:  flowers_fastai.data.make_dataloaders + learner.build_learner + fine_tune (the CNN recipe from random
-       init as `train.py --no-pretrained` runs it: label smoothing, MixUp 0.2, gradient clipping, one-cycle,
-       per-epoch checkpoints, history.csv), fastai's DataLoader and aug_transforms. What makes it fast:
-       models.FastGlobalResponseNorm (ConvNeXt V2's GRN in fewer, faster passes).
+       init as `train.py --no-pretrained` runs it: gradient clipping, one-cycle, per-epoch checkpoints,
+       history.csv; its from-scratch MixUp/label smoothing/crop settings), fastai's DataLoader and
+       aug_transforms. What makes it fast: models.FastGlobalResponseNorm (ConvNeXt V2's GRN in fewer,
+       faster passes).
 plain: bench/plain_loop.py (timm's model as built, torchvision transforms in DataLoader workers, AdamW,
        warmup + cosine).
 
-Both run once per --workers value (DataLoader worker processes; train.py uses 0 on a CPU). Reported:
+Both run --repeats times per --workers value (DataLoader worker processes; train.py uses 0 on a CPU), in
+ABBA order (ours, plain, plain, ours) so that a drifting machine load favours neither. Reported, pooled:
 train-phase images/s (data loading included, validation excluded) and the whole epoch (+ validation).
 CPU only: the plain loop never moves to CUDA, so a GPU comparison (ours there: fp16 MixedPrecision,
 channels_last, batch augmentation on the GPU) needs that added first; no GPU was lent to measure it.
@@ -25,6 +27,7 @@ import json
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/train_throughput.py` from anywhere
@@ -52,6 +55,7 @@ def train_ours(df, root: Path, cfg: PlainConfig) -> dict:
     from flowers_fastai import models
     from flowers_fastai.data import make_dataloaders
     from flowers_fastai.learner import Recipe, build_learner, fine_tune, seed_everything
+    from flowers_fastai.train import ARCH_DEFAULTS, SCRATCH_DEFAULTS
 
     class Timer(Callback):
         order = 71  # after the Recorder (50) and HistoryCallback (70): recorder.log holds this epoch
@@ -80,10 +84,12 @@ def train_ours(df, root: Path, cfg: PlainConfig) -> dict:
     seed_everything(cfg.seed)
     model = models.create_cnn(cfg.model, pretrained=None)
     prep = models.cnn_preprocess(model, cfg.img_size)
-    recipe = Recipe(epochs=cfg.epochs, freeze_epochs=0, lr=cfg.lr, lr_mult=1.0, mixup=0.2, patience=None,
-                    wd=cfg.wd, seed=cfg.seed, channels_last=cfg.channels_last)
+    scratch = ARCH_DEFAULTS["cnn"] | SCRATCH_DEFAULTS  # what train.py --no-pretrained uses (the LR: the plain one)
+    recipe = Recipe(epochs=cfg.epochs, freeze_epochs=0, lr=cfg.lr, lr_mult=1.0, mixup=scratch["mixup"],
+                    label_smoothing=scratch["label_smoothing"], patience=None, wd=cfg.wd, seed=cfg.seed,
+                    channels_last=cfg.channels_last)
     with tempfile.TemporaryDirectory(prefix="bench-ours-") as run_dir:
-        dls = make_dataloaders(df, root, prep, bs=cfg.bs, num_workers=cfg.workers)
+        dls = make_dataloaders(df, root, prep, bs=cfg.bs, num_workers=cfg.workers, min_scale=scratch["min_scale"])
         learn = build_learner(dls, model, recipe, run_dir)
         timer = Timer()
         learn.add_cb(timer)
@@ -92,11 +98,28 @@ def train_ours(df, root: Path, cfg: PlainConfig) -> dict:
     return dict(history=timer.history, accuracy=timer.history[-1]["accuracy"])
 
 
-def summarise(name: str, workers: int, result: dict) -> dict:
-    h = result["history"]
-    images, train_s = sum(e["train_images"] for e in h), sum(e["train_s"] for e in h)
-    return dict(loop=name, workers=workers, images_per_s=images / train_s, train_s=train_s,
-                epoch_s=sum(e["epoch_s"] for e in h), accuracy=result["accuracy"])
+def warm_up(model_name: str, bs: int, img_size: int, steps: int = 3) -> None:
+    """A few untimed training steps first: the first run in a process pays for oneDNN kernel creation and
+    allocator growth, and it would otherwise always be the same loop's first run."""
+    import timm
+    import torch
+    model = timm.create_model(model_name, num_classes=5)
+    x, y = torch.randn(bs, 3, img_size, img_size), torch.randint(0, 5, (bs,))
+    for _ in range(steps):
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+
+
+def images_per_s(history: list[dict]) -> float:
+    return sum(e["train_images"] for e in history) / sum(e["train_s"] for e in history)
+
+
+def summarise(name: str, workers: int, results: list[dict]) -> dict:
+    """One row over the repeats: images/s = all train images / all train seconds; per-run seconds averaged."""
+    h = [e for r in results for e in r["history"]]
+    train_s = sum(e["train_s"] for e in h)
+    return dict(loop=name, workers=workers, images_per_s=images_per_s(h), train_s=train_s / len(results),
+                epoch_s=sum(e["epoch_s"] for e in h) / len(results), accuracy=results[0]["accuracy"],
+                runs_images_per_s=[images_per_s(r["history"]) for r in results])
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -110,12 +133,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=lambda s: [int(v) for v in s.split(",")], default=[0, 2],
                    help="comma-separated DataLoader worker counts, each run for both loops (default 0,2)")
     p.add_argument("--channels-last", action="store_true", help="both loops: model and batches channels_last")
+    p.add_argument("--repeats", type=int, default=2, help="runs of each loop per --workers value, in ABBA order, "
+                                                             "pooled (default 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--wait-quiet", action="store_true", help="first wait (<= 15 min) for a 1-min load below 0.7")
     p.add_argument("--json", type=Path, help="also write the measurements to this JSON file")
     args = p.parse_args(argv)
-    if args.epochs < 1 or args.bs < 1 or args.img_size < 32 or min(args.workers) < 0:
-        p.error("--epochs and --bs must be >= 1, --img-size >= 32, --workers >= 0")
+    if args.epochs < 1 or args.bs < 1 or args.repeats < 1 or args.img_size < 32 or min(args.workers) < 0:
+        p.error("--epochs, --bs and --repeats must be >= 1, --img-size >= 32, --workers >= 0")
     return args
 
 
@@ -128,25 +153,33 @@ def main(argv: list[str] | None = None) -> int:
     df = split_table(root, args.max_images, args.seed)
     load_start = wait_for_quiet() if args.wait_quiet else round(os.getloadavg()[0], 2)
     from flowers_fastai.classes import CLASSES
+    warm_up(args.model, args.bs, args.img_size)
     rows = []
     for workers in args.workers:
         cfg = PlainConfig(model=args.model, img_size=args.img_size, bs=args.bs, epochs=args.epochs, workers=workers,
                           channels_last=args.channels_last, seed=args.seed)
-        print(f"workers {workers}: ours ...", file=sys.stderr, flush=True)
-        rows.append(summarise("ours (fastai)", workers, train_ours(df, root, cfg)))
-        print(f"workers {workers}: plain ...", file=sys.stderr, flush=True)
-        rows.append(summarise("plain PyTorch", workers, train_plain(df, root, CLASSES, cfg)))
+        runs = {"ours (fastai)": [], "plain PyTorch": []}
+        train = {"ours (fastai)": partial(train_ours, df, root, cfg),
+                 "plain PyTorch": partial(train_plain, df, root, CLASSES, cfg)}
+        for r in range(args.repeats):  # ours, plain, plain, ours, ...: a drifting load favours neither
+            for name in (list(train) if r % 2 == 0 else list(train)[::-1]):
+                print(f"workers {workers}, repeat {r + 1}: {name} ...", file=sys.stderr, flush=True)
+                runs[name].append(train[name]())
+        rows += [summarise(name, workers, results) for name, results in runs.items()]
     meta = dict(machine_info(), load_start=load_start, load_end=round(os.getloadavg()[0], 2),
                 torch_threads=torch.get_num_threads(), train_images=int((~df.is_valid).sum()),
                 valid_images=int(df.is_valid.sum()))
     print(f"# bench/train_throughput.py {' '.join(sys.argv[1:])}")
     print(json.dumps({k: meta[k] for k in ("date", "cpu", "cores", "torch", "torch_threads")}))
-    print(f"{args.model} at {args.img_size} px, bs {args.bs}, {args.epochs} epoch(s), {meta['train_images']} train / "
+    print(f"{args.model} at {args.img_size} px, bs {args.bs}, {args.epochs} epoch(s) x {args.repeats} repeats (ABBA), "
+          f"{meta['train_images']} train / "
           f"{meta['valid_images']} valid photos, {'channels_last' if args.channels_last else 'NCHW'}, random init; "
           f"1-min load at start {load_start}, at end {meta['load_end']}\n")
-    print(markdown_table(["loop", "workers", "train img/s", "train s", "epoch s (+valid)", "valid acc %"],
-                         [[r["loop"], r["workers"], r["images_per_s"], r["train_s"], r["epoch_s"], 100 * r["accuracy"]]
-                          for r in rows]))
+    print(markdown_table(["loop", "workers", "train img/s", "per run img/s", "train s", "epoch s (+valid)",
+                          "valid acc %"],
+                         [[r["loop"], r["workers"], r["images_per_s"],
+                           " / ".join(f"{v:.1f}" for v in r["runs_images_per_s"]),
+                           r["train_s"], r["epoch_s"], 100 * r["accuracy"]] for r in rows]))
     print()
     by = {(r["loop"], r["workers"]): r["images_per_s"] for r in rows}
     for workers in args.workers:

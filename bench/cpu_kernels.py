@@ -1,0 +1,118 @@
+"""The two CPU measurements behind our ConvNeXt V2 speed-ups, each contender timed in turn:
+
+    python bench/cpu_kernels.py [--runs 20] [--rounds 5]
+
+1. Global Response Norm: timm's GlobalResponseNorm vs models.FastGlobalResponseNorm (same function) on the
+   activations of convnextv2_tiny at 224 px (NHWC, the MLP's 4x width), forward and forward + backward.
+2. Micro-batches: flowers_classifier.FlowerClassifier.probabilities on 32 images of a random-init
+   convnextv2_tiny at 224 px, the whole batch in one forward pass vs chunks of 1, 2, 4 and 8 images
+   (CPU_MICRO_BATCH is the default), ms per image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from functools import partial
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/cpu_kernels.py` from anywhere
+
+from bench.common import machine_info, markdown_table, time_calls  # noqa: E402
+
+# (N, H, W, 4C) at the input of each stage's GRN in convnextv2_tiny at 224 px; batch 1 (serving) and 32 (training)
+GRN_SHAPES = [(1, 56, 56, 384), (1, 28, 28, 768), (1, 14, 14, 1536), (1, 7, 7, 3072), (32, 14, 14, 1536)]
+MICRO_BATCHES = (None, 1, 2, 4, 8)
+
+
+def in_turn(fns: dict, runs: int, rounds: int) -> dict:
+    """Median seconds per call of each function; `rounds` rounds of runs/rounds calls each, in turn."""
+    import numpy as np
+    times = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()  # warm-up
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name] += time_calls(fn, max(1, runs // rounds), warmup=0).tolist()
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def forward(module, x) -> None:
+    import torch
+    with torch.no_grad():
+        module(x)
+
+
+def forward_backward(module, x) -> None:
+    module(x).sum().backward()
+
+
+def grn_table(runs: int, rounds: int) -> str:
+    import torch
+    from timm.layers.grn import GlobalResponseNorm
+
+    from flowers_fastai.models import use_fast_grn
+    rows = []
+    for shape in GRN_SHAPES:
+        timm_grn = GlobalResponseNorm(shape[-1]).eval()
+        fast_grn = use_fast_grn(torch.nn.Sequential(GlobalResponseNorm(shape[-1]))).eval()[0]
+        x = torch.randn(shape, requires_grad=True)
+
+        t = in_turn({"timm fwd": partial(forward, timm_grn, x), "fast fwd": partial(forward, fast_grn, x),
+                     "timm fwd+bwd": partial(forward_backward, timm_grn, x),
+                     "fast fwd+bwd": partial(forward_backward, fast_grn, x)}, runs, rounds)
+        rows.append(["x".join(map(str, shape)), 1e3 * t["timm fwd"], 1e3 * t["fast fwd"],
+                     f"{t['timm fwd'] / t['fast fwd']:.1f}x", 1e3 * t["timm fwd+bwd"], 1e3 * t["fast fwd+bwd"],
+                     f"{t['timm fwd+bwd'] / t['fast fwd+bwd']:.1f}x"])
+    return markdown_table(["activation NHWC", "timm fwd ms", "fast fwd ms", "speed-up", "timm fwd+bwd ms",
+                           "fast fwd+bwd ms", "speed-up"], rows)
+
+
+def micro_batch_table(runs: int, rounds: int) -> str:
+    import torch
+
+    import flowers_classifier as fc
+    from flowers_fastai import models
+    from flowers_fastai.classes import CLASSES
+    from flowers_fastai.export import make_payload
+    torch.manual_seed(0)
+    net = models.create_cnn("convnextv2_tiny", pretrained=None)
+    spec = dict(family="cnn", model_name="convnextv2_tiny", classes=list(CLASSES),
+                **models.cnn_preprocess(net, 224).to_dict())
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(make_payload(spec, net.state_dict()), Path(tmp) / "m.pth")
+        model = fc.load_model(Path(tmp) / "m.pth", device="cpu")
+    batch = torch.randn(32, 3, 224, 224)
+
+    def probabilities(micro_batch):
+        model.micro_batch = micro_batch
+        model.probabilities(batch)
+    t = in_turn({k: partial(probabilities, k) for k in MICRO_BATCHES}, max(rounds, runs // 4), rounds)
+    whole = t[None]
+    return markdown_table(["images per forward pass", "ms per image", "speed-up vs one pass of 32"],
+                          [["32 (one pass)" if k is None else k, 1e3 * t[k] / 32, f"{whole / t[k]:.2f}x"]
+                           for k in MICRO_BATCHES])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench/cpu_kernels.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=int, default=20, help="timed calls per contender (default 20)")
+    p.add_argument("--rounds", type=int, default=5, help="rounds the calls are spread over, in turn (default 5)")
+    args = p.parse_args(argv)
+    if args.runs < 1 or args.rounds < 1:
+        p.error("--runs and --rounds must be >= 1")
+    import json
+    info = machine_info()
+    print(f"# bench/cpu_kernels.py {' '.join(sys.argv[1:])}")
+    print(json.dumps({k: info[k] for k in ("date", "cpu", "cores", "torch", "torch_threads", "loadavg_1min")}))
+    print("\nGlobal Response Norm, median of the timed calls:\n")
+    print(grn_table(args.runs, args.rounds))
+    print("\nflowers_classifier on 32 images, convnextv2_tiny 224 px, by micro-batch:\n")
+    print(micro_batch_table(args.runs, args.rounds))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
