@@ -2,6 +2,7 @@
 
     python bench/train_throughput.py [--epochs 1] [--max-images 1600] [--model convnextv2_atto]
                                      [--img-size 112] [--bs 32] [--workers 0,2] [--repeats 2] [--channels-last]
+                                     [--ours-timm-grn] [--wait-quiet] [--json OUT]
 
 ours:  flowers_fastai.data.make_dataloaders + learner.build_learner + fine_tune (the CNN recipe from random
        init as `train.py --no-pretrained` runs it: gradient clipping, one-cycle, per-epoch checkpoints,
@@ -48,7 +49,7 @@ def split_table(root: Path, max_images: int | None, seed: int):
     return stratified_split(df, 0.2, seed)
 
 
-def train_ours(df, root: Path, cfg: PlainConfig) -> dict:
+def train_ours(df, root: Path, cfg: PlainConfig, fast_grn: bool = True) -> dict:
     """fastai: make_dataloaders + build_learner + fine_tune; a callback times the train phase of each epoch."""
     from fastai.callback.core import Callback
 
@@ -82,7 +83,7 @@ def train_ours(df, root: Path, cfg: PlainConfig) -> dict:
                                      epoch_s=time.perf_counter() - self.epoch_start))
 
     seed_everything(cfg.seed)
-    model = models.create_cnn(cfg.model, pretrained=None)
+    model = models.create_cnn(cfg.model, pretrained=None, fast_grn=fast_grn)
     prep = models.cnn_preprocess(model, cfg.img_size)
     scratch = ARCH_DEFAULTS["cnn"] | SCRATCH_DEFAULTS  # what train.py --no-pretrained uses (the LR: the plain one)
     recipe = Recipe(epochs=cfg.epochs, freeze_epochs=0, lr=cfg.lr, lr_mult=1.0, mixup=scratch["mixup"],
@@ -135,6 +136,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--channels-last", action="store_true", help="both loops: model and batches channels_last")
     p.add_argument("--repeats", type=int, default=2, help="runs of each loop per --workers value, in ABBA order, "
                                                              "pooled (default 2)")
+    p.add_argument("--ours-timm-grn", action="store_true",
+                   help="ablation: our loop with timm's GlobalResponseNorm instead of FastGlobalResponseNorm")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--wait-quiet", action="store_true", help="first wait (<= 15 min) for a 1-min load below 0.7")
     p.add_argument("--json", type=Path, help="also write the measurements to this JSON file")
@@ -159,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = PlainConfig(model=args.model, img_size=args.img_size, bs=args.bs, epochs=args.epochs, workers=workers,
                           channels_last=args.channels_last, seed=args.seed)
         runs = {"ours (fastai)": [], "plain PyTorch": []}
-        train = {"ours (fastai)": partial(train_ours, df, root, cfg),
+        train = {"ours (fastai)": partial(train_ours, df, root, cfg, not args.ours_timm_grn),
                  "plain PyTorch": partial(train_plain, df, root, CLASSES, cfg)}
         for r in range(args.repeats):  # ours, plain, plain, ours, ...: a drifting load favours neither
             for name in (list(train) if r % 2 == 0 else list(train)[::-1]):
@@ -173,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({k: meta[k] for k in ("date", "cpu", "cores", "torch", "torch_threads")}))
     print(f"{args.model} at {args.img_size} px, bs {args.bs}, {args.epochs} epoch(s) x {args.repeats} repeats (ABBA), "
           f"{meta['train_images']} train / "
-          f"{meta['valid_images']} valid photos, {'channels_last' if args.channels_last else 'NCHW'}, random init; "
+          f"{meta['valid_images']} valid photos, {'channels_last' if args.channels_last else 'NCHW'}, random init"
+          f"{', ours with timm GRN' if args.ours_timm_grn else ''}; "
           f"1-min load at start {load_start}, at end {meta['load_end']}\n")
     print(markdown_table(["loop", "workers", "train img/s", "per run img/s", "train s", "epoch s (+valid)",
                           "valid acc %"],

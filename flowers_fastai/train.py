@@ -44,7 +44,8 @@ ARCH_DEFAULTS = {
 }
 # Random init: no frozen stage and one LR for all groups. The short from-scratch runs this project makes
 # (tests, bench/accuracy_proxy.py) underfit: without MixUp and label smoothing, with crops of at least 60%
-# of the photo (rather than 35%) and lr 2e-3 they ended best in bench/RESULTS.md's recipe search.
+# of the photo (rather than 35%) and lr 2e-3 they ended best in bench/RESULTS.md's recipe search, by less
+# than the spread between seeds.
 SCRATCH_DEFAULTS = dict(freeze_epochs=0, lr_mult=1.0, llrd=1.0, lr=2e-3, mixup=0.0, label_smoothing=0.0,
                         min_scale=0.6)
 
