@@ -91,23 +91,6 @@ def time_calls(fn: Callable[[], object], runs: int, warmup: int) -> np.ndarray:
     return times
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], runs: int, warmup: int) -> dict[str, np.ndarray]:
-    """`time_calls` for several contenders at once, call by call in turn (the order rotating each round):
-    on a machine whose load drifts, each one is timed under the same conditions as the others, so their
-    ratios hold even where the absolute figures move."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    names = list(fns)
-    times = {name: np.empty(runs) for name in names}
-    for i in range(runs):
-        for name in names[i % len(names):] + names[:i % len(names)]:
-            start = time.perf_counter()
-            fns[name]()
-            times[name][i] = time.perf_counter() - start
-    return times
-
-
 def latency_ms(times: np.ndarray) -> dict:
     return dict(p50_ms=float(np.percentile(times, 50) * 1e3), p95_ms=float(np.percentile(times, 95) * 1e3))
 

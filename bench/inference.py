@@ -15,13 +15,13 @@ ONNX (export_onnx). The contenders:
   ORT           onnxruntime InferenceSession.run on the same preprocessed array (numpy only, no torch)
   ORT e2e       flowers_classifier with the .onnx (same preprocessing as `ours`, ONNX Runtime for the model)
 
-Two phases. Cold start: each contender alone in a fresh process (model load + first prediction, imports
-reported apart; peak RSS after the first prediction and after a batch of 32). Speed: all contenders loaded
-in one process and timed call by call in turn (bench.common.time_interleaved), so that a machine whose load
-drifts (others share these cores) slows each of them alike and the ratios hold. Latency: one image, p50/p95
-over --runs calls after --warmup. Throughput: images/s at batch 1, 8, 32 from the median batch time (e2e rows
-batch the files through iter_probabilities, decoding in threads). Photos: FLOWERS128_DIR (skipped cleanly
-when absent).
+Each contender lives in its own worker process (class Worker), started one at a time: its cold start
+(model load + first prediction, imports reported apart) and peak RSS (after the first prediction, and after
+a batch of 32) are measured while the others sit idle. Then all are timed in turn over their pipes, --rounds
+rounds of short turns (measure_in_turn), so that a machine whose load drifts (others share these cores)
+slows each of them alike and the ratios hold. Latency: one image, p50/p95 over --runs calls after --warmup.
+Throughput: images/s at batch 1, 8, 32 from the median batch time (e2e rows batch the files through
+iter_probabilities, decoding in threads). Photos: FLOWERS128_DIR (skipped cleanly when absent).
 """
 
 from __future__ import annotations
