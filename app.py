@@ -32,14 +32,14 @@ TRAIN_HELP = """\
 ```bash
 python train.py --arch cnn    # exports models/cnn_flowers.pth
 python train.py --arch clip   # exports models/vit_flowers.pth
-# offline (no pretrained weights, local photos):
-python train.py --arch cnn --data ../shared/datasets/flowers128 --no-pretrained
-python train.py --arch clip --data ../shared/datasets/flowers128 --no-pretrained
+# offline (no pretrained weights; DIR holds one folder of photos per class):
+python train.py --arch cnn --data DIR --no-pretrained
+python train.py --arch clip --data DIR --no-pretrained
 ```
 """
 NO_MODEL_ERROR = ("No model is loaded. Train and export one with 'python train.py --arch cnn' (writes "
                   "models/cnn_flowers.pth) or 'python train.py --arch clip' (writes models/vit_flowers.pth); "
-                  "offline add '--data ../shared/datasets/flowers128 --no-pretrained'. Then restart app.py.")
+                  "offline add '--data DIR --no-pretrained' (DIR: one folder of photos per class). Then restart app.py.")
 
 
 class ExamplesError(ValueError):

@@ -1,5 +1,10 @@
-"""Shared fixtures: the real photos (skipped cleanly when absent), synthetic image folders, and tiny
-random-init exported models (convnextv2_atto / open_clip ViT-S-32) that train and load in seconds."""
+"""Shared fixtures: real photos (the 60 committed under tests/data, and the full development set when it
+is there), synthetic image folders, and tiny random-init exported models (convnextv2_atto / open_clip
+ViT-S-32) that train and load in seconds.
+
+`require(ok, why)` is how a test says it needs something the machine may lack (the full photo set, a
+browser, a compiler): a one-line skip on a user's machine, a failure under CI=true, where a skipped test
+would let the run pass without testing the product."""
 
 from __future__ import annotations
 
@@ -19,7 +24,10 @@ from flowers_fastai import models  # noqa: E402
 from flowers_fastai.classes import CLASSES  # noqa: E402
 from flowers_fastai.export import make_payload  # noqa: E402
 
+REAL_PHOTOS = ROOT / "tests" / "data" / "flowers"  # 12 real photos per class, committed (tests/data/README.md)
+# The full development set (3451 photos), only for the tests that need hundreds of photos per class.
 FLOWERS128 = Path(os.environ.get("FLOWERS128_DIR", ROOT.parent / "shared" / "datasets" / "flowers128"))
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 TINY_CNN, TINY_CLIP, TINY_SIZE = "convnextv2_atto", "ViT-S-32", 64
 
 
@@ -33,17 +41,34 @@ def pytest_configure(config):
         config.addinivalue_line("filterwarnings", pattern)
 
 
+def require(ok: bool, why: str) -> None:
+    """Skip the test with `why` on a user's machine; fail it under CI=true, which must test everything."""
+    if ok:
+        return
+    if IN_CI:
+        pytest.fail(f"CI=true and a prerequisite is missing: {why}", pytrace=False)
+    pytest.skip(why)
+
+
+@pytest.fixture(scope="session")
+def real_flowers() -> Path:
+    """The committed <class>/<photos> folder: 12 real photos per class, one photo filed under both rose and
+    tulip (a conflicting duplicate, as in the full set) and one same-class duplicate pair."""
+    return REAL_PHOTOS
+
+
 @pytest.fixture(scope="session")
 def flowers128() -> Path:
-    if not (FLOWERS128 / "rose").is_dir():
-        pytest.skip(f"real photos not found at {FLOWERS128} (set FLOWERS128_DIR)")
+    """The full development set, for tests that need hundreds of photos per class."""
+    require((FLOWERS128 / "rose").is_dir(), f"needs the full flowers128 photo set: set FLOWERS128_DIR "
+                                            f"(not found at {FLOWERS128})")
     return FLOWERS128
 
 
 @pytest.fixture(scope="session")
-def real_photos(flowers128) -> dict[str, list[Path]]:
+def real_photos(real_flowers) -> dict[str, list[Path]]:
     """A few real photos per class, sorted for repeatability."""
-    return {c: sorted((flowers128 / c).glob("*.jpg"))[:5] for c in CLASSES}
+    return {c: sorted((real_flowers / c).glob("*.jpg"))[:5] for c in CLASSES}
 
 
 def make_image_folder(root: Path, per_class: int = 6, size: int = 48, seed: int = 0) -> Path:

@@ -44,8 +44,8 @@ def serving(demo: gr.Blocks) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def demo(tiny_cnn_pth, tiny_vit_pth, flowers128) -> gr.Blocks:
-    return app.build_demo(tiny_cnn_pth, tiny_vit_pth, flowers128)
+def demo(tiny_cnn_pth, tiny_vit_pth, real_flowers) -> gr.Blocks:
+    return app.build_demo(tiny_cnn_pth, tiny_vit_pth, real_flowers)
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +177,7 @@ def test_without_models_the_page_says_how_to_train(tmp_path, rose):
     demo = app.build_demo(tmp_path / "cnn_flowers.pth", tmp_path / "vit_flowers.pth")
     page = "\n".join(str(md.value) for md in components(demo, gr.Markdown))
     for command in ("python train.py --arch cnn", "models/cnn_flowers.pth", "python train.py --arch clip",
-                    "models/vit_flowers.pth", "--data ../shared/datasets/flowers128 --no-pretrained"):
+                    "models/vit_flowers.pth", "--data DIR --no-pretrained"):
         assert command in page
     assert radio_choices(demo) == []
     with serving(demo) as url:
@@ -185,8 +185,8 @@ def test_without_models_the_page_says_how_to_train(tmp_path, rose):
             Client(url, verbose=False).predict(handle_file(str(rose)), app.CNN, api_name="/predict")
 
 
-def test_examples_one_photo_per_class_folder(flowers128, demo):
-    found = app.find_examples(flowers128)
+def test_examples_one_photo_per_class_folder(real_flowers, demo):
+    found = app.find_examples(real_flowers)
     assert [p.parent.name for p in found] == list(fc.CLASSES)
     (dataset,) = components(demo, gr.Dataset)
     assert len(dataset.samples) == len(fc.CLASSES)

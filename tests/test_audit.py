@@ -68,12 +68,14 @@ def test_prepare_split_writes_audit_json_from_its_single_decode_pass(planted, tm
     assert len(df) == 23
 
 
-def test_flowers128_conflicting_duplicates_are_found(flowers128, tmp_path):
+def test_real_photos_conflicting_duplicates_are_found(real_flowers, tmp_path):
     out = tmp_path / "audit.json"
-    assert data.main(["audit", str(flowers128), "--json", str(out)]) == 0
+    assert data.main(["audit", str(real_flowers), "--json", str(out)]) == 0
     report = json.loads(out.read_text())
-    conflicts = report["conflicting_duplicates"]
-    assert conflicts and all(g["labels"] == ["rose", "tulip"] for g in conflicts)
-    assert "rose/17104364030_ee31ee279b_n.jpg" in {p for g in conflicts for p in g["paths"]}
-    assert report["summary"]["duplicate_groups"] > len(conflicts)  # same-class duplicates too
-    assert report["summary"]["unreadable"] == 0 and report["files"] == sum(report["class_counts"].values())
+    (conflict,) = report["conflicting_duplicates"]  # one Flickr photo filed under rose and under tulip
+    assert conflict["labels"] == ["rose", "tulip"]
+    assert conflict["paths"] == ["rose/17104364030_ee31ee279b_n.jpg", "tulip/17104364030_ee31ee279b_n.jpg"]
+    same_class = [g for g in report["duplicates"] if len(g["labels"]) == 1]
+    assert [g["paths"] for g in same_class] == [["sunflower/15069459615_7e0fd61914_n.jpg",
+                                                 "sunflower/15072973261_73e2912ef2_n.jpg"]]
+    assert report["summary"]["unreadable"] == 0 and report["files"] == 60

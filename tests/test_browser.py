@@ -3,7 +3,7 @@ opens the page served on 127.0.0.1 with tiny exported models, uploads real photo
 input (file picker, drag-and-drop, clipboard paste), switches model, clicks an example, checks the
 messages shown for bad uploads, and takes the
 screenshot in docs/demo.png (written there only with UPDATE_SCREENSHOT=1; a tmp file otherwise).
-Skips when /usr/bin/chromium is absent (`apt-get install -y chromium`)."""
+Needs a chromium on PATH (or $CHROMIUM), as .ci/run finds it: skips without one, fails under CI=true."""
 
 from __future__ import annotations
 
@@ -11,12 +11,14 @@ import base64
 import io
 import os
 import re
+import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from PIL import Image
+from conftest import require
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 import app
@@ -25,7 +27,7 @@ import flowers_classifier as fc
 pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium")  # the same lookup as .ci/run
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 WAIT_MS = 60_000  # upper bound for a prediction on 2 shared CPU cores; passing never depends on speed
@@ -40,17 +42,17 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    if not CHROMIUM.is_file():
-        pytest.skip(f"Debian's chromium not found at {CHROMIUM}: apt-get install -y chromium")
+    require(CHROMIUM is not None and Path(CHROMIUM).is_file(),
+            "needs chromium on PATH or $CHROMIUM: apt-get install -y chromium")
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         yield browser
         browser.close()
 
 
 @pytest.fixture(scope="module")
-def url(tiny_cnn_pth, tiny_vit_pth, flowers128) -> Iterator[str]:
-    demo = app.build_demo(tiny_cnn_pth, tiny_vit_pth, flowers128)
+def url(tiny_cnn_pth, tiny_vit_pth, real_flowers) -> Iterator[str]:
+    demo = app.build_demo(tiny_cnn_pth, tiny_vit_pth, real_flowers)
     url = app.launch_demo(demo, "127.0.0.1", free_port(), prevent_thread_lock=True)
     try:
         yield url

@@ -112,9 +112,9 @@ def clip_ckpt(tmp_path_factory) -> Path:
 
 # --------------------------------------------------------------------------- train -> export -> load
 
-def test_train_export_load_parity_with_learner(flowers128, tmp_path):
+def test_train_export_load_parity_with_learner(real_flowers, tmp_path):
     run, vit = tmp_path / "run", tmp_path / "vit.pth"
-    rc = main(["--arch", "clip", "--data", str(flowers128), "--max-per-class", "20", "--epochs", "1",
+    rc = main(["--arch", "clip", "--data", str(real_flowers), "--epochs", "1",
                "--freeze-epochs", "1", "--img-size", str(TINY_SIZE), "--model", TINY_CLIP, "--bs", "16",
                "--no-pretrained", "--out", str(run), "--export", str(vit)])
     assert rc == 0
@@ -128,7 +128,7 @@ def test_train_export_load_parity_with_learner(flowers128, tmp_path):
     assert {v.dtype for v in payload["state_dict"].values() if v.is_floating_point()} == {torch.float16}
 
     split = pd.read_csv(run / "split.csv")
-    files = [str(flowers128 / p) for p in split[split.is_valid]["path"]]
+    files = [str(real_flowers / p) for p in split[split.is_valid]["path"]]
     learn = load_learner(run / "learner.pkl")
     learner_probs, _ = learn.get_preds(dl=learn.dls.test_dl(files))
     model = fc.load_vit_model(vit, device="cpu")
@@ -250,16 +250,16 @@ def test_zero_shot_head_equals_open_clip_zero_shot(clip_ckpt, real_photos):
     assert not torch.allclose(random_head.head.weight, model.head.weight, atol=1e-2)
 
 
-def test_zero_shot_accuracy_is_measured_before_training(clip_ckpt, flowers128, tmp_path):
+def test_zero_shot_accuracy_is_measured_before_training(clip_ckpt, real_flowers, tmp_path):
     run = tmp_path / "run"
     rc = main(["--arch", "clip", "--model", TINY_CLIP, "--img-size", str(TINY_SIZE), "--weights", str(clip_ckpt),
-               "--data", str(flowers128), "--max-per-class", "10", "--freeze-epochs", "1", "--epochs", "0",
+               "--data", str(real_flowers), "--freeze-epochs", "1", "--epochs", "0",
                "--bs", "16", "--out", str(run), "--no-export"])
     assert rc == 0
     metrics = json.loads((run / "metrics.json").read_text())
     split = pd.read_csv(run / "split.csv")
     valid = split[split.is_valid]
-    logits = open_clip_zero_shot(clip_ckpt, [flowers128 / p for p in valid["path"]])["logits"]
+    logits = open_clip_zero_shot(clip_ckpt, [real_flowers / p for p in valid["path"]])["logits"]
     labels = torch.tensor([CLASSES.index(y) for y in valid["label"]])
     assert metrics["zero_shot_accuracy"] == pytest.approx((logits.argmax(1) == labels).float().mean().item())
 

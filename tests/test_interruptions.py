@@ -24,9 +24,11 @@ def history_rows(run_dir) -> int:
     return len(path.read_text().splitlines()) - 1 if path.exists() else 0
 
 
-def test_sigint_in_epoch_2_then_resume_continues_the_same_run(flowers128, tmp_path):
+def test_sigint_in_epoch_2_then_resume_continues_the_same_run(tmp_path):
     run_dir = tmp_path / "run"
-    cmd = TRAIN + ["--data", str(flowers128), "--max-per-class", "60", "--freeze-epochs", "1", "--epochs", "3",
+    # Generated photos: the test is about interrupting, and 60 per class make epochs long enough to hit one.
+    images = make_image_folder(tmp_path / "images", per_class=60, size=64)
+    cmd = TRAIN + ["--data", str(images), "--freeze-epochs", "1", "--epochs", "3",
                    "--out", str(run_dir)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
