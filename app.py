@@ -39,7 +39,8 @@ python train.py --arch clip --data DIR --no-pretrained
 """
 NO_MODEL_ERROR = ("No model is loaded. Train and export one with 'python train.py --arch cnn' (writes "
                   "models/cnn_flowers.pth) or 'python train.py --arch clip' (writes models/vit_flowers.pth); "
-                  "offline add '--data DIR --no-pretrained' (DIR: one folder of photos per class). Then restart app.py.")
+                  "offline add '--data DIR --no-pretrained' (DIR: one folder of photos per class). "
+                  "Then restart app.py.")
 
 
 class ExamplesError(ValueError):

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from PIL import Image
 from conftest import require
+from PIL import Image
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 import app

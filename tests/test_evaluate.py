@@ -11,10 +11,11 @@ import pandas as pd
 import pytest
 import torch
 from conftest import TINY_CNN, TINY_SIZE, make_image_folder
+from PIL import Image
 
 from flowers_fastai import evaluate, models
 from flowers_fastai.classes import CLASSES
-from flowers_fastai.preprocess import preprocess_image
+from flowers_fastai.preprocess import Preprocess, preprocess_image
 from flowers_fastai.report import baselines, classification_metrics, confusion_matrix
 
 
@@ -88,7 +89,7 @@ def test_evaluate_exported_model_writes_every_report(tiny_cnn_pth, photos, tmp_p
     assert m["n_images"] == 25 and np.array(m["confusion_matrix"]).sum() == 25
     assert [s["path"] for s in m["skipped"]] == ["tulip/corrupt.jpg"]
     assert m["baselines"]["majority_class"]["accuracy"] == pytest.approx(0.2)
-    assert 0 <= m["tta"]["accuracy"] <= 1 and m["tta"]["views"] == 10
+    assert m["tta"]["views"] == 10
     assert set(m["per_class"]) == set(CLASSES) and math.isfinite(m["loss"])
     preds = pd.read_csv(out / "predictions.csv")
     assert len(preds) == 25 and (preds["predicted"] == preds["label"]).mean() == pytest.approx(m["accuracy"])
@@ -141,3 +142,34 @@ def test_evaluate_errors_name_the_flag(tiny_cnn_pth, tmp_path, capsys):
     run.mkdir()
     assert evaluate.main([str(run)]) == 2
     assert "split.csv" in capsys.readouterr().err
+
+
+class BrightSpotNet(torch.nn.Module):
+    """Says dandelion, confidently, for a view that holds a white pixel, and daisy, barely, for any other."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))  # FlowerClassifier reads the dtype and device of one
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bright = (x.amax(dim=(1, 2, 3)) > 0.9).float() * 20 * self.scale
+        low = torch.full_like(bright, -30.0)
+        return torch.stack([torch.full_like(bright, 0.2), bright, low, low, low], dim=1)
+
+
+def test_tta_averages_the_views_and_can_change_the_answer(tmp_path):
+    """A white stripe on the right edge lies outside the served center crop but inside 4 of the 10 TTA
+    views (top/bottom-right corners and their mirrors): plain says daisy (0.55), TTA says dandelion."""
+    import flowers_classifier as fc
+    prep = Preprocess(64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), crop_pct=0.875)  # center crop: columns 4..67 of 73
+    arr = np.zeros((73, 73, 3), dtype=np.uint8)
+    arr[:, 70:] = 255
+    (tmp_path / "imgs" / "dandelion").mkdir(parents=True)
+    Image.fromarray(arr).save(tmp_path / "imgs" / "dandelion" / "stripe.png")
+    model = fc.FlowerClassifier(BrightSpotNet(), "cnn", "bright-spot", CLASSES, prep)
+    df = pd.DataFrame([("dandelion/stripe.png", "dandelion")], columns=["path", "label"])
+    m = evaluate.evaluate(model, tmp_path / "imgs", df, tmp_path / "eval", tta=True)
+    assert m["accuracy"] == 0 and m["tta"]["accuracy"] == 1
+    p_daisy = math.exp(0.2) / (math.exp(0.2) + 1)  # a view without the stripe (the other 3 classes ~0)
+    p_tta = 0.4 * 1.0 + 0.6 * (1 - p_daisy)        # the mean over 10 views of P(dandelion)
+    assert m["tta"]["loss"] == pytest.approx(-math.log(p_tta), rel=1e-4)
