@@ -23,8 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/accuracy_proxy.py` from anywhere
-
 from bench.common import ROOT, machine_info, markdown_table, require_flowers, wait_for_quiet  # noqa: E402
 from bench.plain_loop import PlainConfig, train_plain  # noqa: E402
 
@@ -53,7 +51,7 @@ def run_ours(root: Path, run_dir: Path, args: argparse.Namespace, seed: int) -> 
 def run_plain(root: Path, run_dir: Path, args: argparse.Namespace, seed: int) -> dict:
     import pandas as pd
 
-    from flowers_fastai.classes import CLASSES
+    from flowers_classifier.classes import CLASSES
     df = pd.read_csv(run_dir / "split.csv")  # exactly the photos and split our run used
     cfg = PlainConfig(model=MODEL, img_size=args.img_size, bs=args.bs, epochs=args.epochs, workers=args.workers,
                       seed=seed)

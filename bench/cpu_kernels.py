@@ -2,8 +2,8 @@
 
     python bench/cpu_kernels.py [--runs 20] [--rounds 5]
 
-1. Global Response Norm: timm's GlobalResponseNorm vs models.FastGlobalResponseNorm (same function) on the
-   activations of convnextv2_tiny at 224 px (NHWC, the MLP's 4x width), forward and forward + backward.
+1. Global Response Norm: timm's GlobalResponseNorm vs flowers_classifier.model.FastGlobalResponseNorm (same function)
+   on the activations of convnextv2_tiny at 224 px (NHWC, the MLP's 4x width), forward and forward + backward.
 2. Micro-batches: flowers_classifier.FlowerClassifier.probabilities on 32 images of a random-init
    convnextv2_tiny at 224 px, the whole batch in one forward pass vs chunks of 1, 2, 4 and 8 images
    (CPU_MICRO_BATCH is the default), ms per image.
@@ -16,8 +16,6 @@ import sys
 import tempfile
 from functools import partial
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/cpu_kernels.py` from anywhere
 
 from bench.common import machine_info, markdown_table, time_calls  # noqa: E402
 
@@ -52,7 +50,7 @@ def grn_table(runs: int, rounds: int) -> str:
     import torch
     from timm.layers.grn import GlobalResponseNorm
 
-    from flowers_fastai.models import use_fast_grn
+    from flowers_classifier.model import use_fast_grn
     rows = []
     for shape in GRN_SHAPES:
         timm_grn = GlobalResponseNorm(shape[-1]).eval()
@@ -73,13 +71,13 @@ def micro_batch_table(runs: int, rounds: int) -> str:
     import torch
 
     import flowers_classifier as fc
-    from flowers_fastai import models
-    from flowers_fastai.classes import CLASSES
-    from flowers_fastai.export import make_payload
+    from flowers_classifier import factory
+    from flowers_classifier.classes import CLASSES
+    from flowers_classifier.payload import make_payload
     torch.manual_seed(0)
-    net = models.create_cnn("convnextv2_tiny", pretrained=None)
+    net = factory.create_cnn("convnextv2_tiny", pretrained=None)
     spec = dict(family="cnn", model_name="convnextv2_tiny", classes=list(CLASSES),
-                **models.cnn_preprocess(net, 224).to_dict())
+                **factory.cnn_preprocess(net, 224).to_dict())
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(make_payload(spec, net.state_dict()), Path(tmp) / "m.pth")
         model = fc.load_model(Path(tmp) / "m.pth", device="cpu")

@@ -37,8 +37,6 @@ import time
 from functools import partial
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/inference.py` from anywhere
-
 from bench.common import (  # noqa: E402
     ROOT,
     latency_ms,
@@ -63,17 +61,18 @@ def make_models(vit: bool, out_dir: Path, files: list[Path], max_bs: int) -> dic
     import numpy as np
     import torch
 
-    from flowers_fastai import models
-    from flowers_fastai.classes import CLASSES
-    from flowers_fastai.export import export_onnx, make_payload
-    from flowers_fastai.preprocess import preprocess_image
+    from flowers_classifier import factory
+    from flowers_classifier.classes import CLASSES
+    from flowers_classifier.onnx_model import export_onnx
+    from flowers_classifier.payload import make_payload
+    from flowers_classifier.preprocess import preprocess_image
     torch.manual_seed(0)
     if vit:
-        net = models.create_clip("ViT-L-14", pretrained=None, head_init="random")
-        spec = dict(family="clip", model_name="ViT-L-14", quick_gelu=False, **models.clip_preprocess(net).to_dict())
+        net = factory.create_clip("ViT-L-14", pretrained=None, head_init="random")
+        spec = dict(family="clip", model_name="ViT-L-14", quick_gelu=False, **factory.clip_preprocess(net).to_dict())
     else:
-        net = models.create_cnn("convnextv2_tiny", pretrained=None)
-        spec = dict(family="cnn", model_name="convnextv2_tiny", **models.cnn_preprocess(net, 224).to_dict())
+        net = factory.create_cnn("convnextv2_tiny", pretrained=None)
+        spec = dict(family="cnn", model_name="convnextv2_tiny", **factory.cnn_preprocess(net, 224).to_dict())
     payload = make_payload(dict(spec, classes=list(CLASSES)), net.state_dict())
     del net
     pth = out_dir / "model.pth"
@@ -81,7 +80,7 @@ def make_models(vit: bool, out_dir: Path, files: list[Path], max_bs: int) -> dic
     start = time.perf_counter()
     onnx_path, diff = export_onnx(payload, out_dir / "model.onnx")
     export_s = time.perf_counter() - start
-    from flowers_fastai.preprocess import Preprocess
+    from flowers_classifier.preprocess import Preprocess
     prep = Preprocess.from_dict(payload)
     inputs = torch.stack([preprocess_image(f, prep) for f in files[:max_bs]]).numpy()
     np.save(out_dir / "inputs.npy", inputs)
@@ -177,7 +176,7 @@ def load_contender(variant: str, models_info: dict, threads: int):
 
     import flowers_classifier as fc
     if variant == "torch":
-        from flowers_fastai.models import build_from_spec
+        from flowers_classifier.factory import build_from_spec
         payload = torch.load(models_info["pth"], map_location="cpu", weights_only=True)
         net = build_from_spec(payload, fast_grn=False)  # timm's own modules, as a plain script has them
         net.load_state_dict(payload["state_dict"])
@@ -219,7 +218,7 @@ def child_main(args: argparse.Namespace) -> int:
     print(json.dumps(cold), file=protocol, flush=True)
 
     cycle = itertools.cycle(files)
-    from flowers_fastai.preprocess import preprocess_image
+    from flowers_classifier.preprocess import preprocess_image
     calls = dict(
         model=lambda bs: probabilities(batch[:bs]),
         e2e=lambda bs: predict_file(next(cycle)) if bs == 1 else list(fc.iter_probabilities(model, files[:bs], bs=bs)),

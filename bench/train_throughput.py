@@ -7,7 +7,7 @@
 ours:  flowers_fastai.data.make_dataloaders + learner.build_learner + fine_tune (the CNN recipe from random
        init as `train.py --no-pretrained` runs it: gradient clipping, one-cycle, per-epoch checkpoints,
        history.csv; its from-scratch MixUp/label smoothing/crop settings), fastai's DataLoader and
-       aug_transforms. What makes it fast: models.FastGlobalResponseNorm (ConvNeXt V2's GRN in fewer,
+       aug_transforms. What makes it fast: flowers_classifier.model.FastGlobalResponseNorm (ConvNeXt V2's GRN in fewer,
        faster passes).
 plain: bench/plain_loop.py (timm's model as built, torchvision transforms in DataLoader workers, AdamW,
        warmup + cosine).
@@ -31,8 +31,6 @@ import time
 from functools import partial
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/train_throughput.py` from anywhere
-
 from bench.common import machine_info, markdown_table, require_flowers, verdict, wait_for_quiet  # noqa: E402
 from bench.plain_loop import PlainConfig, train_plain  # noqa: E402
 
@@ -53,7 +51,7 @@ def train_ours(df, root: Path, cfg: PlainConfig, fast_grn: bool = True) -> dict:
     """fastai: make_dataloaders + build_learner + fine_tune; a callback times the train phase of each epoch."""
     from fastai.callback.core import Callback
 
-    from flowers_fastai import models
+    from flowers_classifier import factory
     from flowers_fastai.data import make_dataloaders
     from flowers_fastai.learner import Recipe, build_learner, fine_tune, seed_everything
     from flowers_fastai.train import ARCH_DEFAULTS, SCRATCH_DEFAULTS
@@ -83,8 +81,8 @@ def train_ours(df, root: Path, cfg: PlainConfig, fast_grn: bool = True) -> dict:
                                      epoch_s=time.perf_counter() - self.epoch_start))
 
     seed_everything(cfg.seed)
-    model = models.create_cnn(cfg.model, pretrained=None, fast_grn=fast_grn)
-    prep = models.cnn_preprocess(model, cfg.img_size)
+    model = factory.create_cnn(cfg.model, pretrained=None, fast_grn=fast_grn)
+    prep = factory.cnn_preprocess(model, cfg.img_size)
     scratch = ARCH_DEFAULTS["cnn"] | SCRATCH_DEFAULTS  # what train.py --no-pretrained uses (the LR: the plain one)
     recipe = Recipe(epochs=cfg.epochs, freeze_epochs=0, lr=cfg.lr, lr_mult=1.0, mixup=scratch["mixup"],
                     label_smoothing=scratch["label_smoothing"], patience=None, wd=cfg.wd, seed=cfg.seed,
@@ -155,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     root = require_flowers("bench/train_throughput.py")
     df = split_table(root, args.max_images, args.seed)
     load_start = wait_for_quiet() if args.wait_quiet else round(os.getloadavg()[0], 2)
-    from flowers_fastai.classes import CLASSES
+    from flowers_classifier.classes import CLASSES
     warm_up(args.model, args.bs, args.img_size)
     rows = []
     for workers in args.workers:

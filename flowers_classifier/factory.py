@@ -1,5 +1,5 @@
-"""Model factory: how each backbone is built, where its weights come from, how it splits into
-parameter groups, and which pixels it expects.
+"""Model factory: how each backbone is built, where its weights come from, and which pixels it expects
+(the modules themselves are in `model`).
 
 Two families, one entry point each:
 - "cnn":  a timm ConvNeXt V2 (`convnextv2_tiny` by default) with a fresh 5-way head.
@@ -9,8 +9,8 @@ Two families, one entry point each:
 `pretrained` is resolved here and nowhere else: "hub" (timm's hub weights / open_clip's default tag),
 an open_clip tag, a local file, or None for random init. Without a network and without cached weights
 the hub path fails fast with a message naming `--weights` and `--no-pretrained`; it never falls back
-to random init on its own. Pure torch/timm/open_clip: no fastai import (the standalone classifier
-shares this module).
+to random init on its own. Pure torch/timm/open_clip: the trainer builds its models here, and the
+runtime rebuilds an exported architecture with `build_from_spec`.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
-from timm.layers.grn import GlobalResponseNorm
 from torch import nn
 
 from .classes import CLASSES
+from .model import ClipClassifier, use_fast_grn
 from .preprocess import Preprocess
 
 CNN_DEFAULT = "convnextv2_tiny"
@@ -163,28 +163,6 @@ def _create_cnn(model_name: str, pretrained: str | os.PathLike | None, num_class
     return model
 
 
-class FastGlobalResponseNorm(GlobalResponseNorm):
-    """timm's GlobalResponseNorm, the same function and weights, computed with fewer passes over x:
-    the spatial L2 norm as sqrt(sum(x^2)) in fp32 (torch's norm over two non-contiguous dims is a slow
-    CPU kernel), and x + bias + weight * x * x_n as one fused x * (1 + weight * x_n) + bias, where the
-    factor is only (N, 1, 1, C). Equal up to fp32 rounding; 1.5-6.5x faster on the CPU measured by
-    bench/cpu_kernels.py (bench/RESULTS.md)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_g = x.float().square().sum(dim=self.spatial_dim, keepdim=True).sqrt().to(x.dtype)
-        x_n = x_g / (x_g.mean(dim=self.channel_dim, keepdim=True) + self.eps)
-        scale = torch.addcmul(torch.ones_like(x_n), self.weight.view(self.wb_shape), x_n)
-        return torch.addcmul(self.bias.view(self.wb_shape), x, scale)
-
-
-def use_fast_grn(model: nn.Module) -> nn.Module:
-    """Swap every GlobalResponseNorm of `model` for FastGlobalResponseNorm in place (weights untouched)."""
-    for module in model.modules():
-        if type(module) is GlobalResponseNorm:
-            module.__class__ = FastGlobalResponseNorm
-    return model
-
-
 def cnn_preprocess(model: nn.Module, image_size: int | None = None) -> Preprocess:
     cfg = model.pretrained_cfg
     return Preprocess(image_size=image_size or cfg["input_size"][-1], mean=tuple(cfg["mean"]),
@@ -192,26 +170,7 @@ def cnn_preprocess(model: nn.Module, image_size: int | None = None) -> Preproces
                       crop_pct=cfg.get("crop_pct", 0.875))
 
 
-def cnn_param_groups(model: nn.Module) -> list[list[nn.Parameter]]:
-    """[stem], [stage 0], ..., [stage 3], [norm_pre + head]: body groups first, head last."""
-    groups = [list(model.stem.parameters())] + [list(s.parameters()) for s in model.stages]
-    return groups + [list(model.norm_pre.parameters()) + list(model.head.parameters())]
-
-
 # --------------------------------------------------------------------------- CLIP: OpenCLIP image encoder
-
-class ClipClassifier(nn.Module):
-    """CLIP image encoder + linear head on L2-normalised features (a zero-shot head keeps its meaning)."""
-
-    def __init__(self, visual: nn.Module, num_classes: int = len(CLASSES), quick_gelu: bool = False):
-        super().__init__()
-        self.visual = visual
-        self.head = nn.Linear(visual.output_dim, num_classes)
-        self.quick_gelu = quick_gelu  # architecture detail the export must record (openai weights use it)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(F.normalize(self.visual(x), dim=-1))
-
 
 def _is_weights_file(pretrained: str | os.PathLike) -> bool:
     """A path (given as such, with a suffix, or existing) rather than an open_clip tag like "openai"."""
@@ -307,39 +266,7 @@ def clip_preprocess(model: ClipClassifier) -> Preprocess:
                       interpolation=cfg.get("interpolation", "bicubic"), crop_pct=1.0)
 
 
-def clip_param_groups(model: ClipClassifier) -> list[list[nn.Parameter]]:
-    """[patch embedding + class/positional embeddings + ln_pre], one group per transformer block,
-    [ln_post + projection (+ anything else in the tower)], [head]."""
-    v = model.visual
-    if not hasattr(getattr(v, "transformer", None), "resblocks"):
-        raise ValueError(f"the image tower of this --model is a {type(v).__name__}, not an open_clip "
-                         f"VisionTransformer; the CLIP splitter supports the ViT-* models (e.g. ViT-L-14).")
-    blocks = list(v.transformer.resblocks)
-    stem = [p for name, p in v.named_parameters() if name.split(".")[0] in
-            ("conv1", "class_embedding", "positional_embedding", "ln_pre", "patch_embed")]
-    block_ids = {id(p) for b in blocks for p in b.parameters()}
-    taken = {id(p) for p in stem} | block_ids
-    top = [p for p in v.parameters() if id(p) not in taken]
-    return [stem] + [list(b.parameters()) for b in blocks] + [top, list(model.head.parameters())]
-
-
 # --------------------------------------------------------------------------- shared entry points
-
-def unfreeze_index(model: nn.Module, last_k: int) -> int:
-    """fastai `freeze_to` index that trains the last `last_k` blocks (clip: transformer blocks, cnn:
-    stages) and every group above them: clip [ln_post + proj] and [head], cnn [norm_pre + head]."""
-    top = 2 if isinstance(model, ClipClassifier) else 1
-    n_blocks = len(param_groups(model)) - top - 1  # minus the stem group
-    if not 1 <= last_k <= n_blocks:
-        raise ValueError(f"--unfreeze-last {last_k}: the model has {n_blocks} blocks, so give 1..{n_blocks} "
-                         f"(or leave the flag out to fine-tune the whole body).")
-    return -(last_k + top)
-
-
-def param_groups(model: nn.Module) -> list[list[nn.Parameter]]:
-    """The splitter for either family: body groups from the input upwards, the head last."""
-    return clip_param_groups(model) if isinstance(model, ClipClassifier) else cnn_param_groups(model)
-
 
 def preprocess_for(model: nn.Module, image_size: int | None = None) -> Preprocess:
     return clip_preprocess(model) if isinstance(model, ClipClassifier) else cnn_preprocess(model, image_size)

@@ -1,6 +1,6 @@
 """Image decoding and evaluation-time preprocessing, shared bit for bit by validation and serving.
 
-The fastai validation pipeline and `flowers_classifier` both call `load_rgb` and `resize_center_crop`,
+The fastai validation pipeline and the runtime both call `load_rgb` and `resize_center_crop`,
 then scale to [0, 1] and normalise with the backbone's mean/std, so what is measured during training
 is what is served. Pure PIL/NumPy/torch: no fastai here.
 """
@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+# The file suffixes a folder of photos is scanned for (training data, batch prediction, demo examples).
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
              "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .classes import CLASSES
-from .preprocess import InvalidImageError, load_rgb
+from flowers_classifier.classes import CLASSES
+from flowers_classifier.preprocess import InvalidImageError, load_rgb
 
 AUDIT_MIN_SIZE = 224  # the input size of every default backbone
 

@@ -34,13 +34,13 @@ from fastai.vision.all import (
 )
 from PIL import Image
 
+from flowers_classifier.classes import CLASSES, normalize_label
+from flowers_classifier.files import write_json
+from flowers_classifier.preprocess import IMAGE_SUFFIXES, InvalidImageError, Preprocess, load_rgb, resize_center_crop
+
 from .audit import AUDIT_MIN_SIZE, audit_table, format_report, inspect_files
-from .classes import CLASSES, normalize_label
-from .files import write_json
-from .preprocess import InvalidImageError, Preprocess, load_rgb, resize_center_crop
 
 FLOWERS_URL = "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
 
 class DatasetError(ValueError):
@@ -108,7 +108,7 @@ def scan_folder(root: str | Path) -> pd.DataFrame:
     rows = []
     for label in CLASSES:
         files = sorted(p for p in folders[label].rglob("*")
-                       if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+                       if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not files:
             raise DatasetError(f"--data {root}: class folder {folders[label].name!r} has no image files.")
         rows += [(str(p.relative_to(root)), label) for p in files]
@@ -139,7 +139,7 @@ def non_image_files(root: Path) -> list[tuple[str, str]]:
     """(path, reason) for files in class folders that scan_folder leaves out for their extension."""
     return [(str(p.relative_to(root)), f"not an image file ({p.suffix or 'no extension'})")
             for folder in sorted(root.iterdir()) if folder.is_dir() and normalize_label(folder.name)
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix.lower() not in IMAGE_EXTENSIONS]
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES]
 
 
 def prepare_split(root: str | Path, run_dir: str | Path, valid_pct: float = 0.2, seed: int = 42,

@@ -34,12 +34,13 @@ import torch
 from PIL import Image
 
 import flowers_classifier as fc
+from flowers_classifier.classes import CLASSES
+from flowers_classifier.files import atomic_write, write_json
+from flowers_classifier.preprocess import Preprocess, load_rgb, preprocess_image, resize_center_crop, to_tensor
 
-from .classes import CLASSES
 from .export import ExportError, export_run
-from .files import atomic_write, write_json
-from .preprocess import Preprocess, load_rgb, preprocess_image, resize_center_crop, to_tensor
-from .report import classification_metrics, plot_confusion_matrix, plot_curves, plot_image_grid
+from .metrics import classification_metrics
+from .plots import plot_confusion_matrix, plot_curves, plot_image_grid
 
 TTA_CROP_PCT = 0.875  # corner crops come from the image resized to size / 0.875 (short side), timm's default
 TOP_LOSSES = 9

@@ -1,26 +1,20 @@
-"""Export: a finished (or interrupted) run folder -> a plain `.pth` payload for `flowers_classifier`.
-
-The payload is a dict of tensors and plain metadata, loadable with `torch.load(weights_only=True)`:
-format_version, family, model_name, classes, image_size, mean, std, interpolation, crop_pct,
-(clip) quick_gelu, dtype and state_dict. No pickled classes, so loading it never runs code.
-
-`export_onnx` turns a payload into an ONNX graph (dynamic batch axis, outputs `logits` and
-`probabilities`) carrying the same metadata as JSON in its metadata_props, checked against PyTorch
-with ONNX Runtime before it is written.
-"""
+"""Export: a finished (or interrupted) run folder -> a plain `.pth` payload for `flowers_classifier`, and
+the `export.py` CLI (also `flowers-export`). The format itself and ONNX are the runtime's
+(`flowers_classifier.payload`, `flowers_classifier.onnx_model`)."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from .files import atomic_write
-from .models import build_from_spec
+from flowers_classifier.files import atomic_write
+from flowers_classifier.onnx_model import OnnxExportError, export_onnx
+from flowers_classifier.payload import ModelFileError, default_model_path, load_payload, make_payload
 
-FORMAT_VERSION = 1
 BEST_NAME = "best"  # run_dir/best.pth: the best weights on valid accuracy (SaveModelCallback)
 
 
@@ -39,92 +33,72 @@ def read_run(run_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return spec, torch.load(weights_path, map_location="cpu", weights_only=True)
 
 
-def make_payload(spec: dict, state_dict: dict[str, torch.Tensor], half: bool = False) -> dict:
-    dtype = torch.float16 if half else torch.float32
-    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state_dict.items()}
-    return dict(format_version=FORMAT_VERSION, **spec, dtype=str(dtype).removeprefix("torch."),
-                state_dict=tensors)
-
-
-def default_export_path(family: str) -> Path:
-    return Path("models") / ("cnn_flowers.pth" if family == "cnn" else "vit_flowers.pth")
-
-
 def export_run(run_dir: str | Path, out: str | Path | None = None, half: bool | None = None) -> Path:
     """Write the payload of `run_dir` atomically to `out`. fp16 storage by default for CLIP."""
     spec, state_dict = read_run(run_dir)
     half = spec["family"] == "clip" if half is None else half
     payload = make_payload(spec, state_dict, half)
-    out = Path(out) if out else default_export_path(spec["family"])
+    out = Path(out) if out else default_model_path(spec["family"])
     return atomic_write(out, lambda tmp: torch.save(payload, tmp))
 
 
-# --------------------------------------------------------------------------- ONNX
-
-ONNX_METADATA_KEY = "flowers_fastai"  # metadata_props key holding the payload spec as JSON
-ONNX_INPUT, ONNX_OUTPUTS = "image", ("logits", "probabilities")
-ONNX_TOLERANCE = 1e-4  # max abs difference of probabilities, ONNX Runtime vs PyTorch, fp32
-
-
-class _LogitsAndProbabilities(nn.Module):
-    """The network plus its softmax, so ONNX users get probabilities without re-implementing anything."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.net(x)
-        return logits, logits.softmax(-1)
-
-
-def onnx_spec(payload: dict) -> dict:
-    """The payload's metadata as stored in the ONNX file: everything but the weights, dtype float32."""
-    return {k: v for k, v in payload.items() if k != "state_dict"} | {"dtype": "float32"}
-
-
-def _fp32_module(payload: dict) -> nn.Module:
-    net = build_from_spec(payload)
-    net.load_state_dict(payload["state_dict"], strict=True)
-    return _LogitsAndProbabilities(net.float()).eval()
-
-
-def _check_onnx(path: str, module: nn.Module, size: int) -> float | None:
-    """Max abs difference of probabilities between ONNX Runtime and PyTorch on a random batch of 3 (the
-    graph was traced with 2, so this also proves the batch axis is dynamic); None without onnxruntime."""
+def load_source(source: str | Path) -> dict:
+    """The payload of a run folder (its best weights, fp32) or of an exported .pth (validated on load)."""
+    source = Path(source)
+    if source.is_dir():
+        return make_payload(*read_run(source), half=False)
     try:
-        import onnxruntime as ort
-    except ImportError:
-        return None
-    x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        expected = module(x)[1]
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    got = session.run([ONNX_OUTPUTS[1]], {ONNX_INPUT: x.numpy()})[0]
-    return float((torch.from_numpy(got) - expected).abs().max())
+        return load_payload(source)
+    except ModelFileError as e:
+        raise ExportError(str(e)) from e
 
 
-def export_onnx(payload: dict, out: str | Path, opset: int | None = None) -> tuple[Path, float | None]:
-    """Write `payload` (a `.pth` payload dict) as an fp32 ONNX graph to `out`, atomically, and return
-    (path, max abs difference of probabilities vs PyTorch, None when onnxruntime is not installed).
-    Raises ExportError, and writes nothing, when the difference exceeds ONNX_TOLERANCE."""
-    import onnx
-    module = _fp32_module(payload)
-    size = int(payload["image_size"])
-    sample = torch.zeros(2, 3, size, size)  # batch 2, not 1: torch.export would specialise a batch of 1
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    program = torch.onnx.export(module, (sample,), dynamo=True, input_names=[ONNX_INPUT],
-                                output_names=list(ONNX_OUTPUTS), dynamic_shapes={"x": {0: batch}},
-                                opset_version=opset, verbose=False)
-    proto = program.model_proto
-    onnx.helper.set_model_props(proto, {ONNX_METADATA_KEY: json.dumps(onnx_spec(payload))})
-    diff: list[float | None] = []
+# --------------------------------------------------------------------------- CLI
 
-    def write(tmp: str) -> None:
-        onnx.save_model(proto, tmp)  # weights inline: fine below protobuf's 2 GB (ViT-L/14 fp32 is 1.2 GB)
-        diff.append(_check_onnx(tmp, module, size))
-        if diff[0] is not None and diff[0] > ONNX_TOLERANCE:
-            raise ExportError(f"{out}: the ONNX graph disagrees with PyTorch by {diff[0]:.2e} (> {ONNX_TOLERANCE}) "
-                              f"in probability; nothing was written. Try another --opset.")
+CLI_USAGE = """Export a train.py run folder to a plain .pth for flowers_classifier, and/or to ONNX.
 
-    return atomic_write(out, write), diff[0]
+    python export.py RUN_DIR [--out models/cnn_flowers.pth] [--half | --fp32]
+    python export.py RUN_DIR|MODEL.pth --onnx OUT.onnx [--out PTH] [--opset N]
+
+--onnx writes an fp32 ONNX graph (input `image` (N, 3, H, W) with a dynamic batch axis, outputs `logits`
+and `probabilities`; the preprocessing spec as JSON in its metadata) and prints how far ONNX Runtime's
+probabilities are from PyTorch's. With --onnx, a .pth is written only when --out is given too.
+"""
+
+
+def _export_onnx(source: Path, out: Path, opset: int | None) -> None:
+    path, diff = export_onnx(load_source(source), out, opset)
+    check = (f"max |p_onnx - p_torch| = {diff:.2e} on a random batch of 3" if diff is not None
+             else "not checked: onnxruntime is not installed (pip install onnxruntime)")
+    print(f"exported {path} ({path.stat().st_size / 2**20:.1f} MiB); {check}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="export.py", description=CLI_USAGE,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR|MODEL.pth",
+                   help="run folder written by train.py (metrics.json + best.pth), or (with --onnx) an exported .pth")
+    p.add_argument("--out", type=Path, help=f"target .pth (default {default_model_path('cnn')} or "
+                                            f"{default_model_path('clip')})")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--half", dest="half", action="store_const", const=True,
+                   help="store weights in fp16 (default for clip; halves the file)")
+    g.add_argument("--fp32", dest="half", action="store_const", const=False,
+                   help="store weights in fp32 (default for cnn)")
+    p.add_argument("--onnx", type=Path, metavar="OUT.onnx", help="write an fp32 ONNX graph (dynamic batch axis)")
+    p.add_argument("--opset", type=int, help="ONNX opset for --onnx (default: the exporter's)")
+    args = p.parse_args(argv)
+    if not args.run_dir.is_dir() and not args.onnx:
+        p.error(f"{args.run_dir} is not a run folder; exporting a .pth file is only meaningful with --onnx OUT.onnx")
+    if args.out and not args.run_dir.is_dir():
+        p.error(f"--out writes a .pth from a run folder, and {args.run_dir} is not one; drop --out")
+    try:
+        if args.onnx:
+            _export_onnx(args.run_dir, args.onnx, args.opset)
+        if not args.onnx or (args.out and args.run_dir.is_dir()):
+            path = export_run(args.run_dir, args.out, args.half)
+            print(f"exported {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    except (ExportError, OnnxExportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

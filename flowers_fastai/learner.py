@@ -3,7 +3,7 @@
 The recipe is fastai's own machinery: AdamW (decoupled weight decay) + label smoothing, MixUp/CutMix,
 GradientClip, EarlyStopping, best-checkpoint saving on valid accuracy, one-cycle (cosine with warmup)
 schedules, MixedPrecision on CUDA, and discriminative learning rates through the splitter from
-`models.param_groups`. The only loop here is fastai's.
+`splitters.param_groups`. The only loop here is fastai's.
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ from fastai.optimizer import Adam
 from fastai.torch_core import set_seed
 from torch.distributions.beta import Beta
 
-from . import models
+from flowers_classifier.model import ClipClassifier
+
+from . import splitters
 from .export import BEST_NAME
 
 LAST_NAME = "last"  # run_dir/last.pth: weights + optimizer after the last finished epoch (--resume)
@@ -239,7 +241,7 @@ def build_learner(dls, model: torch.nn.Module, recipe: Recipe, run_dir: str | Pa
         cbs.append(EmaCallback(recipe.ema_decay))
     learn = Learner(dls, model, loss_func=LabelSmoothingCrossEntropyFlat(eps=recipe.label_smoothing),
                     opt_func=partial(Adam, decouple_wd=True), wd=recipe.wd, metrics=accuracy,
-                    splitter=models.param_groups, cbs=cbs, path=run_dir, model_dir=".",
+                    splitter=splitters.param_groups, cbs=cbs, path=run_dir, model_dir=".",
                     train_bn=False)  # freeze() must leave the head alone trainable (norms included)
     if not sys.stdout.isatty():
         learn.remove_cb(ProgressCallback)  # HistoryCallback prints the plain per-epoch lines instead
@@ -259,7 +261,7 @@ def use_channels_last(recipe: Recipe, model: torch.nn.Module) -> bool:
     NHWC. On the CPU it measured no faster for ConvNeXt V2 training (bench/RESULTS.md), so off there."""
     if recipe.channels_last is not None:
         return recipe.channels_last
-    return torch.cuda.is_available() and not isinstance(model, models.ClipClassifier)
+    return torch.cuda.is_available() and not isinstance(model, ClipClassifier)
 
 
 def stage2_lrs(learn: Learner, recipe: Recipe) -> slice:
@@ -297,10 +299,10 @@ def _fit(learn: Learner, epochs: int, lr, recipe: Recipe, stage: str, start_epoc
 
 def fine_tune(learn: Learner, recipe: Recipe, epochs_done: int = 0) -> Learner:
     """Stage 1 (freeze_epochs): head only at head_lr. Stage 2 (epochs): the body (or its last
-    `unfreeze_last` blocks, see models.unfreeze_index) too, with discriminative LRs. Both one-cycle;
+    `unfreeze_last` blocks, see splitters.stage_start) too, with discriminative LRs. Both one-cycle;
     best weights loaded at the end. `epochs_done` (resume) skips the epochs a run already finished."""
     # Resolved before stage 1, so a bad --unfreeze-last fails before any training.
-    unfreeze_at = None if recipe.unfreeze_last is None else models.unfreeze_index(learn.model, recipe.unfreeze_last)
+    unfreeze_at = None if recipe.unfreeze_last is None else splitters.unfreeze_index(learn.model, recipe.unfreeze_last)
     if recipe.freeze_epochs > epochs_done:
         _trainable_from(learn, -1, keep_optimizer_state=epochs_done > 0)
         _fit(learn, recipe.freeze_epochs, recipe.head_lr, recipe, "frozen", start_epoch=epochs_done)

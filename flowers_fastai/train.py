@@ -24,15 +24,17 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from . import models
+from flowers_classifier import factory as models
+from flowers_classifier.classes import CLASSES
+from flowers_classifier.files import atomic_write, write_json
+from flowers_classifier.preprocess import Preprocess
+
+from . import splitters
 from .audit import AUDIT_MIN_SIZE
-from .classes import CLASSES
 from .data import DatasetError, RGBImage, make_dataloaders, prepare_split
 from .evaluate import evaluate_run
-from .files import atomic_write, write_json
 from .learner import Recipe, build_learner, export_learner, fine_tune, resume_learner, seed_everything, valid_accuracy
-from .preprocess import Preprocess
-from .report import SanityCheckError, find_lr, overfit_one_batch, sanity_check
+from .probes import SanityCheckError, find_lr, overfit_one_batch, sanity_check
 
 # Per-family defaults; any flag the user gives wins. CLIP follows the LP-FT recipe: a linear probe at a
 # high head LR, then a gentle full fine-tune with layer-wise LR decay and milder label smoothing.
@@ -311,7 +313,7 @@ def train(args: argparse.Namespace) -> Path:
     model = models.build_from_spec(resumed["model"]) if resumed else build_model(args)
     prep = models.preprocess_for(model, args.img_size)
     spec = model_spec(args, model, prep)
-    n_groups = len(models.param_groups(model))
+    n_groups = len(splitters.param_groups(model))
     recipe = Recipe(**resumed["recipe"]) if resumed else make_recipe(args, n_groups)
 
     # 3. fastai DataLoaders + Learner.

@@ -9,7 +9,6 @@ would let the run pass without testing the product."""
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,28 +16,17 @@ import pytest
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from flowers_classifier import factory
+from flowers_classifier.classes import CLASSES
+from flowers_classifier.payload import make_payload
 
-from flowers_fastai import models  # noqa: E402
-from flowers_fastai.classes import CLASSES  # noqa: E402
-from flowers_fastai.export import make_payload  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 REAL_PHOTOS = ROOT / "tests" / "data" / "flowers"  # 12 real photos per class, committed (tests/data/README.md)
 # The full development set (3451 photos), only for the tests that need hundreds of photos per class.
 FLOWERS128 = Path(os.environ.get("FLOWERS128_DIR", ROOT.parent / "shared" / "datasets" / "flowers128"))
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 TINY_CNN, TINY_CLIP, TINY_SIZE = "convnextv2_atto", "ViT-S-32", 64
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: builds or trains something large (still runs in CI)")
-    config.addinivalue_line("markers", "browser: drives Debian's chromium through Playwright")
-    # Third-party deprecation noise (torch.jit in timm, numpy.core/pandas options in fastai and gradio).
-    for pattern in ("ignore:.*torch.jit.script.*:FutureWarning", "ignore::DeprecationWarning:fastai",
-                    "ignore:.*mode.chained_assignment.*", "ignore:.*load_learner.*insecure pickle.*",
-                    "ignore:.*copy keyword is deprecated.*"):
-        config.addinivalue_line("filterwarnings", pattern)
 
 
 def require(ok: bool, why: str) -> None:
@@ -91,8 +79,8 @@ def image_folder(tmp_path) -> Path:
 
 def tiny_cnn_payload_file(path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
-    net = models.create_cnn(TINY_CNN, pretrained=None)
-    prep = models.cnn_preprocess(net, TINY_SIZE)
+    net = factory.create_cnn(TINY_CNN, pretrained=None)
+    prep = factory.cnn_preprocess(net, TINY_SIZE)
     spec = dict(family="cnn", model_name=TINY_CNN, classes=list(CLASSES), **prep.to_dict())
     torch.save(make_payload(spec, net.state_dict()), path)
     return path
@@ -100,8 +88,8 @@ def tiny_cnn_payload_file(path: Path, seed: int = 0) -> Path:
 
 def tiny_clip_payload_file(path: Path, seed: int = 0, half: bool = True) -> Path:
     torch.manual_seed(seed)
-    net = models.create_clip(TINY_CLIP, pretrained=None, image_size=TINY_SIZE, head_init="random")
-    prep = models.clip_preprocess(net)
+    net = factory.create_clip(TINY_CLIP, pretrained=None, image_size=TINY_SIZE, head_init="random")
+    prep = factory.clip_preprocess(net)
     spec = dict(family="clip", model_name=TINY_CLIP, classes=list(CLASSES), quick_gelu=False, **prep.to_dict())
     torch.save(make_payload(spec, net.state_dict(), half=half), path)
     return path

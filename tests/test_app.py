@@ -21,8 +21,8 @@ import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
-import app
 import flowers_classifier as fc
+from flowers_fastai import demo as app
 
 ROOT = Path(__file__).resolve().parents[1]
 

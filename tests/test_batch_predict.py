@@ -12,7 +12,8 @@ import torch
 from conftest import ROOT
 
 import flowers_classifier as fc
-from flowers_fastai.classes import CLASSES
+from flowers_classifier import cli
+from flowers_classifier.classes import CLASSES
 
 
 @pytest.fixture
@@ -56,7 +57,7 @@ def test_cli_predicts_every_good_image_and_reports_the_corrupt_one(tiny_cnn_pth,
 
 def test_exit_code_0_when_every_image_is_predicted(tiny_cnn_pth, real_photos, capsys):
     files = [str(real_photos["rose"][0]), str(real_photos["daisy"][0])]
-    assert fc.main([*files, "--model", str(tiny_cnn_pth), "--top-k", "1"]) == 0
+    assert cli.main([*files, "--model", str(tiny_cnn_pth), "--top-k", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split("\t")[0] for line in lines] == files
     assert all(len(line.split("\t")[1].split()) == 2 for line in lines)  # "class confidence"
@@ -91,9 +92,9 @@ def test_find_images_recurses_and_keeps_explicit_files(photo_dir):
 
 
 def test_usage_errors_exit_2(tiny_cnn_pth, tmp_path, capsys):
-    assert fc.main([str(tmp_path), "--model", str(tmp_path / "nope.pth")]) == 2
+    assert cli.main([str(tmp_path), "--model", str(tmp_path / "nope.pth")]) == 2
     err = capsys.readouterr().err
     assert "nope.pth" in err and "--model" in err
     (tmp_path / "empty").mkdir()
-    assert fc.main([str(tmp_path / "empty"), "--model", str(tiny_cnn_pth)]) == 2
+    assert cli.main([str(tmp_path / "empty"), "--model", str(tiny_cnn_pth)]) == 2
     assert "folder holds no image files" in capsys.readouterr().err

@@ -21,8 +21,8 @@ from conftest import require
 from PIL import Image
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-import app
 import flowers_classifier as fc
+from flowers_fastai import demo as app
 
 pytestmark = pytest.mark.browser
 

@@ -11,8 +11,9 @@ from conftest import ROOT
 from PIL import Image
 
 import flowers_classifier as fc
-from flowers_fastai.classes import CLASSES
-from flowers_fastai.preprocess import Preprocess, load_rgb, preprocess_image
+from flowers_classifier import inference, payload
+from flowers_classifier.classes import CLASSES
+from flowers_classifier.preprocess import Preprocess, load_rgb, preprocess_image
 
 PAYLOAD_KEYS = {"format_version", "family", "model_name", "classes", "image_size", "mean", "std",
                 "interpolation", "crop_pct", "dtype", "state_dict"}
@@ -48,7 +49,7 @@ def test_missing_file_says_how_to_make_one(tmp_path):
 
 
 def test_bare_name_is_looked_up_in_models_dir(tiny_cnn_pth, monkeypatch):
-    monkeypatch.setattr(fc, "MODELS_DIR", tiny_cnn_pth.parent)
+    monkeypatch.setattr(payload, "MODELS_DIR", tiny_cnn_pth.parent)
     model = fc.load_cnn_model("cnn_flowers.pth")
     assert model.family == "cnn"
 
@@ -125,8 +126,8 @@ def test_transparent_pixels_become_white(tmp_path):
 
 def test_cpu_micro_batches_give_the_whole_batch_result_in_order(tiny_cnn_pth):
     model = fc.load_model(tiny_cnn_pth, device="cpu")
-    assert model.micro_batch == fc.CPU_MICRO_BATCH
-    x = torch.randn(2 * fc.CPU_MICRO_BATCH + 1, 3, model.prep.image_size, model.prep.image_size)
+    assert model.micro_batch == inference.CPU_MICRO_BATCH
+    x = torch.randn(2 * inference.CPU_MICRO_BATCH + 1, 3, model.prep.image_size, model.prep.image_size)
     chunked = model.probabilities(x)
     model.micro_batch = None
     whole = model.probabilities(x)

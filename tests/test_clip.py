@@ -31,12 +31,13 @@ from open_clip.zero_shot_classifier import build_zero_shot_classifier
 from PIL import Image
 
 import flowers_classifier as fc
-from flowers_fastai import models
-from flowers_fastai.classes import CLASSES
+from flowers_classifier import factory
+from flowers_classifier.classes import CLASSES
+from flowers_classifier.preprocess import preprocess_image
+from flowers_fastai import splitters
 from flowers_fastai.data import make_dataloaders, prepare_split
 from flowers_fastai.export import export_run
 from flowers_fastai.learner import build_learner, fine_tune, resolve_precision
-from flowers_fastai.preprocess import preprocess_image
 from flowers_fastai.train import (
     _resolve,
     build_model,
@@ -69,8 +70,8 @@ def save_random_clip(path: Path, seed: int = 0, quick_gelu: bool = False) -> Pat
 def tiny_learner(model, args, folder: Path, run_dir: Path):
     """A fastai Learner as train.py builds it, on a synthetic image folder."""
     df = prepare_split(folder, run_dir, valid_pct=0.2, seed=0)
-    dls = make_dataloaders(df, folder, models.preprocess_for(model), bs=8)
-    recipe = make_recipe(args, len(models.param_groups(model)))
+    dls = make_dataloaders(df, folder, factory.preprocess_for(model), bs=8)
+    recipe = make_recipe(args, len(splitters.param_groups(model)))
     return build_learner(dls, model, recipe, run_dir), recipe
 
 
@@ -87,7 +88,7 @@ def open_clip_zero_shot(ckpt: Path, photos: list[Path]) -> dict[str, torch.Tenso
     clip.eval()
     with torch.no_grad():
         classifier = build_zero_shot_classifier(clip, open_clip.get_tokenizer(TINY_CLIP), CLASSES,
-                                                models.CLIP_TEMPLATES)
+                                                factory.CLIP_TEMPLATES)
         pixels = torch.stack([preprocess(Image.open(p)) for p in photos])
         scale = clip.logit_scale.exp()
         logits = scale * clip.encode_image(pixels, normalize=True) @ classifier
@@ -150,7 +151,7 @@ def test_splitter_groups_freeze_and_llrd(image_folder, tmp_path):
     args = clip_args("--no-pretrained", "--head-init", "random", "--llrd", "0.5", "--lr", "1e-3",
                      "--freeze-epochs", "0", "--epochs", "1")
     model = build_model(args)
-    groups = models.param_groups(model)
+    groups = splitters.param_groups(model)
     assert len(groups) == len(model.visual.transformer.resblocks) + 3 == TINY_BLOCKS + 3
     names = [param_names(model, g) for g in groups]
     assert names[0] == {"visual.conv1.weight", "visual.class_embedding", "visual.positional_embedding",
@@ -238,7 +239,7 @@ def test_zero_shot_head_equals_open_clip_zero_shot(clip_ckpt, real_photos):
     torch.testing.assert_close(model.head.weight, ref["classifier"].T * scale, rtol=1e-5, atol=1e-5 * scale)
     assert torch.count_nonzero(model.head.bias) == 0
     # Same pixels (CLIP's mean/std, bicubic short-side resize, center crop) and same predictions.
-    prep = models.preprocess_for(model)
+    prep = factory.preprocess_for(model)
     pixels = torch.stack([preprocess_image(p, prep) for p in photos])
     torch.testing.assert_close(pixels, ref_pixels, rtol=0, atol=1e-5)
     with torch.no_grad():
@@ -290,15 +291,15 @@ def test_weights_file_is_exactly_what_the_encoder_starts_from(clip_ckpt, monkeyp
 
 
 def test_bad_weights_files_name_the_flag(clip_ckpt, tmp_path, capsys):
-    with pytest.raises(models.WeightsFileError, match="--weights .*missing.pt: no such file"):
+    with pytest.raises(factory.WeightsFileError, match="--weights .*missing.pt: no such file"):
         build_model(clip_args("--weights", str(tmp_path / "missing.pt")))
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(models.WeightsFileError, match="--weights .*junk.pt: not an open_clip checkpoint"):
+    with pytest.raises(factory.WeightsFileError, match="--weights .*junk.pt: not an open_clip checkpoint"):
         build_model(clip_args("--weights", str(junk)))
     partial = {k: v for k, v in torch.load(clip_ckpt, weights_only=True).items() if k != "visual.proj"}
     torch.save(partial, tmp_path / "partial.pt")
-    with pytest.raises(models.WeightsFileError, match="not an open_clip checkpoint of ViT-S-32"):
+    with pytest.raises(factory.WeightsFileError, match="not an open_clip checkpoint of ViT-S-32"):
         build_model(clip_args("--weights", str(tmp_path / "partial.pt")))
     # Through the CLI: exit status 2 and one line naming the flag, no traceback.
     assert main(["--arch", "clip", "--weights", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "r")]) == 2
@@ -317,7 +318,7 @@ def test_pretrained_tag_sets_quick_gelu_and_round_trips_export(monkeypatch, tmp_
     monkeypatch.setattr(open_clip.factory, "get_pretrained_cfg", fake_cfg)
     monkeypatch.setattr(open_clip.factory, "download_pretrained", lambda cfg, **kw: str(ckpt))
     hub_checks = []
-    monkeypatch.setattr(models, "_require_hub", lambda repo, files, what: hub_checks.append((repo, files)))
+    monkeypatch.setattr(factory, "_require_hub", lambda repo, files, what: hub_checks.append((repo, files)))
 
     args = clip_args("--pretrained-tag", "fake-openai")
     model = build_model(args).eval()
@@ -325,7 +326,7 @@ def test_pretrained_tag_sets_quick_gelu_and_round_trips_export(monkeypatch, tmp_
                                                          "open_clip_pytorch_model.bin"))]
     assert model.quick_gelu is True
     assert isinstance(model.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
-    prep = models.preprocess_for(model)
+    prep = factory.preprocess_for(model)
     assert (prep.image_size, prep.mean, prep.interpolation, prep.crop_pct) == (TINY_SIZE, (0.5,) * 3, "bicubic", 1.0)
 
     run = tmp_path / "run"
@@ -350,7 +351,7 @@ def test_pretrained_tag_sets_quick_gelu_and_round_trips_export(monkeypatch, tmp_
         # same logits to float rounding, while a GELU rebuild of the same weights is far off.
         rounded = {k: v.half().float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
         model.load_state_dict(rounded)
-        gelu_twin = models.build_from_spec({**spec, "quick_gelu": False}).eval()
+        gelu_twin = factory.build_from_spec({**spec, "quick_gelu": False}).eval()
         gelu_twin.load_state_dict(rounded)
         ref_logits, served_logits, gelu_logits = model(x), served.net(x), gelu_twin(x)
     torch.testing.assert_close(served_logits, ref_logits, rtol=1e-5, atol=1e-5)
@@ -360,12 +361,12 @@ def test_pretrained_tag_sets_quick_gelu_and_round_trips_export(monkeypatch, tmp_
 def test_hub_reachability_honours_hf_endpoint(monkeypatch):
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(hf_constants, "ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
-    assert models._hub_reachable(timeout=2.0) is False
+    assert factory._hub_reachable(timeout=2.0) is False
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen()
         monkeypatch.setattr(hf_constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
-        assert models._hub_reachable(timeout=2.0) is True
+        assert factory._hub_reachable(timeout=2.0) is True
 
 
 def test_offline_default_fails_fast_naming_the_flags(tmp_path):
@@ -392,7 +393,7 @@ def test_unknown_model_name_fails_before_anything_is_built():
 def test_input_size_and_pixel_stats_follow_the_model():
     # ViT-B-32-256 is the smallest open_clip ViT whose native input is not 224 (like the -336 models).
     for name, size in (("ViT-B-32-256", 256), (TINY_CLIP, 224)):
-        prep = models.preprocess_for(models.create_clip(name, pretrained=None, head_init="random"))
+        prep = factory.preprocess_for(factory.create_clip(name, pretrained=None, head_init="random"))
         assert (prep.image_size, prep.interpolation, prep.crop_pct) == (size, "bicubic", 1.0)
         assert prep.mean == pytest.approx(open_clip.OPENAI_DATASET_MEAN)
         assert prep.std == pytest.approx(open_clip.OPENAI_DATASET_STD)
@@ -421,11 +422,11 @@ def test_help_documents_every_clip_flag(capsys):
 
 @pytest.mark.slow
 def test_vit_l14_fp16_export_size_and_cpu_predict(tmp_path, real_photos):
-    model = models.create_clip("ViT-L-14", pretrained=None, head_init="random").eval()
+    model = factory.create_clip("ViT-L-14", pretrained=None, head_init="random").eval()
     n_encoder = sum(p.numel() for p in model.visual.parameters())
     assert 300e6 < n_encoder < 308e6  # ~304M
-    assert len(models.param_groups(model)) == 24 + 3
-    prep = models.preprocess_for(model)
+    assert len(splitters.param_groups(model)) == 24 + 3
+    prep = factory.preprocess_for(model)
     assert prep.image_size == 224
     photo = real_photos["rose"][0]
     with torch.no_grad():

@@ -7,10 +7,10 @@ import pytest
 import torch
 from conftest import make_image_folder
 
+from flowers_classifier.classes import CLASSES, normalize_label
+from flowers_classifier.preprocess import Preprocess, preprocess_image
 from flowers_fastai import data
-from flowers_fastai.classes import CLASSES, normalize_label
 from flowers_fastai.data import DatasetError
-from flowers_fastai.preprocess import Preprocess, preprocess_image
 
 
 @pytest.mark.parametrize("name, label", [("roses", "rose"), ("Sunflowers", "sunflower"), ("TULIPS", "tulip"),

@@ -8,8 +8,8 @@ import threading
 import pytest
 from conftest import make_image_folder
 
+from flowers_classifier.classes import CLASSES
 from flowers_fastai import data
-from flowers_fastai.classes import CLASSES
 
 
 @pytest.fixture

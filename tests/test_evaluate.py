@@ -13,10 +13,11 @@ import torch
 from conftest import TINY_CNN, TINY_SIZE, make_image_folder
 from PIL import Image
 
-from flowers_fastai import evaluate, models
-from flowers_fastai.classes import CLASSES
-from flowers_fastai.preprocess import Preprocess, preprocess_image
-from flowers_fastai.report import baselines, classification_metrics, confusion_matrix
+from flowers_classifier import factory
+from flowers_classifier.classes import CLASSES
+from flowers_classifier.preprocess import Preprocess, preprocess_image
+from flowers_fastai import evaluate
+from flowers_fastai.metrics import baselines, classification_metrics, confusion_matrix
 
 
 def test_baselines_for_known_class_counts():
@@ -59,7 +60,7 @@ def test_classification_metrics_on_a_hand_checked_case():
 
 def test_tta_views_start_with_the_served_crop_and_mirror_it(tmp_path):
     path = make_image_folder(tmp_path / "imgs", per_class=1, size=80) / "rose" / "0.jpg"
-    prep = models.cnn_preprocess(models.create_cnn(TINY_CNN, pretrained=None), TINY_SIZE)
+    prep = factory.cnn_preprocess(factory.create_cnn(TINY_CNN, pretrained=None), TINY_SIZE)
     views = evaluate.tta_views(path, prep)
     assert views.shape == (10, 3, TINY_SIZE, TINY_SIZE)
     assert torch.equal(views[0], preprocess_image(path, prep))
@@ -110,9 +111,9 @@ def test_evaluate_matches_the_served_predictions(tiny_cnn_pth, photos, tmp_path)
 def _fake_run(run: Path, images: Path) -> Path:
     """A run folder as train.py leaves it: metrics.json (spec + data), best.pth, split.csv, history.csv."""
     torch.manual_seed(0)
-    net = models.create_cnn(TINY_CNN, pretrained=None)
+    net = factory.create_cnn(TINY_CNN, pretrained=None)
     spec = dict(family="cnn", model_name=TINY_CNN, classes=list(CLASSES),
-                **models.cnn_preprocess(net, TINY_SIZE).to_dict())
+                **factory.cnn_preprocess(net, TINY_SIZE).to_dict())
     run.mkdir()
     (run / "metrics.json").write_text(json.dumps(dict(model=spec, config=dict(data=str(images)))))
     torch.save(net.state_dict(), run / "best.pth")

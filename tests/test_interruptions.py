@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import ROOT, TINY_CNN, make_image_folder
 
+from flowers_classifier.classes import CLASSES
 from flowers_fastai import data
-from flowers_fastai.classes import CLASSES
 
 TRAIN = [sys.executable, "train.py", "--model", TINY_CNN, "--no-pretrained", "--img-size", "64", "--bs", "16",
          "--no-export", "--patience", "0"]
@@ -107,9 +107,9 @@ def test_non_image_files_and_symlink_loops_are_reported_not_fatal(tmp_path):
 
 def test_file_deleted_after_the_check_is_reported_and_the_epoch_finishes(tmp_path):
     """The check passed; then a file vanishes before the epoch reads it. Training completes."""
-    from flowers_fastai import models
+    from flowers_classifier import factory
+    from flowers_classifier.preprocess import Preprocess
     from flowers_fastai.learner import Recipe, build_learner, fine_tune
-    from flowers_fastai.preprocess import Preprocess
 
     root = make_image_folder(tmp_path / "imgs", per_class=4)
     run_dir = tmp_path / "run"
@@ -120,7 +120,7 @@ def test_file_deleted_after_the_check_is_reported_and_the_epoch_finishes(tmp_pat
     data.RGBImage.failure_log = run_dir / "skipped.csv"
     try:
         dls = data.make_dataloaders(df, root, Preprocess(32, (0.5,) * 3, (0.5,) * 3), bs=8)
-        learn = build_learner(dls, models.create_cnn(TINY_CNN, pretrained=None), Recipe(patience=None), run_dir)
+        learn = build_learner(dls, factory.create_cnn(TINY_CNN, pretrained=None), Recipe(patience=None), run_dir)
         with pytest.warns(UserWarning, match="no such file"):
             fine_tune(learn, Recipe(epochs=1, freeze_epochs=0, patience=None))
     finally:

@@ -9,9 +9,10 @@ from conftest import TINY_CNN, make_image_folder
 from fastai.callback.core import Callback
 from fastai.losses import LabelSmoothingCrossEntropyFlat
 
-from flowers_fastai import data, models
+from flowers_classifier import factory
+from flowers_classifier.preprocess import Preprocess
+from flowers_fastai import data
 from flowers_fastai.learner import EmaCallback, MixUpOrCutMix, Recipe, build_learner, fine_tune
-from flowers_fastai.preprocess import Preprocess
 
 QUIET = dict(patience=None, grad_clip=1.0)
 
@@ -26,7 +27,7 @@ def tiny_dls(tmp_path):
 
 def tiny_learner(dls, run_dir, **recipe):
     torch.manual_seed(0)
-    return build_learner(dls, models.create_cnn(TINY_CNN, pretrained=None), Recipe(**{**QUIET, **recipe}), run_dir)
+    return build_learner(dls, factory.create_cnn(TINY_CNN, pretrained=None), Recipe(**{**QUIET, **recipe}), run_dir)
 
 
 def test_freeze_leaves_only_the_head_trainable(tiny_dls, tmp_path):

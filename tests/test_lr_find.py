@@ -10,10 +10,11 @@ import pytest
 import torch
 from conftest import TINY_CNN, TINY_SIZE, make_image_folder
 
-from flowers_fastai import models, train
+from flowers_classifier import factory
+from flowers_fastai import train
 from flowers_fastai.data import make_dataloaders, prepare_split
 from flowers_fastai.learner import HistoryCallback, Recipe, build_learner
-from flowers_fastai.report import LR_FIND_METHODS, SanityCheckError, find_lr, sanity_check
+from flowers_fastai.probes import LR_FIND_METHODS, SanityCheckError, find_lr, sanity_check
 
 TINY = ["--arch", "cnn", "--model", TINY_CNN, "--no-pretrained", "--img-size", str(TINY_SIZE), "--bs", "8",
         "--workers", "0"]
@@ -29,8 +30,8 @@ def learn(images, tmp_path):
     """The learner train.py would build for a from-scratch tiny run (no MixUp, so the loss is plain)."""
     torch.manual_seed(0)
     df = prepare_split(images, tmp_path, valid_pct=0.25, seed=0)
-    model = models.create_cnn(TINY_CNN, pretrained=None)
-    dls = make_dataloaders(df, images, models.cnn_preprocess(model, TINY_SIZE), bs=8)
+    model = factory.create_cnn(TINY_CNN, pretrained=None)
+    dls = make_dataloaders(df, images, factory.cnn_preprocess(model, TINY_SIZE), bs=8)
     return build_learner(dls, model, Recipe(freeze_epochs=0, epochs=1, label_smoothing=0.0), tmp_path)
 
 

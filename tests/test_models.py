@@ -10,8 +10,10 @@ import torch
 from conftest import ROOT, TINY_CNN, make_image_folder
 from safetensors.torch import save_file
 
-from flowers_fastai import models
-from flowers_fastai.classes import CLASSES
+from flowers_classifier import factory
+from flowers_classifier import model as model_modules
+from flowers_classifier.classes import CLASSES
+from flowers_fastai import splitters
 
 
 def backbone(sd: dict) -> dict:
@@ -21,14 +23,14 @@ def backbone(sd: dict) -> dict:
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
 def test_local_weights_file_is_exactly_the_starting_backbone(tmp_path, suffix):
     torch.manual_seed(1)
-    source = models.create_cnn(TINY_CNN, pretrained=None, num_classes=1000)  # an ImageNet-style checkpoint
+    source = factory.create_cnn(TINY_CNN, pretrained=None, num_classes=1000)  # an ImageNet-style checkpoint
     path = tmp_path / f"backbone{suffix}"
     if suffix == ".safetensors":
         save_file(source.state_dict(), str(path))
     else:
         torch.save({"state_dict": source.state_dict()}, path)  # wrapped, as many trainers save it
     torch.manual_seed(2)
-    model = models.create_cnn(TINY_CNN, pretrained=path)
+    model = factory.create_cnn(TINY_CNN, pretrained=path)
     loaded, expected = backbone(model.state_dict()), backbone(source.state_dict())
     assert loaded.keys() == expected.keys()
     assert all(torch.equal(loaded[k], expected[k]) for k in expected)
@@ -36,28 +38,28 @@ def test_local_weights_file_is_exactly_the_starting_backbone(tmp_path, suffix):
 
 
 def test_weights_for_another_architecture_are_refused(tmp_path):
-    other = models.create_cnn("convnextv2_femto", pretrained=None)
+    other = factory.create_cnn("convnextv2_femto", pretrained=None)
     path = tmp_path / "femto.safetensors"
     save_file(other.state_dict(), str(path))
-    with pytest.raises(models.WeightsFileError, match="--weights .*femto.safetensors"):
-        models.create_cnn(TINY_CNN, pretrained=path)
+    with pytest.raises(factory.WeightsFileError, match="--weights .*femto.safetensors"):
+        factory.create_cnn(TINY_CNN, pretrained=path)
 
 
 def test_weights_with_unrelated_keys_are_refused_not_ignored(tmp_path):
     path = tmp_path / "other.pth"
     torch.save({"encoder.weight": torch.zeros(3)}, path)
-    with pytest.raises(models.WeightsFileError, match="does not match"):
-        models.create_cnn(TINY_CNN, pretrained=path)
+    with pytest.raises(factory.WeightsFileError, match="does not match"):
+        factory.create_cnn(TINY_CNN, pretrained=path)
 
 
 def test_missing_weights_file(tmp_path):
-    with pytest.raises(models.WeightsFileError, match="no such file"):
-        models.create_cnn(TINY_CNN, pretrained=tmp_path / "nope.safetensors")
+    with pytest.raises(factory.WeightsFileError, match="no such file"):
+        factory.create_cnn(TINY_CNN, pretrained=tmp_path / "nope.safetensors")
 
 
 def test_default_tag_prefers_imagenet22k_finetune():
-    assert models.cnn_pretrained_tag("convnextv2_tiny") == "fcmae_ft_in22k_in1k"
-    assert models.cnn_pretrained_tag("convnextv2_atto") == "fcmae_ft_in1k"  # timm has no 22k atto
+    assert factory.cnn_pretrained_tag("convnextv2_tiny") == "fcmae_ft_in22k_in1k"
+    assert factory.cnn_pretrained_tag("convnextv2_atto") == "fcmae_ft_in1k"  # timm has no 22k atto
 
 
 def offline_env(tmp_path) -> dict:
@@ -67,9 +69,9 @@ def offline_env(tmp_path) -> dict:
 
 
 def test_hub_weights_offline_fail_fast_naming_both_flags(tmp_path):
-    code = ("from flowers_fastai import models\n"
-            "try:\n    models.create_cnn('convnextv2_atto', pretrained='hub')\n"
-            "except models.PretrainedWeightsUnavailable as e:\n    print('REFUSED', e)\n")
+    code = ("from flowers_classifier import factory\n"
+            "try:\n    factory.create_cnn('convnextv2_atto', pretrained='hub')\n"
+            "except factory.PretrainedWeightsUnavailable as e:\n    print('REFUSED', e)\n")
     start = time.monotonic()
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=offline_env(tmp_path),
                          capture_output=True, text=True, timeout=120)
@@ -90,8 +92,8 @@ def test_train_cli_offline_default_fails_within_60s(tmp_path):
 
 
 def test_stage_splitter_covers_every_parameter_once():
-    model = models.create_cnn(TINY_CNN, pretrained=None)
-    groups = models.param_groups(model)
+    model = factory.create_cnn(TINY_CNN, pretrained=None)
+    groups = splitters.param_groups(model)
     assert len(groups) == 1 + len(model.stages) + 1  # stem, stages, head
     ids = [id(p) for g in groups for p in g]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
@@ -99,7 +101,7 @@ def test_stage_splitter_covers_every_parameter_once():
 
 
 def test_cnn_preprocess_uses_the_backbone_stats():
-    prep = models.cnn_preprocess(models.create_cnn(TINY_CNN, pretrained=None), image_size=96)
+    prep = factory.cnn_preprocess(factory.create_cnn(TINY_CNN, pretrained=None), image_size=96)
     assert prep.image_size == 96 and prep.mean == (0.485, 0.456, 0.406) and prep.interpolation == "bicubic"
 
 
@@ -111,8 +113,8 @@ def test_fast_grn_is_timms_grn_forward_and_backward(channels_last):
     with torch.no_grad():  # timm initialises weight = bias = 0, where GRN is the identity: test it as trained
         ref.weight.normal_()
         ref.bias.normal_()
-    fast = models.use_fast_grn(torch.nn.Sequential(ref)).eval()[0]
-    assert type(fast) is models.FastGlobalResponseNorm and fast is ref  # swapped in place, same parameters
+    fast = model_modules.use_fast_grn(torch.nn.Sequential(ref)).eval()[0]
+    assert type(fast) is model_modules.FastGlobalResponseNorm and fast is ref  # swapped in place, same parameters
     slow = GlobalResponseNorm(16, channels_last=channels_last)
     slow.load_state_dict(fast.state_dict())
     shape = (2, 5, 7, 16) if channels_last else (2, 16, 5, 7)
@@ -127,5 +129,5 @@ def test_fast_grn_is_timms_grn_forward_and_backward(channels_last):
 
 def test_cnn_factory_uses_fast_grn_unless_asked_not_to():
     kinds = lambda net: {type(m).__name__ for m in net.modules() if type(m).__name__.endswith("GlobalResponseNorm")}  # noqa: E731
-    assert kinds(models.create_cnn(TINY_CNN, pretrained=None)) == {"FastGlobalResponseNorm"}
-    assert kinds(models.create_cnn(TINY_CNN, pretrained=None, fast_grn=False)) == {"GlobalResponseNorm"}
+    assert kinds(factory.create_cnn(TINY_CNN, pretrained=None)) == {"FastGlobalResponseNorm"}
+    assert kinds(factory.create_cnn(TINY_CNN, pretrained=None, fast_grn=False)) == {"GlobalResponseNorm"}

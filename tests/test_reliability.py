@@ -10,7 +10,7 @@ from conftest import TINY_CNN, make_image_folder
 from PIL import Image
 
 import flowers_classifier as fc
-from flowers_fastai.classes import CLASSES
+from flowers_classifier.classes import CLASSES
 
 
 @pytest.fixture(scope="module")
@@ -155,14 +155,15 @@ def test_truncated_model_file_is_refused(tiny_cnn_pth, tmp_path):
 
 
 def test_fastai_learner_pkl_is_refused(tmp_path):
-    from flowers_fastai import data, models
+    from flowers_classifier import factory
+    from flowers_classifier.preprocess import Preprocess
+    from flowers_fastai import data
     from flowers_fastai.learner import Recipe, build_learner
-    from flowers_fastai.preprocess import Preprocess
 
     root = make_image_folder(tmp_path / "imgs", per_class=3)
     df = data.stratified_split(data.scan_folder(root), 0.34, seed=0)
     dls = data.make_dataloaders(df, root, Preprocess(32, (0.5,) * 3, (0.5,) * 3), bs=4)
-    learn = build_learner(dls, models.create_cnn(TINY_CNN, pretrained=None), Recipe(), tmp_path)
+    learn = build_learner(dls, factory.create_cnn(TINY_CNN, pretrained=None), Recipe(), tmp_path)
     learn.export(tmp_path / "learner.pkl")
     assert zipfile.is_zipfile(tmp_path / "learner.pkl")
     with pytest.raises(fc.ModelFileError, match="learner.pkl: refused to load.*pickled Python objects"):

@@ -16,7 +16,7 @@ from conftest import ROOT, TINY_CNN, make_image_folder
 from fastai.learner import load_learner
 
 import flowers_classifier as fc
-from flowers_fastai.classes import CLASSES
+from flowers_classifier.classes import CLASSES
 from flowers_fastai.data import scan_folder
 
 PER_CLASS, EPOCHS = 200, 8

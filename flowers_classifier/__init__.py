@@ -1,0 +1,41 @@
+"""flowers_classifier: serve an exported flower classifier (daisy, dandelion, rose, sunflower, tulip) with
+torch, timm, open_clip and PIL only: no fastai, no network.
+
+    import flowers_classifier as fc
+    model = fc.load_cnn_model("cnn_flowers.pth")   # a bare name is also looked up in models/
+    fc.predict(model, "rose.jpg")                   # -> "rose"
+    fc.predict_proba(model, "rose.jpg")             # -> {"daisy": 0.01, "dandelion": 0.02, ...}
+    fc.predict_batch(model, fc.find_images(["photos/"]), bs=32)   # -> one record per image
+    model = fc.load_model("cnn_flowers.onnx")       # ONNX Runtime instead of torch (`export.py --onnx`)
+
+    python -m flowers_classifier PATH... [--model models/cnn_flowers.pth] [--top-k 3] [--json OUT] [--bs N]
+
+Payloads are read with `torch.load(weights_only=True)`: a file holding pickled objects is refused
+without running anything. Modules: `classes`, `preprocess` (decoding, eval crop), `model` (modules),
+`factory` (building models, pretrained weights), `payload` (the .pth format), `inference` (load +
+predict), `onnx_model` (ONNX export and serving), `cli`.
+"""
+
+from .classes import CLASSES
+from .inference import (
+    find_images,
+    iter_predictions,
+    iter_probabilities,
+    load_cnn_model,
+    load_ensemble,
+    load_model,
+    load_vit_model,
+    predict,
+    predict_batch,
+    predict_proba,
+)
+from .model import FlowerClassifier
+from .onnx_model import OnnxFlowerClassifier, load_onnx_model
+from .payload import MODELS_DIR, ModelFileError, load_payload
+from .preprocess import InvalidImageError
+
+__version__ = "0.2.0"
+__all__ = ["CLASSES", "FlowerClassifier", "InvalidImageError", "MODELS_DIR", "ModelFileError",
+           "OnnxFlowerClassifier", "find_images", "iter_predictions", "iter_probabilities", "load_cnn_model",
+           "load_ensemble", "load_model", "load_onnx_model", "load_payload", "load_vit_model", "predict",
+           "predict_batch", "predict_proba"]

@@ -1,0 +1,78 @@
+"""`python -m flowers_classifier PATH... [--model models/cnn_flowers.pth] [--top-k 3] [--json OUT] [--bs N]`:
+predict image files and folders (searched recursively) with an exported model, in batches: one line per
+image on stdout, errors on stderr, and optionally every record as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .classes import CLASSES
+from .inference import error_record, find_images, iter_predictions, load_model
+from .payload import ModelFileError, default_model_path
+from .preprocess import IMAGE_SUFFIXES
+
+
+def _top_k(record: dict, k: int) -> str:
+    ranked = sorted(record["probabilities"].items(), key=lambda kv: kv[1], reverse=True)[:k]
+    return f"{record['image_path']}\t" + "  ".join(f"{c} {p:.3f}" for c, p in ranked)
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m flowers_classifier",
+                                description="Predict the flower class of image files and folders (searched "
+                                            "recursively) with an exported model, in batches.")
+    p.add_argument("paths", nargs="+", help="image files and/or folders")
+    p.add_argument("--model", type=Path, default=default_model_path("cnn"),
+                   help=f"exported .pth (cnn or clip) or .onnx (default: {default_model_path('cnn')})")
+    p.add_argument("--top-k", type=int, default=3, help="classes printed per image (default 3)")
+    p.add_argument("--json", type=Path, help="also write one record per image to this JSON file")
+    p.add_argument("--bs", type=int, default=32, help="images per forward pass (default 32)")
+    args = p.parse_args(argv)
+    if not 1 <= args.top_k <= len(CLASSES):
+        p.error(f"--top-k must be between 1 and {len(CLASSES)}, not {args.top_k}")
+    if args.bs < 1:
+        p.error(f"--bs must be at least 1, not {args.bs}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: one line per image (path, top-k classes with confidences), errors on stderr; exit code 0 when
+    every image was predicted, 1 when some could not be read, 2 when nothing could run."""
+    args = _parse_args(argv)
+    try:
+        model = load_model(args.model)
+    except ModelFileError as e:
+        print(f"error: {e} (--model)", file=sys.stderr)
+        return 2
+    paths, records = [], []
+    for arg in args.paths:
+        found = find_images([arg])
+        if not found:  # only a folder comes back empty
+            records.append(error_record(arg, f"{arg}: folder holds no image files "
+                                              f"({', '.join(sorted(IMAGE_SUFFIXES))})"))
+            print(f"error: {records[-1]['error']}", file=sys.stderr)
+        paths += found
+    if not paths:
+        print("error: nothing to predict; pass image files or folders holding them.", file=sys.stderr)
+        return 2
+    # A progress bar on a terminal only; tqdm.write keeps it below the result lines.
+    with tqdm(total=len(paths), unit="image", file=sys.stderr, disable=not sys.stderr.isatty()) as bar:
+        for record in iter_predictions(model, paths, args.bs):
+            if record["error"]:
+                bar.write(f"error: {record['error']}", file=sys.stderr)
+            else:
+                bar.write(_top_k(record, args.top_k), file=sys.stdout)
+            records.append(record)
+            bar.update()
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(records, indent=2) + "\n")
+    failed = sum(r["error"] is not None for r in records)
+    print(f"{len(records) - failed} image(s) predicted, {failed} failed"
+          + (f"; records in {args.json}" if args.json else ""), file=sys.stderr)
+    return 1 if failed else 0

@@ -1,0 +1,75 @@
+"""The modules our models add to timm's and open_clip's: the CLIP classifier (image tower + linear head),
+a faster, equal ConvNeXt V2 Global Response Norm, and `FlowerClassifier`, an exported network with the
+classes and preprocessing it is served with. How they are created lives in `factory`."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers.grn import GlobalResponseNorm
+from torch import nn
+
+from .classes import CLASSES
+from .preprocess import Preprocess
+
+
+class ClipClassifier(nn.Module):
+    """CLIP image encoder + linear head on L2-normalised features (a zero-shot head keeps its meaning)."""
+
+    def __init__(self, visual: nn.Module, num_classes: int = len(CLASSES), quick_gelu: bool = False):
+        super().__init__()
+        self.visual = visual
+        self.head = nn.Linear(visual.output_dim, num_classes)
+        self.quick_gelu = quick_gelu  # architecture detail the export must record (openai weights use it)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.normalize(self.visual(x), dim=-1))
+
+
+class FastGlobalResponseNorm(GlobalResponseNorm):
+    """timm's GlobalResponseNorm, the same function and weights, computed with fewer passes over x:
+    the spatial L2 norm as sqrt(sum(x^2)) in fp32 (torch's norm over two non-contiguous dims is a slow
+    CPU kernel), and x + bias + weight * x * x_n as one fused x * (1 + weight * x_n) + bias, where the
+    factor is only (N, 1, 1, C). Equal up to fp32 rounding; 1.5-6.5x faster on the CPU measured by
+    bench/cpu_kernels.py (bench/RESULTS.md)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_g = x.float().square().sum(dim=self.spatial_dim, keepdim=True).sqrt().to(x.dtype)
+        x_n = x_g / (x_g.mean(dim=self.channel_dim, keepdim=True) + self.eps)
+        scale = torch.addcmul(torch.ones_like(x_n), self.weight.view(self.wb_shape), x_n)
+        return torch.addcmul(self.bias.view(self.wb_shape), x, scale)
+
+
+def use_fast_grn(model: nn.Module) -> nn.Module:
+    """Swap every GlobalResponseNorm of `model` for FastGlobalResponseNorm in place (weights untouched)."""
+    for module in model.modules():
+        if type(module) is GlobalResponseNorm:
+            module.__class__ = FastGlobalResponseNorm
+    return model
+
+
+class FlowerClassifier(nn.Module):
+    """An exported network plus what it needs to be fed: classes and preprocessing."""
+
+    channels_last = False  # load_model sets it for ConvNeXt on the CPU: inputs are then fed NHWC
+    micro_batch: int | None = None  # load_model sets it on the CPU: a batch runs through the net in chunks
+
+    def __init__(self, net: nn.Module, family: str, model_name: str, classes: tuple[str, ...], prep: Preprocess):
+        super().__init__()
+        self.net, self.family, self.model_name, self.classes, self.prep = net, family, model_name, classes, prep
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    @torch.inference_mode()
+    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) normalised images -> (N, num_classes) fp32 probabilities."""
+        dtype = next(self.net.parameters()).dtype
+        memory_format = torch.channels_last if self.channels_last else torch.preserve_format
+        chunks = batch.split(self.micro_batch) if self.micro_batch else (batch,)
+        logits = [self.net(c.to(self.device, dtype, memory_format=memory_format)) for c in chunks]
+        return torch.cat(logits).float().softmax(-1).cpu()

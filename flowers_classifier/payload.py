@@ -1,0 +1,94 @@
+"""The `.pth` payload format: its version, keys, default file names, how one is made and how one is
+read and validated.
+
+A payload is a dict of tensors and plain metadata, loadable with `torch.load(weights_only=True)`:
+format_version, family, model_name, classes, image_size, mean, std, state_dict, and optionally
+interpolation, crop_pct, quick_gelu (clip) and dtype. No pickled classes, so loading one never runs code.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import torch
+
+from .classes import CLASSES
+
+FORMAT_VERSION = 1
+SUPPORTED_FORMATS = (1,)
+REQUIRED_KEYS = frozenset({"format_version", "family", "model_name", "classes", "image_size", "mean", "std",
+                           "state_dict"})
+OPTIONAL_KEYS = frozenset({"interpolation", "crop_pct", "quick_gelu", "dtype"})
+FAMILIES = ("cnn", "clip")
+DEFAULT_FILES = {"cnn": "cnn_flowers.pth", "clip": "vit_flowers.pth"}  # what train.py/export.py write
+MODELS_DIR = Path(__file__).resolve().parents[1] / "models"  # where a bare file name is also looked for
+
+
+class ModelFileError(ValueError):
+    """A model file that is missing, unsafe, damaged or of the wrong kind. The message names it."""
+
+
+def default_model_path(family: str) -> Path:
+    """models/cnn_flowers.pth or models/vit_flowers.pth, relative to the working directory."""
+    return Path("models") / DEFAULT_FILES[family]
+
+
+def resolve_model_path(weights_path: str | os.PathLike) -> Path:
+    """The path as given, or, for a bare file name that is not in the working directory, MODELS_DIR/name."""
+    path = Path(weights_path)
+    if not path.exists() and path.parent == Path(".") and (MODELS_DIR / path.name).exists():
+        return MODELS_DIR / path.name
+    return path
+
+
+def make_payload(spec: dict, state_dict: dict[str, torch.Tensor], half: bool = False) -> dict:
+    """The payload of `spec` (family, model_name, classes, preprocessing) and weights, fp16 storage if `half`."""
+    dtype = torch.float16 if half else torch.float32
+    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state_dict.items()}
+    return dict(format_version=FORMAT_VERSION, **spec, dtype=str(dtype).removeprefix("torch."),
+                state_dict=tensors)
+
+
+def check_spec(spec: dict, path: Path) -> None:
+    """The metadata checks shared by `.pth` payloads and ONNX files: a version we read, our five classes."""
+    if spec.get("format_version") not in SUPPORTED_FORMATS:
+        raise ModelFileError(f"{path}: payload format {spec.get('format_version')} is not supported "
+                             f"(this code reads {SUPPORTED_FORMATS}); update flowers_classifier or re-export it.")
+    if tuple(spec.get("classes", ())) != CLASSES:
+        raise ModelFileError(f"{path}: classes {spec.get('classes')} are not {list(CLASSES)}")
+    if spec.get("family") not in FAMILIES:
+        raise ModelFileError(f"{path}: unknown model family {spec.get('family')!r}; expected one of {FAMILIES}")
+
+
+def _torch_load(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):  # not a torch file at all (random bytes, text, ...)
+            raise ModelFileError(f"{path}: not a readable model file (damaged, or not a torch file at all); "
+                                 f"export it again with export.py.") from e
+        raise ModelFileError(f"{path}: refused to load: the file holds pickled Python objects, not a "
+                             f"plain flowers_fastai payload (nothing in it was executed). Re-export it "
+                             f"with export.py.") from e
+    except Exception as e:  # noqa: BLE001 - truncated zip, not a torch file, ...
+        raise ModelFileError(f"{path}: not a readable model file ({type(e).__name__}: {e})") from e
+
+
+def load_payload(weights_path: str | os.PathLike) -> dict:
+    """Read and validate a payload written by `export.py`; ModelFileError on anything else."""
+    path = resolve_model_path(weights_path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such model file. Train and export one with "
+                             f"`python train.py --arch cnn` (or `python export.py RUN_DIR`).")
+    payload = _torch_load(path)
+    if not isinstance(payload, dict):
+        raise ModelFileError(f"{path}: not a flowers_fastai payload (a {type(payload).__name__}, not a dict)")
+    keys = set(payload)
+    missing, extra = REQUIRED_KEYS - keys, keys - REQUIRED_KEYS - OPTIONAL_KEYS
+    if missing or extra:
+        raise ModelFileError(f"{path}: not a flowers_fastai payload (missing keys {sorted(missing)}, "
+                             f"unexpected keys {sorted(extra)}); export it with export.py.")
+    check_spec(payload, path)
+    return payload

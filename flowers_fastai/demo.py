@@ -1,0 +1,220 @@
+"""Gradio web demo: drop, paste or pick a flower photo and see the confidence for all five classes.
+
+    python app.py [--cnn models/cnn_flowers.pth] [--vit models/vit_flowers.pth] [--host 127.0.0.1]
+                  [--port 7860] [--share] [--examples DIR]          (or: flowers-demo ...)
+
+This module owns the page, its named API endpoint `/predict` (for gradio_client), the upload limit and
+the queue settings. It is built on `flowers_classifier` and gradio alone: importing it never imports
+fastai. Models load once, in `build_demo`; a missing model file only removes that choice from the page.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import gradio as gr
+
+import flowers_classifier as fc
+from flowers_classifier.payload import DEFAULT_FILES
+from flowers_classifier.preprocess import IMAGE_SUFFIXES
+
+CNN, VIT, ENSEMBLE = "CNN", "ViT", "Ensemble"
+MAX_UPLOAD = "20mb"  # Gradio refuses bigger uploads before they reach us (HTTP 413 / a message in the page)
+MAX_EXAMPLES = 10
+TRAIN_HELP = """\
+**No model file found** (looked for `{cnn}` and `{vit}`). Train and export one, then restart the app:
+
+```bash
+python train.py --arch cnn    # exports models/cnn_flowers.pth
+python train.py --arch clip   # exports models/vit_flowers.pth
+# offline (no pretrained weights; DIR holds one folder of photos per class):
+python train.py --arch cnn --data DIR --no-pretrained
+python train.py --arch clip --data DIR --no-pretrained
+```
+"""
+NO_MODEL_ERROR = ("No model is loaded. Train and export one with 'python train.py --arch cnn' (writes "
+                  "models/cnn_flowers.pth) or 'python train.py --arch clip' (writes models/vit_flowers.pth); "
+                  "offline add '--data DIR --no-pretrained' (DIR: one folder of photos per class). "
+                  "Then restart app.py.")
+
+
+class ExamplesError(ValueError):
+    """An `--examples` folder that is missing or holds no photos. The message names it."""
+
+
+def find_examples(examples_dir: str | os.PathLike | None) -> list[Path]:
+    """Photos directly in `examples_dir`, then the first photo of each subfolder (so a
+    <root>/<class>/*.jpg dataset gives one per class); at most MAX_EXAMPLES. None -> no examples."""
+    if examples_dir is None:
+        return []
+    root = Path(examples_dir)
+    if not root.is_dir():
+        raise ExamplesError(f"--examples {root}: no such folder. Pass a folder of photos (or of <class>/ "
+                            f"subfolders of photos), or leave the flag out.")
+    direct = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    firsts = [min(photos) for sub in sorted(p for p in root.iterdir() if p.is_dir())
+              if (photos := [p for p in sub.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES])]
+    found = (direct + firsts)[:MAX_EXAMPLES]
+    if not found:
+        raise ExamplesError(f"--examples {root}: no photos ({', '.join(sorted(IMAGE_SUFFIXES))}) in it or in "
+                            f"its subfolders. Point it at a folder of photos, or leave the flag out.")
+    return found
+
+
+def load_models(cnn_path: str | os.PathLike | None,
+                vit_path: str | os.PathLike | None) -> dict[str, fc.FlowerClassifier | list[fc.FlowerClassifier]]:
+    """Choice name -> model(s), for the files that exist; "Ensemble" only when both do. A file that
+    exists but does not load raises ModelFileError: serving without it would hide a broken export."""
+    models: dict[str, fc.FlowerClassifier | list[fc.FlowerClassifier]] = {}
+    if cnn_path is not None and Path(cnn_path).is_file():
+        models[CNN] = fc.load_cnn_model(cnn_path)
+    if vit_path is not None and Path(vit_path).is_file():
+        models[VIT] = fc.load_vit_model(vit_path)
+    if CNN in models and VIT in models:
+        models[ENSEMBLE] = [models[CNN], models[VIT]]
+    return models
+
+
+def _describe(models: dict, cnn_path: str | os.PathLike | None, vit_path: str | os.PathLike | None) -> str:
+    """One line per loaded model, so the page says what is answering."""
+    lines = [f"- **{name}**: `{m.model_name}` ({Path(path).name})" for name, m, path in
+             ((CNN, models.get(CNN), cnn_path), (VIT, models.get(VIT), vit_path)) if m is not None]
+    if ENSEMBLE in models:
+        lines.append(f"- **{ENSEMBLE}**: mean of the CNN and ViT probabilities")
+    return "\n".join(lines)
+
+
+def _upload_path(image: dict | None) -> tuple[str, str]:
+    """(server-side path, name to show) from the raw FileData dict Gradio hands over (preprocess=False)."""
+    if not image or not image.get("path"):
+        raise gr.Error("No image received. Drop, paste or pick a photo first (for gradio_client: "
+                       "handle_file('photo.jpg') as the first argument).", print_exception=False)
+    path = str(image["path"])
+    return path, image.get("orig_name") or Path(path).name
+
+
+def make_classifier(models: dict) -> Callable[[dict | None, str], tuple[dict[str, float], str]]:
+    """The `/predict` handler: (raw image FileData, choice) -> (Label dict, timing text)."""
+
+    def classify(image: dict | None, choice: str) -> tuple[dict[str, float], str]:
+        if not models:
+            raise gr.Error(NO_MODEL_ERROR, print_exception=False)
+        if choice not in models:
+            raise gr.Error(f"Model {html.escape(str(choice))!r} is not loaded here; choose one of "
+                           f"{', '.join(models)}.", print_exception=False)
+        path, name = _upload_path(image)
+        start = time.perf_counter()
+        try:
+            probs = fc.predict_proba(models[choice], path)
+        except (fc.InvalidImageError, MemoryError) as e:
+            # The library names its temp path; the user knows the file by its own name.
+            reason = str(e).removeprefix(f"{path}: ") if isinstance(e, fc.InvalidImageError) else "out of memory"
+            raise gr.Error(f"{html.escape(name)}: {html.escape(reason)}. Upload a photo (JPEG, PNG, WebP, "
+                           f"...) of at most {MAX_UPLOAD.upper()}.", print_exception=False) from e
+        ms = (time.perf_counter() - start) * 1000
+        return probs, f"{ms:.0f} ms with {choice}"
+
+    return classify
+
+
+def build_demo(cnn_path: str | os.PathLike | None = fc.MODELS_DIR / DEFAULT_FILES["cnn"],
+               vit_path: str | os.PathLike | None = fc.MODELS_DIR / DEFAULT_FILES["clip"],
+               examples_dir: str | os.PathLike | None = None) -> gr.Blocks:
+    """The whole page, models loaded, queue configured. Launch it with `launch_demo`."""
+    examples = find_examples(examples_dir)  # first: a mistyped flag should not wait for models to load
+    models = load_models(cnn_path, vit_path)
+    classify = make_classifier(models)
+    with gr.Blocks(title="Flower classifier", analytics_enabled=False) as demo:
+        gr.Markdown("# Flower classifier\nDrop, paste or pick a photo of a **daisy, dandelion, rose, sunflower "
+                    "or tulip**.")
+        info = _describe(models, cnn_path, vit_path) if models else TRAIN_HELP.format(cnn=cnn_path, vit=vit_path)
+        gr.Markdown(info, elem_id="models-info")
+        with gr.Row():
+            with gr.Column():
+                image = gr.Image(type="filepath", sources=["upload", "clipboard"], image_mode=None,
+                                 label="Flower photo", elem_id="photo")
+                choice = gr.Radio(list(models), value=next(iter(models), None), label="Model",
+                                  visible=bool(models), elem_id="model-choice")
+                button = gr.Button("Classify", variant="primary", interactive=bool(models))
+            with gr.Column():
+                label = gr.Label(num_top_classes=5, label="Prediction", elem_id="prediction")
+                timing = gr.Textbox(label="Prediction time", interactive=False, elem_id="timing")
+        example_click = None
+        if examples:
+            example_click = gr.Examples([[str(p)] for p in examples], inputs=[image], label="Example photos",
+                                        cache_examples=False, examples_per_page=MAX_EXAMPLES,
+                                        elem_id="examples").load_input_event
+        _wire(image, choice, button, label, timing, classify, example_click)
+    # One prediction at a time: torch already spreads a single image over every CPU core (or the GPU),
+    # so running two at once only slows both and doubles peak memory; later requests wait in the queue,
+    # which tells each browser its position. max_size bounds what waiting uploads (<= 20 MB each) can hold.
+    return demo.queue(default_concurrency_limit=1, max_size=16)
+
+
+def _wire(image, choice, button, label, timing, classify, example_click=None) -> None:
+    """Classify on upload/paste, on a model switch, on an example click and on the button. Each first
+    clears the old result at once (no queue): an error must not leave the previous photo's label on
+    screen. Only the button's event is the public `/predict` endpoint."""
+    clear = dict(fn=lambda: (None, ""), outputs=[label, timing], queue=False, api_visibility="private")
+
+    def classify_if_image(img: dict | None, model: str) -> tuple[dict[str, float] | None, str]:
+        return classify(img, model) if img else (None, "")
+
+    auto = dict(fn=classify_if_image, inputs=[image, choice], outputs=[label, timing], preprocess=False,
+                api_visibility="private")
+    # image.upload, not image.change: replacing a shown photo fires .change twice in Gradio 6 (two inferences).
+    gr.on([image.upload, choice.change], **clear).then(**auto)
+    if example_click is not None:  # chained after the example is loaded into the image, so never races it
+        example_click.then(**clear).then(**auto)
+    image.clear(**clear)
+    button.click(**clear).then(classify, [image, choice], [label, timing], preprocess=False, api_name="predict")
+
+
+def launch_demo(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
+                prevent_thread_lock: bool = False) -> str:
+    """Serve `demo` with the app's limits; returns the local URL. Blocks until Ctrl-C unless
+    prevent_thread_lock (tests), in which case stop it with `demo.close()`."""
+    # Example photos need no allowed_paths: gr.Examples copies them into Gradio's cache at build time.
+    _, local_url, _ = demo.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_UPLOAD,
+                                  prevent_thread_lock=prevent_thread_lock, footer_links=["api"])
+    return local_url
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="app.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cnn", type=Path, default=fc.MODELS_DIR / DEFAULT_FILES["cnn"],
+                   help="exported CNN (default: models/cnn_flowers.pth; skipped when missing)")
+    p.add_argument("--vit", type=Path, default=fc.MODELS_DIR / DEFAULT_FILES["clip"],
+                   help="exported CLIP ViT (default: models/vit_flowers.pth; skipped when missing)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=7860, help="TCP port (default 7860)")
+    p.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet)")
+    p.add_argument("--examples", type=Path, help="folder of example photos (or of <class>/ subfolders)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        demo = build_demo(args.cnn, args.vit, args.examples)
+    except (fc.ModelFileError, ExamplesError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        launch_demo(demo, args.host, args.port, args.share)
+    except OSError as e:
+        print(f"error: cannot serve on {args.host}:{args.port} ({e}). Pass a free --port or another --host.",
+              file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Report plots: lr_find curve, confusion matrix, image grids (top losses) and training curves.
+
+Built on `matplotlib.figure.Figure` with an explicit Agg canvas: no pyplot, no global backend, no display
+needed; every PNG is written atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from flowers_classifier.files import atomic_write
+
+from .metrics import safe_ratio
+
+
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def plot_lr_find(lrs: Sequence[float], losses: Sequence[float], suggestions: dict[str, float],
+                 path: str | Path, title: str = "lr_find", skip_end: int = 5) -> Path:
+    """Smoothed loss vs learning rate (log x) with each suggestion marked on the curve and labelled."""
+    lrs, losses = np.asarray(lrs, dtype=np.float64), np.asarray(losses, dtype=np.float64)
+    if skip_end and len(lrs) > skip_end:  # the last steps blow up and would squash the curve (as fastai)
+        lrs, losses = lrs[:-skip_end], losses[:-skip_end]
+    fig = _figure(7, 4.5)
+    ax = fig.add_subplot()
+    ax.plot(lrs, losses, color="tab:blue", lw=1.5, label="smoothed train loss")
+    finite = np.isfinite(losses)
+    colors = ("tab:orange", "tab:green", "tab:red", "tab:purple")
+    for i, ((name, lr), marker, color) in enumerate(zip(suggestions.items(), "osD^", colors, strict=False)):
+        loss = np.interp(np.log10(lr), np.log10(lrs[finite]), losses[finite])
+        ax.plot([lr], [loss], marker, ms=9, color=color, label=f"{name}: {lr:.2e}")
+        ax.axvline(lr, color=color, ls=":", lw=1)
+        # Names on staggered rows at the top: suggestions often sit close together on the curve.
+        ax.text(lr, 0.97 - 0.06 * i, f" {name}", color=color, fontsize=9, va="top",
+                transform=ax.get_xaxis_transform())
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (log scale)")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_confusion_matrix(cm: np.ndarray, classes: Sequence[str], path: str | Path, title: str = "") -> Path:
+    """Counts in every cell, colour = share of the actual class (row), so small classes read as well."""
+    cm = np.asarray(cm)
+    share = safe_ratio(cm, cm.sum(1, keepdims=True))
+    fig = _figure(5.6, 5)
+    ax = fig.add_subplot()
+    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=11,
+                    color="white" if share[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    ax.set_title(title or f"confusion matrix ({int(cm.sum())} images)")
+    fig.colorbar(im, ax=ax, shrink=0.8, label="share of the actual class")
+    return _save(fig, path)
+
+
+def plot_image_grid(images: Sequence, titles: Sequence[str], path: str | Path, suptitle: str = "",
+                    cols: int = 3) -> Path:
+    """PIL images in a grid, one small title each (used for the top losses)."""
+    rows = max(1, math.ceil(len(images) / cols))
+    fig = _figure(3.2 * cols, 3.4 * rows)
+    for i, (img, text) in enumerate(zip(images, titles, strict=True)):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        ax.imshow(np.asarray(img))
+        ax.set_title(text, fontsize=8)
+        ax.axis("off")
+    if suptitle:
+        fig.suptitle(suptitle)
+    return _save(fig, path)
+
+
+def read_history(path: str | Path) -> list[dict]:
+    """history.csv rows (HistoryCallback's columns) with numbers as floats."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    numeric = ("epoch", "train_loss", "valid_loss", "accuracy", "lr")
+    return [{k: (float(v) if k in numeric else v) for k, v in row.items()} for row in rows]
+
+
+def plot_curves(history_path: str | Path, path: str | Path) -> Path | None:
+    """Train/valid loss and valid accuracy per epoch from history.csv; None when it holds no epoch."""
+    rows = read_history(history_path)
+    if not rows:
+        return None
+    epochs = [r["epoch"] for r in rows]
+    fig = _figure(10, 4)
+    ax_loss, ax_acc = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    ax_loss.plot(epochs, [r["train_loss"] for r in rows], "o-", label="train loss")
+    ax_loss.plot(epochs, [r["valid_loss"] for r in rows], "o-", label="valid loss")
+    ax_acc.plot(epochs, [r["accuracy"] for r in rows], "o-", color="tab:green", label="valid accuracy")
+    for prev, row in zip(rows, rows[1:], strict=False):
+        if row["stage"] != prev["stage"]:  # where the frozen (head only) stage hands over to the full model
+            for ax in (ax_loss, ax_acc):
+                ax.axvline(row["epoch"] - 0.5, ls="--", color="gray", label=f"start of {row['stage']} stage")
+    for ax, label in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=9)
+    return _save(fig, path)
