@@ -29,12 +29,14 @@ from fastai.losses import LabelSmoothingCrossEntropyFlat
 from fastai.metrics import accuracy
 from fastai.optimizer import Adam
 from fastai.torch_core import set_seed
+from fastcore.foundation import L
 from torch.distributions.beta import Beta
 
 from flowers_classifier.model import ClipClassifier
 
 from . import splitters
 from .export import BEST_NAME
+from .files import atomic_write
 
 LAST_NAME = "last"  # run_dir/last.pth: weights + optimizer after the last finished epoch (--resume)
 
@@ -111,20 +113,37 @@ class MixUpOrCutMix(MixHandler):
 
 class EmaCallback(Callback):
     """Weight EMA with timm's ModelEmaV3: updated after every step and swapped in for validation, so
-    the best checkpoint (which SaveModelCallback loads back at the end) holds EMA weights."""
+    the best checkpoint (which SaveModelCallback loads back at the end) holds EMA weights.
+
+    timm's decay warmup (1 - (1 + step) ** -2/3, capped at `decay`): a fixed 0.999 over a few hundred
+    steps would leave the EMA mostly the initial weights (random head included). The step count runs on
+    across both fine-tune stages (one instance, two fits) and is saved in last.pth for --resume."""
 
     order = SaveModelCallback.order + 1  # restore the raw weights only after the checkpoint was taken
 
     def __init__(self, decay: float = 0.999):
         self.decay, self.model_ema, self._raw, self._trained = decay, None, None, False
+        self.steps, self._restore = 0, None
 
     def before_fit(self):
         from timm.utils import ModelEmaV3
-        if self.model_ema is None:
-            self.model_ema = ModelEmaV3(self.learn.model, decay=self.decay)
+        if self.model_ema is None:  # built here, once the model sits on the training device
+            self.model_ema = ModelEmaV3(self.learn.model, decay=self.decay, use_warmup=True)
+        if self._restore is not None:  # --resume: the EMA as last.pth saved it, not a copy of the weights
+            self.model_ema.module.load_state_dict(self._restore["module"])
+            self.steps, self._restore = int(self._restore["steps"]), None
 
     def after_step(self):
-        self.model_ema.update(self.learn.model)
+        self.steps += 1
+        self.model_ema.update(self.learn.model, step=self.steps)
+
+    def checkpoint_state(self) -> dict:
+        """The EMA weights and step count, plain tensors and ints (torch.load(weights_only=True))."""
+        return dict(module=self.model_ema.module.state_dict(), steps=self.steps)
+
+    def restore(self, state: dict) -> None:
+        """Resume from checkpoint_state(); applied in before_fit, on the model's device."""
+        self._restore = state
 
     def after_train(self):
         self._trained = True  # learn.validate()/get_preds run no train phase: leave their weights alone
@@ -175,19 +194,47 @@ class AtomicSaveModelCallback(OnTrainedEpochs, SaveModelCallback):
         self.last_saved_path = atomic_learn_save(self.learn, name, self.with_opt)
 
 
-class EarlyStopping(OnTrainedEpochs, EarlyStoppingCallback):
-    """fastai's EarlyStoppingCallback, counting trained epochs only."""
-
-    after_trained_epoch = EarlyStoppingCallback.after_epoch
-
-
 class LastCheckpointCallback(OnTrainedEpochs):
-    """After every finished epoch: weights + optimizer state as last.pth (atomically), for --resume."""
+    """After every finished epoch: weights + optimizer state (+ the EMA's) as last.pth (atomically), for
+    --resume."""
 
     order = EmaCallback.order + 1  # the raw weights, after EMA swapped them back
 
     def after_trained_epoch(self):
-        atomic_learn_save(self.learn, LAST_NAME, with_opt=True)
+        save_last(self.learn)
+
+
+def _plain(obj):
+    """fastai's optimizer state as plain containers (its L lists and NumPy scalars are not weights_only)."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, L)):
+        return [_plain(v) for v in obj]
+    return obj.item() if isinstance(obj, np.generic) else obj
+
+
+def _ema_callback(learn: Learner) -> EmaCallback | None:
+    return next((cb for cb in learn.cbs if isinstance(cb, EmaCallback)), None)
+
+
+def save_last(learn: Learner) -> Path:
+    """run_dir/last.pth: model, optimizer and (with --ema) EMA state, loadable with weights_only=True."""
+    state = dict(model=learn.model.state_dict(), opt=_plain(learn.opt.state_dict()))
+    ema = _ema_callback(learn)
+    if ema is not None and ema.model_ema is not None:
+        state["ema"] = ema.checkpoint_state()
+    return atomic_write(learn.path / learn.model_dir / f"{LAST_NAME}.pth", lambda tmp: torch.save(state, tmp))
+
+
+def load_last(learn: Learner) -> None:
+    """Put save_last's state back: weights and optimizer now, the EMA when its callback's fit starts."""
+    device = getattr(learn.dls, "device", None) or "cpu"
+    state = torch.load(learn.path / learn.model_dir / f"{LAST_NAME}.pth", map_location=device, weights_only=True)
+    learn.model.load_state_dict(state["model"])
+    learn.opt.load_state_dict(dict(state["opt"], hypers=L(state["opt"]["hypers"])))
+    ema = _ema_callback(learn)
+    if ema is not None and "ema" in state:
+        ema.restore(state["ema"])
 
 
 class HistoryCallback(OnTrainedEpochs):
@@ -217,6 +264,15 @@ class HistoryCallback(OnTrainedEpochs):
         if not self.quiet:
             print(f"epoch {row[0]:>3} [{self.stage}] train_loss {row[2]} valid_loss {row[3]} "
                   f"accuracy {acc:.6f} lr {row[5]} ({row[6]}s)", flush=True)
+
+
+class EarlyStopping(OnTrainedEpochs, EarlyStoppingCallback):
+    """fastai's EarlyStoppingCallback, counting trained epochs only. Its CancelFitException ends the
+    after_epoch event, so it runs last: the best and last checkpoints and the history row (orders 61-70)
+    are written for the epoch that stops the fit too."""
+
+    order = HistoryCallback.order + 1
+    after_trained_epoch = EarlyStoppingCallback.after_epoch
 
 
 # --------------------------------------------------------------------------- learner + recipe
@@ -324,7 +380,7 @@ def _trainable_from(learn: Learner, group: int, keep_optimizer_state: bool) -> N
 
 
 def resume_learner(learn: Learner, recipe: Recipe) -> int:
-    """Put an interrupted run's state back into a fresh learner: weights + optimizer from last.pth, the
+    """Put an interrupted run's state back into a fresh learner: weights, optimizer and EMA from last.pth, the
     epoch count and best accuracy from history.csv. Returns the number of finished epochs."""
     import pandas as pd
     history = pd.read_csv(learn.path / "history.csv")
@@ -333,7 +389,7 @@ def resume_learner(learn: Learner, recipe: Recipe) -> int:
         raise FileNotFoundError(f"{learn.path} has no finished epoch (history.csv, last.pth) to resume from; "
                                 f"start a new run instead.")
     learn.create_opt()
-    learn.load(LAST_NAME, with_opt=True)
+    load_last(learn)
     if done == recipe.freeze_epochs:  # stage 1 ended: an unbroken run starts stage 2 from its best weights
         learn.load(BEST_NAME, with_opt=False)
     for cb in learn.cbs:

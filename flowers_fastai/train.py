@@ -189,13 +189,19 @@ def check_clip_args(args: argparse.Namespace) -> None:
     models.check_clip_pretrained(args.model, clip_pretrained(args))
 
 
-def build_model(args: argparse.Namespace) -> torch.nn.Module:
+def build_model(args: argparse.Namespace, spec: dict | None = None) -> torch.nn.Module:
+    """The run's model. With `spec` (--resume) its architecture offline and randomly initialised, as
+    last.pth holds the weights, but with the run's own drop-path rate and gradient checkpointing."""
     pretrained = None if args.no_pretrained else args.weights
+    drop_path_rate = 0.1 if not args.no_pretrained else 0.0
+    if spec is not None and args.arch == "cnn":
+        return models.create_cnn(spec["model_name"], pretrained=None, num_classes=len(spec["classes"]),
+                                 drop_path_rate=drop_path_rate)
     if args.arch == "cnn":
         return models.create_cnn(args.model, pretrained=pretrained if pretrained or args.no_pretrained else "hub",
-                                 drop_path_rate=0.1 if not args.no_pretrained else 0.0)
-    model = models.create_clip(args.model, pretrained=clip_pretrained(args), image_size=args.img_size,
-                               head_init=args.head_init)
+                                 drop_path_rate=drop_path_rate)
+    model = models.build_from_spec(spec) if spec is not None else models.create_clip(
+        args.model, pretrained=clip_pretrained(args), image_size=args.img_size, head_init=args.head_init)
     if args.grad_checkpointing:
         model.visual.set_grad_checkpointing(True)
     return model
@@ -310,7 +316,7 @@ def train(args: argparse.Namespace) -> Path:
 
     # 2. Model: pretrained weights resolved in models.py (hub, tag, local file or random init); a resumed
     #    run rebuilds its architecture offline and takes its weights from last.pth.
-    model = models.build_from_spec(resumed["model"]) if resumed else build_model(args)
+    model = build_model(args, resumed["model"] if resumed else None)
     prep = models.preprocess_for(model, args.img_size)
     spec = model_spec(args, model, prep)
     n_groups = len(splitters.param_groups(model))

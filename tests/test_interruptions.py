@@ -6,14 +6,21 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, TINY_CNN, make_image_folder
+from conftest import ROOT, TINY_CLIP, TINY_CNN, make_image_folder
+from fastai.callback.channelslast import ChannelsLast
+from fastai.callback.core import Callback
+from fastai.callback.fp16 import MixedPrecision
+from timm.layers import DropPath
 
+from flowers_classifier import factory
 from flowers_classifier.classes import CLASSES
 from flowers_fastai import data
+from flowers_fastai.learner import EmaCallback
 
 TRAIN = [sys.executable, "train.py", "--model", TINY_CNN, "--no-pretrained", "--img-size", "64", "--bs", "16",
          "--no-export", "--patience", "0"]
@@ -129,3 +136,89 @@ def test_file_deleted_after_the_check_is_reported_and_the_epoch_finishes(tmp_pat
     reported = pd.read_csv(run_dir / "skipped.csv")
     rows = zip(reported.path, reported.reason, strict=True)
     assert any(p.endswith(gone) and "failed during training" in r for p, r in rows)
+
+
+class InterruptAfterFirstEpoch(Callback):
+    """Ctrl-C right after the first epoch's checkpoints and history row were written."""
+
+    order = 100
+
+    def after_epoch(self):
+        raise KeyboardInterrupt
+
+
+class StopBeforeTraining(Exception):
+    pass
+
+
+class CaptureResumed(Callback):
+    """The resumed learner as its first fit starts training (EMA and channels_last applied in before_fit)."""
+
+    order = 100
+
+    def before_train(self):
+        ema = next(cb for cb in self.learn.cbs if isinstance(cb, EmaCallback))
+        self.ema_state, self.ema_steps = {k: v.clone() for k, v in ema.model_ema.module.state_dict().items()}, ema.steps
+        raise StopBeforeTraining("captured the resumed learner")
+
+
+def _drop_probs(model) -> list[float]:
+    return [m.drop_prob for m in model.modules() if isinstance(m, DropPath)]
+
+
+def _grad_checkpointing(model) -> list[bool]:
+    return [m.grad_checkpointing for m in model.modules() if hasattr(m, "grad_checkpointing")]
+
+
+@pytest.mark.parametrize("arch", ["cnn", "clip"])
+def test_resume_rebuilds_the_model_ema_and_recipe_of_the_run(tmp_path, real_flowers, monkeypatch, arch):
+    """Interrupted after epoch 1, then --resume (train.resume_args + train.train, in-process): the same
+    drop-path rate (cnn from --weights: 0.1), gradient checkpointing (clip), the EMA as last.pth saved it
+    (not re-initialised from the weights) and the recipe's precision and channels_last."""
+    from flowers_fastai import learner as learner_mod
+    from flowers_fastai import train as train_mod
+
+    monkeypatch.setattr(data.RGBImage, "failure_log", None)  # train() sets it; leave no trace for other tests
+    run_dir = tmp_path / "run"
+    argv = ["--data", str(real_flowers), "--img-size", "64", "--bs", "16", "--no-export", "--patience", "0",
+            "--freeze-epochs", "0", "--epochs", "2", "--ema", "0.999", "--channels-last", "--precision", "fp32",
+            "--out", str(run_dir)]
+    if arch == "cnn":  # a local backbone file counts as pretrained: drop path 0.1
+        torch.manual_seed(0)
+        torch.save(factory.create_cnn(TINY_CNN, pretrained=None).state_dict(), tmp_path / "backbone.pth")
+        argv += ["--model", TINY_CNN, "--weights", str(tmp_path / "backbone.pth")]
+    else:
+        argv += ["--arch", "clip", "--model", TINY_CLIP, "--no-pretrained", "--head-init", "random",
+                 "--grad-checkpointing"]
+    learners = []
+
+    def fine_tune(learn, recipe, epochs_done=0, cb=InterruptAfterFirstEpoch):
+        learners.append(learn)
+        learn.add_cb(cb())
+        return learner_mod.fine_tune(learn, recipe, epochs_done)
+
+    monkeypatch.setattr(train_mod, "fine_tune", fine_tune)
+    with pytest.raises(train_mod.TrainingInterrupted):
+        train_mod.train(train_mod.build_parser().parse_args(argv))
+    saved = torch.load(run_dir / "last.pth", weights_only=True)
+
+    monkeypatch.setattr(train_mod, "fine_tune", partial(fine_tune, cb=CaptureResumed))
+    with pytest.raises(StopBeforeTraining):
+        train_mod.train(train_mod.resume_args(run_dir))
+    first, resumed = learners
+    capture = next(cb for cb in resumed.cbs if isinstance(cb, CaptureResumed))
+
+    assert _drop_probs(resumed.model) == _drop_probs(first.model)
+    assert _grad_checkpointing(resumed.model) == _grad_checkpointing(first.model)
+    if arch == "cnn":
+        assert _drop_probs(first.model) and all(p > 0 for p in _drop_probs(first.model))
+    else:
+        assert first.model.visual.transformer.grad_checkpointing
+    assert capture.ema_steps == saved["ema"]["steps"] == len(first.dls.train)
+    assert all(torch.equal(capture.ema_state[k], saved["ema"]["module"][k]) for k in capture.ema_state)
+    raw = resumed.model.state_dict()
+    assert any(not torch.equal(capture.ema_state[k], raw[k]) for k in raw if raw[k].is_floating_point())
+    recipe = json.loads((run_dir / "metrics.json").read_text())["recipe"]
+    assert (recipe["precision"], recipe["channels_last"]) == ("fp32", True)
+    assert any(isinstance(cb, ChannelsLast) for cb in resumed.cbs)
+    assert not any(isinstance(cb, MixedPrecision) for cb in resumed.cbs)

@@ -7,12 +7,13 @@ import pytest
 import torch
 from conftest import TINY_CNN, make_image_folder
 from fastai.callback.core import Callback
+from fastai.callback.mixup import MixHandler
 from fastai.losses import LabelSmoothingCrossEntropyFlat
 
 from flowers_classifier import factory
 from flowers_classifier.preprocess import Preprocess
 from flowers_fastai import data
-from flowers_fastai.learner import EmaCallback, MixUpOrCutMix, Recipe, build_learner, fine_tune
+from flowers_fastai.learner import EarlyStopping, EmaCallback, MixUpOrCutMix, Recipe, build_learner, fine_tune
 
 QUIET = dict(patience=None, grad_clip=1.0)
 
@@ -139,3 +140,90 @@ def test_channels_last_is_opt_in_on_cpu_and_trains(tiny_dls, tmp_path):
     fine_tune(nhwc, Recipe(epochs=1, freeze_epochs=0, channels_last=True, **QUIET))
     assert stem_is_nhwc(nhwc)
     assert pd.read_csv(tmp_path / "nhwc" / "history.csv")["train_loss"].notna().all()
+
+
+class TrainedEpochs(Callback):
+    """Counts the epochs a fit really trained, independently of the callbacks under test."""
+
+    n = 0
+
+    def after_train(self):
+        self.n += 1
+
+
+def test_early_stopping_keeps_the_epoch_that_stops_the_fit(tiny_dls, tmp_path, capsys):
+    # An LR far too small to change a prediction: accuracy cannot improve, so patience 1 stops at epoch 2.
+    recipe = Recipe(epochs=5, freeze_epochs=0, lr=1e-12, patience=1, grad_clip=1.0)
+    learn = tiny_learner(tiny_dls, tmp_path, **vars(recipe))
+    counter = TrainedEpochs()
+    learn.add_cb(counter)
+    fine_tune(learn, recipe)
+    assert 1 < counter.n < recipe.epochs  # it did stop early, after more than one epoch
+    hist = pd.read_csv(tmp_path / "history.csv")
+    assert hist["epoch"].tolist() == list(range(counter.n))
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch")]
+    assert len(printed) == counter.n
+    stopper = next(cb for cb in learn.cbs if isinstance(cb, EarlyStopping))
+    assert stopper.order > max(cb.order for cb in learn.cbs if cb is not stopper and cb is not counter)
+
+
+def test_ema_warms_up_towards_the_trained_weights(tiny_dls, tmp_path):
+    """decay 0.999 on ~14 steps: without timm's warmup the EMA would still be ~99% the initial weights."""
+    recipe = Recipe(epochs=5, freeze_epochs=0, lr=1e-2, lr_mult=1, ema_decay=0.999, **QUIET)
+    learn = tiny_learner(tiny_dls, tmp_path, **vars(recipe))
+    initial = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    probe = RawWeightsProbe()
+    learn.add_cb(probe)
+    fine_tune(learn, recipe)
+    ema_cb = next(cb for cb in learn.cbs if isinstance(cb, EmaCallback))
+    assert ema_cb.steps == recipe.epochs * len(tiny_dls.train)
+    ema = ema_cb.model_ema.module.state_dict()
+    dist = lambda a, b: sum(float((a[k] - b[k]).float().norm()) for k in a if a[k].is_floating_point())  # noqa: E731
+    assert dist(ema, probe.raw) < 0.5 * dist(ema, initial)
+
+
+class KeepBatch(Callback):
+    """Before MixUpOrCutMix: a copy of the batch as the data loader gave it."""
+
+    order = MixUpOrCutMix.order - 1
+
+    def before_batch(self):
+        self.x0, self.y0 = self.xb[0].clone(), self.yb[0].clone()
+
+
+class CheckMixedLoss(Callback):
+    """After MixUpOrCutMix: recomputes the loss by hand, mixed in training and plain in validation."""
+
+    order = MixUpOrCutMix.order + 1
+
+    def __init__(self, kept: KeepBatch, eps: float):
+        self.kept, self.plain = kept, LabelSmoothingCrossEntropyFlat(eps=eps, reduction="none")
+        self.mixed, self.validated = 0, 0
+
+    def after_loss(self):
+        mix = next(cb for cb in self.learn.cbs if isinstance(cb, MixUpOrCutMix))
+        pred, y = self.learn.pred.float(), self.kept.y0
+        assert torch.equal(self.learn.yb[0], y)  # integer labels stay; the loss does the mixing
+        if self.learn.training:
+            assert getattr(self.learn.loss_func, "__func__", None) is MixHandler.lf
+            assert not torch.equal(self.learn.xb[0], self.kept.x0)
+            lam = torch.as_tensor(mix.lam, dtype=torch.float32)
+            expected = (lam * self.plain(pred, y) + (1 - lam) * self.plain(pred, mix.yb1[0])).mean()
+            assert torch.allclose(self.learn.loss, expected, atol=1e-5)
+            self.mixed += 1
+        else:
+            assert isinstance(self.learn.loss_func, LabelSmoothingCrossEntropyFlat)
+            assert torch.equal(self.learn.xb[0], self.kept.x0)
+            assert torch.allclose(self.learn.loss, self.plain(pred, y).mean(), atol=1e-5)
+            self.validated += 1
+
+
+@pytest.mark.parametrize("mix", [dict(mixup=0.4), dict(cutmix=1.0)])
+def test_mixup_and_cutmix_mix_the_training_loss_of_a_real_fit_and_not_validation(tiny_dls, tmp_path, mix):
+    recipe = Recipe(epochs=1, freeze_epochs=0, label_smoothing=0.1, **mix, **QUIET)
+    learn = tiny_learner(tiny_dls, tmp_path, **vars(recipe))
+    kept = KeepBatch()
+    check = CheckMixedLoss(kept, recipe.label_smoothing)
+    learn.add_cbs([kept, check])
+    fine_tune(learn, recipe)
+    assert check.mixed == len(tiny_dls.train) and check.validated == len(tiny_dls.valid)
