@@ -21,6 +21,7 @@ from pathlib import Path
 import gradio as gr
 
 import flowers_classifier as fc
+from flowers_fastai.cli import quiet_third_party_warnings
 
 CNN, VIT, ENSEMBLE = "CNN", "ViT", "Ensemble"
 MAX_UPLOAD = "20mb"  # Gradio refuses bigger uploads before they reach us (HTTP 413 / a message in the page)
@@ -200,6 +201,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    quiet_third_party_warnings()
     try:
         demo = build_demo(args.cnn, args.vit, args.examples)
     except (fc.ModelFileError, ExamplesError) as e:

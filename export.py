@@ -12,7 +12,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from flowers_fastai.export import ExportError, export_onnx, export_run, make_payload, read_run
+from flowers_fastai.cli import quiet_third_party_warnings
+
+quiet_third_party_warnings()  # before the imports below: torch/timm may warn while imported
+from flowers_fastai.export import ExportError, export_onnx, export_run, make_payload, read_run  # noqa: E402
 
 
 def _payload_for_onnx(source: Path) -> dict:
@@ -48,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--onnx", type=Path, metavar="OUT.onnx", help="write an fp32 ONNX graph (dynamic batch axis)")
     p.add_argument("--opset", type=int, help="ONNX opset for --onnx (default: the exporter's)")
     args = p.parse_args(argv)
+    quiet_third_party_warnings()
     if not args.run_dir.is_dir() and not args.onnx:
         p.error(f"{args.run_dir} is not a run folder; exporting a .pth file is only meaningful with --onnx OUT.onnx")
     if args.out and not args.run_dir.is_dir():

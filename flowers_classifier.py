@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flowers_fastai.classes import CLASSES
+from flowers_fastai.cli import quiet_third_party_warnings
 from flowers_fastai.export import ONNX_INPUT, ONNX_METADATA_KEY, ONNX_OUTPUTS
 from flowers_fastai.models import build_from_spec
 from flowers_fastai.preprocess import InvalidImageError, Preprocess, preprocess_image
@@ -435,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     """CLI: one line per image (path, top-k classes with confidences), errors on stderr; exit code 0 when
     every image was predicted, 1 when some could not be read, 2 when nothing could run."""
     args = _parse_args(argv)
+    quiet_third_party_warnings()
     try:
         model = load_model(args.model)
     except ModelFileError as e:

@@ -2,7 +2,10 @@
 
 import sys
 
-from flowers_fastai.train import main
+from flowers_fastai.cli import quiet_third_party_warnings
+
+quiet_third_party_warnings()  # before the import below: importing fastai itself warns
+from flowers_fastai.train import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

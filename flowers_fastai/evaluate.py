@@ -20,6 +20,11 @@ Writes into --out (default: the run folder, or runs/eval-<name> for a .pth):
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # run as a CLI: importing fastai below warns, so filter first (see cli.py)
+    from flowers_fastai.cli import quiet_third_party_warnings
+
+    quiet_third_party_warnings()
+
 import argparse
 import json
 import math
@@ -36,6 +41,7 @@ from PIL import Image
 import flowers_classifier as fc
 
 from .classes import CLASSES
+from .cli import quiet_third_party_warnings
 from .export import ExportError, export_run
 from .files import atomic_write, write_json
 from .preprocess import Preprocess, load_rgb, preprocess_image, resize_center_crop, to_tensor
@@ -204,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="report folder (default: the run folder, or runs/eval-<name>)")
     p.add_argument("--bs", type=int, default=32, help="images per forward pass")
     args = p.parse_args(argv)
+    quiet_third_party_warnings()
     try:
         if args.target.is_dir():
             report = evaluate_run(args.target, args.data, args.out, args.tta, args.bs)
