@@ -3,7 +3,7 @@ every option. The page and its API live in `flowers_fastai.demo` (gradio + flowe
 
 import sys
 
-from flowers_fastai.demo import main
+from flowers_fastai.cli import demo
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(demo())

@@ -10,7 +10,7 @@ probabilities are from PyTorch's. With --onnx, a .pth is written only when --out
 
 import sys
 
-from flowers_fastai.export import main
+from flowers_fastai.cli import export
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(export())

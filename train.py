@@ -2,7 +2,7 @@
 
 import sys
 
-from flowers_fastai.train import main
+from flowers_fastai.cli import train
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(train())

@@ -1,12 +1,17 @@
-"""`python -m flowers_classifier PATH... [--model models/cnn_flowers.pth] [--top-k 3] [--json OUT] [--bs N]`:
-predict image files and folders (searched recursively) with an exported model, in batches: one line per
-image on stdout, errors on stderr, and optionally every record as JSON."""
+"""`python -m flowers_classifier PATH... [--model models/cnn_flowers.pth] [--top-k 3] [--json OUT] [--bs N]`
+(also `flowers-predict`): predict image files and folders (searched recursively) with an exported model,
+in batches: one line per image on stdout, errors on stderr, and optionally every record as JSON.
+
+Also what every command-line entry point of the project shares: `quiet_third_party_warnings`, called by
+the entry points only (never on import, so code importing the library keeps Python's own filters).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -15,6 +20,25 @@ from .classes import CLASSES
 from .inference import error_record, find_images, iter_predictions, load_model
 from .payload import ModelFileError, default_model_path
 from .preprocess import IMAGE_SUFFIXES
+
+# Deprecation notices from torch, timm, fastai, pandas, numpy and gradio are meant for the developers
+# of those libraries (e.g. "`torch.jit.script` is deprecated", emitted while fastai is imported); a
+# user of our CLIs can do nothing about them. Our own code issues neither category.
+NOISE_CATEGORIES = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
+# UserWarnings with the same nature: about how a library is used internally, not about the user's input.
+NOISE_MESSAGES = (".*mode.chained_assignment.*", ".*load_learner.*insecure pickle.*",
+                  ".*copy keyword is deprecated.*")
+
+
+def quiet_third_party_warnings() -> None:
+    """Hide third-party deprecation noise for this process. Python's -W flag or PYTHONWARNINGS (both
+    land in sys.warnoptions) turn this off, so a developer can still see every warning."""
+    if sys.warnoptions:
+        return
+    for category in NOISE_CATEGORIES:
+        warnings.filterwarnings("ignore", category=category)
+    for message in NOISE_MESSAGES:
+        warnings.filterwarnings("ignore", message=message)
 
 
 def _top_k(record: dict, k: int) -> str:
@@ -44,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     """CLI: one line per image (path, top-k classes with confidences), errors on stderr; exit code 0 when
     every image was predicted, 1 when some could not be read, 2 when nothing could run."""
     args = _parse_args(argv)
+    quiet_third_party_warnings()
     try:
         model = load_model(args.model)
     except ModelFileError as e:

@@ -15,8 +15,10 @@ runtime rebuilds an exported architecture with `build_from_spec`.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -146,18 +148,33 @@ def create_cnn(model_name: str = CNN_DEFAULT, pretrained: str | os.PathLike | No
     return use_fast_grn(model) if fast_grn else model
 
 
+def check_cnn_pretrained(model_name: str, pretrained: str | os.PathLike | None) -> str:
+    """Fail fast, before anything is built or downloaded (train.py calls it before its data scan): an
+    unknown timm name, a missing --weights file, or hub weights neither cached nor downloadable. Returns
+    the timm name to build: with its pretrained tag for "hub", else `model_name`."""
+    import timm
+    if not timm.is_model(model_name):
+        raise ValueError(f"--model {model_name}: not a timm model name; use one of timm.list_models(), "
+                         f"e.g. {CNN_DEFAULT}, convnextv2_nano, convnextv2_atto.")
+    if pretrained is None:
+        return model_name
+    if pretrained != "hub":
+        if not Path(pretrained).is_file():
+            raise WeightsFileError(f"--weights {pretrained}: no such file (expected a timm state dict or "
+                                   f".safetensors of {model_name}).")
+        return model_name
+    name = f"{model_name}.{cnn_pretrained_tag(model_name)}"
+    _require_hub(timm.models.get_pretrained_cfg(name).hf_hub_id, ("model.safetensors", "pytorch_model.bin"), name)
+    return name
+
+
 def _create_cnn(model_name: str, pretrained: str | os.PathLike | None, num_classes: int,
                 drop_path_rate: float) -> nn.Module:
     import timm
-    kwargs = dict(num_classes=num_classes, drop_path_rate=drop_path_rate)
-    if pretrained == "hub":
-        tag = cnn_pretrained_tag(model_name)
-        model = timm.create_model(f"{model_name}.{tag}", pretrained=False, **kwargs)
-        _require_hub(model.pretrained_cfg["hf_hub_id"], ("model.safetensors", "pytorch_model.bin"),
-                     f"{model_name}.{tag}")
-        return timm.create_model(f"{model_name}.{tag}", pretrained=True, **kwargs)
-    model = timm.create_model(model_name, pretrained=False, **kwargs)
-    if pretrained is not None:
+    name = check_cnn_pretrained(model_name, pretrained)
+    model = timm.create_model(name, pretrained=pretrained == "hub", num_classes=num_classes,
+                              drop_path_rate=drop_path_rate)
+    if pretrained not in (None, "hub"):
         path = Path(pretrained)
         _load_backbone(model, read_state_dict(path), path, head_prefix=model.pretrained_cfg["classifier"])
     return model
@@ -268,6 +285,27 @@ def clip_preprocess(model: ClipClassifier) -> Preprocess:
 
 # --------------------------------------------------------------------------- shared entry points
 
+class _DropPrefix(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+@contextmanager
+def _drop_log_records(prefix: str):
+    """Drop the root logger's records that start with `prefix`, only for the `with` block (open_clip logs
+    through the root logger, with `logging.warning`)."""
+    root, drop = logging.getLogger(), _DropPrefix(prefix)
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
 def preprocess_for(model: nn.Module, image_size: int | None = None) -> Preprocess:
     return clip_preprocess(model) if isinstance(model, ClipClassifier) else cnn_preprocess(model, image_size)
 
@@ -279,6 +317,8 @@ def build_from_spec(spec: dict, fast_grn: bool = True) -> nn.Module:
     if family == "cnn":
         return create_cnn(name, pretrained=None, num_classes=n, fast_grn=fast_grn)
     if family == "clip":
-        return create_clip(name, pretrained=None, num_classes=n, head_init="random",
-                           image_size=spec.get("image_size"), quick_gelu=spec.get("quick_gelu", False))
+        # The payload's weights are loaded next: open_clip's "No pretrained weights loaded" would mislead.
+        with _drop_log_records("No pretrained weights loaded"):
+            return create_clip(name, pretrained=None, num_classes=n, head_init="random",
+                               image_size=spec.get("image_size"), quick_gelu=spec.get("quick_gelu", False))
     raise ValueError(f"unknown model family {family!r}: expected 'cnn' or 'clip'")

@@ -10,12 +10,18 @@ anything trains.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # run as a CLI: importing fastai below warns, so filter first (flowers_fastai/cli.py)
+    from flowers_classifier.cli import quiet_third_party_warnings
+
+    quiet_third_party_warnings()
+
 import argparse
+import io
 import shutil
 import socket
 import sys
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +65,17 @@ def _socket_timeout(seconds: float):
         socket.setdefaulttimeout(old)
 
 
+@contextmanager
+def _progress_only_on_a_terminal():
+    """fastdownload's progress bar redraws itself with carriage returns, and draws its first glyph even
+    when the download fails at once: in a log file or a pipe that is noise, so its stdout goes nowhere."""
+    if sys.stdout.isatty():
+        yield
+        return
+    with redirect_stdout(io.StringIO()):
+        yield
+
+
 def download_flowers(dest: str | Path = "data/flowers", url: str = FLOWERS_URL, force: bool = False) -> Path:
     """Fetch and extract the flower_photos archive with fastdownload; rename class folders to our labels."""
     from fastdownload import FastDownload
@@ -68,7 +85,7 @@ def download_flowers(dest: str | Path = "data/flowers", url: str = FLOWERS_URL, 
         return dest
     fd = FastDownload(base=dest.parent, archive=dest.parent / "archives", data=dest.parent / ".extract")
     try:
-        with _socket_timeout(60):
+        with _socket_timeout(60), _progress_only_on_a_terminal():
             extracted = Path(fd.get(url, force=force))
     except OSError as e:
         raise DatasetError(f"download of {url} failed ({e}). Without a network, copy a "

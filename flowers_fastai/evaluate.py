@@ -20,6 +20,11 @@ Writes into --out (default: the run folder, or runs/eval-<name> for a .pth):
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # run as a CLI: importing fastai below warns, so filter first (flowers_fastai/cli.py)
+    from flowers_classifier.cli import quiet_third_party_warnings
+
+    quiet_third_party_warnings()
+
 import argparse
 import json
 import math

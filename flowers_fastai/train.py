@@ -17,7 +17,6 @@ import argparse
 import json
 import sys
 import time
-import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,7 +32,16 @@ from . import splitters
 from .audit import AUDIT_MIN_SIZE
 from .data import DatasetError, RGBImage, make_dataloaders, prepare_split
 from .evaluate import evaluate_run
-from .learner import Recipe, build_learner, export_learner, fine_tune, resume_learner, seed_everything, valid_accuracy
+from .learner import (
+    Recipe,
+    build_learner,
+    export_learner,
+    fine_tune,
+    resolve_precision,
+    resume_learner,
+    seed_everything,
+    valid_accuracy,
+)
 from .probes import SanityCheckError, find_lr, overfit_one_batch, sanity_check
 
 # Per-family defaults; any flag the user gives wins. CLIP follows the LP-FT recipe: a linear probe at a
@@ -142,8 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--unfreeze-last", type=int, metavar="K",
                    help="stage 2 fine-tunes only the last K blocks (clip: transformer blocks, cnn: stages) and "
                         "everything above them (clip: ln_post+proj and head), via fastai freeze_to")
-    c.add_argument("--head-init", choices=("zeroshot", "random"), default="zeroshot",
-                   help="clip: start the head from CLIP's text embeddings of the class prompts, or random")
+    c.add_argument("--head-init", choices=("zeroshot", "random"),
+                   help="clip: start the head from CLIP's text embeddings of the class prompts (zeroshot; the "
+                        "default with pretrained weights), or random (the default, and the only choice, with "
+                        "--no-pretrained: a random text tower gives no zero-shot head)")
     c.add_argument("--grad-checkpointing", action="store_true", help="clip: trade compute for activation memory")
     out = p.add_argument_group("output")
     out.add_argument("--out", type=Path, help="run folder (default runs/<arch>-<time>)")
@@ -165,6 +175,8 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
             setattr(args, key, value)
     if args.lr_mult is None:
         args.lr_mult = 100.0
+    if args.arch == "clip" and args.head_init is None:
+        args.head_init = "random" if args.no_pretrained else "zeroshot"
     if not 0 < args.min_scale <= 1:
         raise ValueError(f"--min-scale {args.min_scale}: the smallest crop is a fraction of the image area, in (0, 1].")
     if args.out is None:
@@ -186,7 +198,41 @@ def check_clip_args(args: argparse.Namespace) -> None:
     weights exist (file, known tag, cached or downloadable: offline without a cache fails here)."""
     if not 0 < args.llrd <= 1:
         raise ValueError(f"--llrd {args.llrd}: the decay must be in (0, 1]; 1 means one LR for all groups.")
+    if args.no_pretrained and args.head_init == "zeroshot":
+        raise ValueError("--head-init zeroshot needs pretrained weights: with --no-pretrained the text tower is "
+                         "random, so its 'zero-shot' head would be noise. Drop --head-init (random is then the "
+                         "default) or pass --weights FILE / --pretrained-tag instead of --no-pretrained.")
     models.check_clip_pretrained(args.model, clip_pretrained(args))
+
+
+def check_pretrained(args: argparse.Namespace) -> str:
+    """Before the data scan, the weights and model checks of either family (offline without a cache, a
+    missing --weights file, an unknown --model fail here, not after minutes of decoding images). Returns
+    where the weights come from, in words, for the printed plan."""
+    if args.arch == "clip":
+        check_clip_args(args)
+        hub = f"open_clip tag {args.model}/{args.pretrained_tag}"
+    else:
+        source = None if args.no_pretrained else (args.weights or "hub")
+        hub = f"timm hub {models.check_cnn_pretrained(args.model, source)}"
+    if args.no_pretrained:
+        return "random init"
+    return f"file {args.weights}" if args.weights else hub
+
+
+def print_plan(args: argparse.Namespace, df: pd.DataFrame, weights: str) -> None:
+    """What this run will do, printed before the model is built: a first epoch can take minutes on a CPU."""
+    cuda = torch.cuda.is_available()
+    device = f"cuda ({torch.cuda.get_device_name(0)})" if cuda else "cpu"
+    n_valid = int(df["is_valid"].sum())
+    lines = [f"model: {args.model} ({args.arch})", f"weights: {weights}",
+             f"device: {device}, precision {resolve_precision(args.precision)}",
+             f"images: {len(df) - n_valid} train, {n_valid} valid (from {args.data})",
+             f"epochs: {args.freeze_epochs} head only + {args.epochs} unfrozen, batch size {args.bs}",
+             f"run folder: {args.out}"]
+    if args.arch == "clip":
+        lines.insert(2, f"head init: {args.head_init}")
+    print("\n".join(lines), flush=True)
 
 
 def build_model(args: argparse.Namespace, spec: dict | None = None) -> torch.nn.Module:
@@ -301,8 +347,8 @@ def train(args: argparse.Namespace) -> Path:
     if resumed is None and (run_dir / "metrics.json").exists():
         raise FileExistsError(f"--out {run_dir} already holds a run; choose another --out folder "
                               f"(or continue it with --resume {run_dir}).")
-    if args.arch == "clip" and not resumed:  # e.g. offline without cached weights: say so before the data scan
-        check_clip_args(args)
+    # e.g. offline without cached weights, or a missing --weights file: say so before the data scan.
+    weights = "last.pth of the interrupted run" if resumed else check_pretrained(args)
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(args.seed)
 
@@ -313,6 +359,7 @@ def train(args: argparse.Namespace) -> Path:
         df = prepare_split(args.data, run_dir, args.valid_pct, args.seed, args.max_per_class,
                            min_size=args.img_size or AUDIT_MIN_SIZE)  # audit.json: duplicates, small images, ...
     RGBImage.failure_log = run_dir / "skipped.csv"  # files that break after this check are reported there
+    print_plan(args, df, weights)
 
     # 2. Model: pretrained weights resolved in models.py (hub, tag, local file or random init); a resumed
     #    run rebuilds its architecture offline and takes its weights from last.pth.
@@ -383,7 +430,6 @@ def finish(args: argparse.Namespace, learn, recipe: Recipe, metrics: dict, start
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    warnings.filterwarnings("ignore", message=".*torch.jit.script.*")
     try:
         train(resume_args(args.resume) if args.resume else args)
     except (DatasetError, models.PretrainedWeightsUnavailable, models.WeightsFileError,

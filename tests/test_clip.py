@@ -122,7 +122,8 @@ def test_train_export_load_parity_with_learner(real_flowers, tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["status"] == "finished" and metrics["param_groups"] == TINY_BLOCKS + 3
     assert metrics["model"]["family"] == "clip" and metrics["model"]["quick_gelu"] is False
-    assert 0.0 <= metrics["zero_shot_accuracy"] <= 1.0
+    # A random text tower gives no zero-shot head: the head starts random and no zero-shot accuracy is claimed.
+    assert metrics["config"]["head_init"] == "random" and "zero_shot_accuracy" not in metrics
 
     payload = torch.load(vit, map_location="cpu", weights_only=True)
     assert payload["dtype"] == "float16"  # CLIP exports store fp16 by default
@@ -249,6 +250,24 @@ def test_zero_shot_head_equals_open_clip_zero_shot(clip_ckpt, real_photos):
 
     random_head = build_model(clip_args("--weights", str(clip_ckpt), "--head-init", "random"))
     assert not torch.allclose(random_head.head.weight, model.head.weight, atol=1e-2)
+
+
+def test_no_pretrained_head_is_random_not_zero_shot(monkeypatch):
+    calls = []
+    monkeypatch.setattr(factory, "zero_shot_weights", lambda *a, **k: calls.append(a))
+    model = build_model(clip_args("--no-pretrained"))
+    assert calls == []  # the random text tower was never asked for a head
+    # A zero-shot row is a unit vector times CLIP's logit scale (1/0.07 at init) and its bias is zero;
+    # nn.Linear's own init gives rows of norm well below 1 and a non-zero bias.
+    assert model.head.weight.norm(dim=1).max() < 1.0 and torch.count_nonzero(model.head.bias) > 0
+
+
+def test_zero_shot_head_without_pretrained_weights_is_refused(tmp_path, capsys):
+    rc = main(["--arch", "clip", "--model", TINY_CLIP, "--no-pretrained", "--head-init", "zeroshot",
+               "--data", str(tmp_path / "no-such-folder"), "--out", str(tmp_path / "run"), "--no-export"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--head-init zeroshot needs pretrained weights" in err and "--no-pretrained" in err
+    assert not (tmp_path / "run").exists()  # refused before the data scan
 
 
 def test_zero_shot_accuracy_is_measured_before_training(clip_ckpt, real_flowers, tmp_path):

@@ -1,6 +1,7 @@
 """The CNN factory: local weights files, offline failure, the stage splitter, preprocessing stats."""
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -8,12 +9,14 @@ import time
 import pytest
 import torch
 from conftest import ROOT, TINY_CNN, make_image_folder
+from huggingface_hub import constants as hf_constants
 from safetensors.torch import save_file
 
 from flowers_classifier import factory
 from flowers_classifier import model as model_modules
 from flowers_classifier.classes import CLASSES
 from flowers_fastai import splitters
+from flowers_fastai import train as train_module
 
 
 def backbone(sd: dict) -> dict:
@@ -89,6 +92,39 @@ def test_train_cli_offline_default_fails_within_60s(tmp_path):
     assert out.returncode == 2
     assert "--weights" in out.stderr and "--no-pretrained" in out.stderr
     assert not (tmp_path / "run" / "best.pth").exists()
+
+
+@pytest.fixture
+def scan_calls(monkeypatch) -> list:
+    """train.prepare_split, recorded and refused: a test sees whether the data scan was reached."""
+    calls = []
+
+    def record(*args, **kwargs):
+        calls.append(args)
+        raise AssertionError("the data scan ran before the weights were checked")
+    monkeypatch.setattr(train_module, "prepare_split", record)
+    return calls
+
+
+def test_cnn_offline_weights_error_comes_before_the_data_scan(tmp_path, monkeypatch, scan_calls, capsys):
+    # In-process twin of offline_env: the hub on a closed loopback port, an empty cache.
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf_constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    data = make_image_folder(tmp_path / "imgs", per_class=2)
+    rc = train_module.main(["--model", TINY_CNN, "--data", str(data), "--out", str(tmp_path / "run"), "--no-export"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--weights" in err and "--no-pretrained" in err and TINY_CNN in err
+    assert scan_calls == []
+
+
+@pytest.mark.parametrize("model, message", [(TINY_CNN, "--weights .*nope.pth: no such file"),
+                                            ("convnextv2_nope", "--model convnextv2_nope: not a timm model")])
+def test_cnn_bad_weights_or_model_fail_before_the_data_scan(tmp_path, scan_calls, capsys, model, message):
+    rc = train_module.main(["--model", model, "--weights", str(tmp_path / "nope.pth"), "--data", str(tmp_path),
+                            "--out", str(tmp_path / "run"), "--no-export"])
+    assert rc == 2 and re.search(message, capsys.readouterr().err)
+    assert scan_calls == []
 
 
 def test_stage_splitter_covers_every_parameter_once():
