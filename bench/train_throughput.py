@@ -54,7 +54,7 @@ def train_ours(df, root: Path, cfg: PlainConfig, fast_grn: bool = True) -> dict:
     from flowers_classifier import factory
     from flowers_fastai.data import make_dataloaders
     from flowers_fastai.learner import Recipe, build_learner, fine_tune, seed_everything
-    from flowers_fastai.train import ARCH_DEFAULTS, SCRATCH_DEFAULTS
+    from flowers_fastai.recipes import preset
 
     class Timer(Callback):
         order = 71  # after the Recorder (50) and HistoryCallback (70): recorder.log holds this epoch
@@ -83,7 +83,7 @@ def train_ours(df, root: Path, cfg: PlainConfig, fast_grn: bool = True) -> dict:
     seed_everything(cfg.seed)
     model = factory.create_cnn(cfg.model, pretrained=None, fast_grn=fast_grn)
     prep = factory.cnn_preprocess(model, cfg.img_size)
-    scratch = ARCH_DEFAULTS["cnn"] | SCRATCH_DEFAULTS  # what train.py --no-pretrained uses (the LR: the plain one)
+    scratch = preset("cnn", pretrained=False)  # what train.py --no-pretrained uses (the LR: the plain one)
     recipe = Recipe(epochs=cfg.epochs, freeze_epochs=0, lr=cfg.lr, lr_mult=1.0, mixup=scratch["mixup"],
                     label_smoothing=scratch["label_smoothing"], patience=None, wd=cfg.wd, seed=cfg.seed,
                     channels_last=cfg.channels_last)

@@ -32,39 +32,43 @@ from fastai.torch_core import set_seed
 from fastcore.foundation import L
 from torch.distributions.beta import Beta
 
+from flowers_classifier.files import atomic_write
 from flowers_classifier.model import ClipClassifier
 
 from . import splitters
 from .export import BEST_NAME
-from .files import atomic_write
+from .recipes import PRESETS
 
 LAST_NAME = "last"  # run_dir/last.pth: weights + optimizer after the last finished epoch (--resume)
 
 
+_CNN = PRESETS["cnn"]
+
+
 @dataclass
 class Recipe:
-    """Everything that shapes optimisation. Defaults are the CNN recipe; `train.py --arch clip` swaps
-    in the CLIP ones (smaller LRs, LLRD, milder smoothing)."""
+    """Everything that shapes optimisation. Field defaults are the CNN preset (recipes.py, the one source of
+    defaults); `train.py` fills a Recipe from the preset of its --arch, and from scratch with --no-pretrained."""
 
-    epochs: int = 5
-    freeze_epochs: int = 1           # linear probe epochs (head only) before unfreezing
-    head_lr: float = 2e-3            # stage 1 LR of the head
-    lr: float = 1e-3                 # stage 2 LR of the head group; the body gets less (lr_mult)
-    lr_mult: float = 100.0           # stage 2: lr(first group) = lr / lr_mult, geometric in between
-    unfreeze_last: int | None = None  # stage 2 trains only the last K blocks/stages (+ all above them)
-    pct_start: float = 0.25          # one-cycle warmup fraction
-    wd: float = 0.05
-    label_smoothing: float = 0.1
-    mixup: float = 0.0               # Beta alpha, 0 disables
-    cutmix: float = 0.0              # Beta alpha, 0 disables
-    mix_prob: float = 1.0            # probability a batch is mixed at all
-    switch_prob: float = 0.5         # with both on: probability of CutMix rather than MixUp
-    grad_clip: float | None = 1.0
-    patience: int | None = 3         # early stopping on valid accuracy, per stage
-    ema_decay: float | None = None   # timm ModelEmaV3 decay, None disables
-    precision: str = "auto"          # auto (fp16 on CUDA, fp32 on CPU), fp16, bf16, fp32
-    channels_last: bool | None = None  # None: on CUDA for the ConvNeXt (tensor cores want NHWC), off on CPU
-    seed: int = 42
+    epochs: int = _CNN["epochs"]
+    freeze_epochs: int = _CNN["freeze_epochs"]  # linear probe epochs (head only) before unfreezing
+    head_lr: float = _CNN["head_lr"]            # stage 1 LR of the head
+    lr: float = _CNN["lr"]                      # stage 2 LR of the head group; the body gets less (lr_mult)
+    lr_mult: float = _CNN["lr_mult"]            # stage 2: lr(first group) = lr / lr_mult, geometric in between
+    unfreeze_last: int | None = None            # stage 2 trains only the last K blocks/stages (+ all above them)
+    pct_start: float = _CNN["pct_start"]        # one-cycle warmup fraction
+    wd: float = _CNN["wd"]
+    label_smoothing: float = _CNN["label_smoothing"]
+    mixup: float = _CNN["mixup"]                # Beta alpha, 0 disables
+    cutmix: float = _CNN["cutmix"]              # Beta alpha, 0 disables
+    mix_prob: float = _CNN["mix_prob"]          # probability a batch is mixed at all
+    switch_prob: float = _CNN["switch_prob"]    # with both on: probability of CutMix rather than MixUp
+    grad_clip: float | None = _CNN["grad_clip"]
+    patience: int | None = _CNN["patience"]     # early stopping on valid accuracy, per stage
+    ema_decay: float | None = _CNN["ema"] or None  # timm ModelEmaV3 decay, None disables
+    precision: str = _CNN["precision"]          # auto (fp16 on CUDA, fp32 on CPU), fp16, bf16, fp32
+    channels_last: bool | None = None           # None: on CUDA for the ConvNeXt (tensor cores want NHWC), off on CPU
+    seed: int = _CNN["seed"]
 
 
 def seed_everything(seed: int) -> None:

@@ -26,6 +26,7 @@ import torch
 from flowers_classifier import factory as models
 from flowers_classifier.classes import CLASSES
 from flowers_classifier.files import atomic_write, write_json
+from flowers_classifier.payload import default_model_path
 from flowers_classifier.preprocess import Preprocess
 
 from . import splitters
@@ -43,21 +44,7 @@ from .learner import (
     valid_accuracy,
 )
 from .probes import SanityCheckError, find_lr, overfit_one_batch, sanity_check
-
-# Per-family defaults; any flag the user gives wins. CLIP follows the LP-FT recipe: a linear probe at a
-# high head LR, then a gentle full fine-tune with layer-wise LR decay and milder label smoothing.
-ARCH_DEFAULTS = {
-    "cnn": dict(model=models.CNN_DEFAULT, epochs=5, freeze_epochs=1, head_lr=2e-3, lr=1e-3, lr_mult=100.0,
-                label_smoothing=0.1, mixup=0.2, cutmix=0.0, bs=32, wd=0.05, min_scale=0.35),
-    "clip": dict(model=models.CLIP_DEFAULT, epochs=3, freeze_epochs=2, head_lr=1e-3, lr=1e-5, llrd=0.75,
-                 label_smoothing=0.05, mixup=0.0, cutmix=0.0, bs=32, wd=0.05, min_scale=0.35),
-}
-# Random init: no frozen stage and one LR for all groups. The short from-scratch runs this project makes
-# (tests, bench/accuracy_proxy.py) underfit: without MixUp and label smoothing, with crops of at least 60%
-# of the photo (rather than 35%) and lr 2e-3 they ended best in bench/RESULTS.md's recipe search, by less
-# than the spread between seeds.
-SCRATCH_DEFAULTS = dict(freeze_epochs=0, lr_mult=1.0, llrd=1.0, lr=2e-3, mixup=0.0, label_smoothing=0.0,
-                        min_scale=0.6)
+from .recipes import PRESETS, SCRATCH, SHARED, describe, preset
 
 
 def _lr_arg(text: str) -> float | str:
@@ -73,25 +60,32 @@ def _lr_arg(text: str) -> float | str:
     return value
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's fixed default; a flag whose default depends on --arch says so in its own help."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="train.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="train.py", formatter_class=_HelpFormatter,
         description="Fine-tune a flower classifier (timm ConvNeXt V2 or OpenCLIP ViT) with fastai, "
-                    "then export it for flowers_classifier. Unset options take the per-arch defaults "
-                    "shown as 'arch default'.")
+                    "then export it for flowers_classifier. Options without a fixed default take their "
+                    "arch's preset (flowers_fastai/recipes.py), shown as 'default: cnn X, clip Y'.")
     p.add_argument("--arch", choices=("cnn", "clip"), default="cnn",
                    help="backbone family: cnn = timm ConvNeXt V2, clip = OpenCLIP image encoder + linear head")
-    p.add_argument("--model", help="timm name (cnn; arch default convnextv2_tiny) or open_clip name "
-                                   "(clip; arch default ViT-L-14)")
+    p.add_argument("--model", help=f"timm name (cnn; arch default {PRESETS['cnn']['model']}) or open_clip name "
+                                   f"(clip; arch default {PRESETS['clip']['model']})")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="data/flowers", help="folder laid out as <root>/<class>/<images>")
     g.add_argument("--valid-pct", type=float, default=0.2, help="stratified validation fraction")
     g.add_argument("--max-per-class", type=int, help="use at most N images per class (quick runs)")
     g.add_argument("--img-size", type=int, help="square input size in pixels (arch default: the model's own)")
-    g.add_argument("--bs", type=int, help="batch size (arch default 32)")
+    g.add_argument("--bs", type=int, help=f"batch size ({describe('bs')})")
     g.add_argument("--workers", type=int, help="DataLoader worker processes (default: 0 on CPU, 8 on GPU)")
     g.add_argument("--min-scale", type=float, help="RandomResizedCrop's smallest crop, as a fraction of the "
-                                                   "image area (arch default 0.35; 0.6 with --no-pretrained)")
+                                                   f"image area ({describe('min_scale')})")
     w = p.add_argument_group("weights (default: pretrained from the hub; fails fast when offline)")
     x = w.add_mutually_exclusive_group()
     x.add_argument("--no-pretrained", action="store_true",
@@ -102,29 +96,32 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--pretrained-tag", default=models.CLIP_DEFAULT_TAG,
                    help="clip: open_clip pretrained tag (e.g. openai, laion2b_s32b_b82k, datacomp_xl_s13b_b90k)")
     o = p.add_argument_group("recipe")
-    o.add_argument("--epochs", type=int, help="stage 2 (unfrozen) epochs (arch default: cnn 5, clip 3)")
-    o.add_argument("--freeze-epochs", type=int, help="stage 1 epochs training the head only (cnn 1, clip 2)")
+    o.add_argument("--epochs", type=int, help=f"stage 2 (unfrozen) epochs ({describe('epochs')})")
+    o.add_argument("--freeze-epochs", type=int,
+                   help=f"stage 1 epochs training the head only ({describe('freeze_epochs')})")
     o.add_argument("--lr", type=_lr_arg,
-                   help="stage 2 max LR of the head group (cnn 1e-3, clip 1e-5; 2e-3 with --no-pretrained), or "
+                   help=f"stage 2 max LR of the head group ({describe('lr')}), or "
                         "'auto': fastai's lr_find on the model as stage 2 trains it, right before stage 2, picks "
                         "its valley suggestion (lr_find.png/.json)")
-    o.add_argument("--head-lr", type=float, help="stage 1 (linear probe) max LR (cnn 2e-3, clip 1e-3)")
+    o.add_argument("--head-lr", type=float, help=f"stage 1 (linear probe) max LR ({describe('head_lr')})")
     o.add_argument("--lr-mult", type=float,
                    help="cnn: stage 2 spreads LRs geometrically from lr/lr_mult (stem) to lr (head), "
-                        "fastai's lr=slice(lr/lr_mult, lr) (default 100)")
-    o.add_argument("--wd", type=float, help="AdamW decoupled weight decay (0.05)")
+                        f"fastai's lr=slice(lr/lr_mult, lr) ({describe('lr_mult')})")
+    o.add_argument("--wd", type=float, help=f"AdamW decoupled weight decay ({describe('wd')})")
     o.add_argument("--label-smoothing", type=float,
-                   help="label smoothing eps (cnn 0.1, clip 0.05; 0 with --no-pretrained)")
-    o.add_argument("--mixup", type=float, help="MixUp Beta alpha, 0 disables (cnn 0.2, clip 0; 0 with --no-pretrained)")
-    o.add_argument("--cutmix", type=float, help="CutMix Beta alpha, 0 disables (0)")
-    o.add_argument("--mix-prob", type=float, default=1.0, help="probability that a batch is mixed at all")
-    o.add_argument("--switch-prob", type=float, default=0.5,
+                   help=f"label smoothing eps ({describe('label_smoothing')})")
+    o.add_argument("--mixup", type=float, help=f"MixUp Beta alpha, 0 disables ({describe('mixup')})")
+    o.add_argument("--cutmix", type=float, help=f"CutMix Beta alpha, 0 disables ({describe('cutmix')})")
+    o.add_argument("--mix-prob", type=float, default=SHARED["mix_prob"],
+                   help="probability that a batch is mixed at all")
+    o.add_argument("--switch-prob", type=float, default=SHARED["switch_prob"],
                    help="with MixUp and CutMix both on: probability of CutMix for a mixed batch")
-    o.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, 0 disables")
-    o.add_argument("--patience", type=int, default=3, help="early stopping patience in epochs, 0 disables")
-    o.add_argument("--ema", type=float, default=0.0, help="timm ModelEmaV3 decay (e.g. 0.999), 0 disables")
-    o.add_argument("--seed", type=int, default=42, help="seed for split, init, augmentation and order")
-    o.add_argument("--precision", choices=("auto", "fp16", "bf16", "fp32"), default="auto",
+    o.add_argument("--grad-clip", type=float, default=SHARED["grad_clip"], help="max gradient norm, 0 disables")
+    o.add_argument("--patience", type=int, default=SHARED["patience"],
+                   help="early stopping patience in epochs, 0 disables")
+    o.add_argument("--ema", type=float, default=SHARED["ema"], help="timm ModelEmaV3 decay (e.g. 0.999), 0 disables")
+    o.add_argument("--seed", type=int, default=SHARED["seed"], help="seed for split, init, augmentation and order")
+    o.add_argument("--precision", choices=("auto", "fp16", "bf16", "fp32"), default=SHARED["precision"],
                    help="auto = fp16 mixed precision on CUDA, fp32 on CPU")
     o.add_argument("--bf16", action="store_const", const="bf16", dest="precision",
                    help="shortcut for --precision bf16 (CUDA)")
@@ -142,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--overfit-steps", type=int, default=200, help="most optimizer steps for --overfit-batch")
     c = p.add_argument_group("clip")
     c.add_argument("--llrd", type=float, metavar="DECAY",
-                   help="clip: layer-wise LR decay DECAY in (0, 1] (arch default 0.75; 1 with --no-pretrained): "
+                   help=f"clip: layer-wise LR decay DECAY in (0, 1] (default {PRESETS['clip']['llrd']:g}; "
+                        f"{SCRATCH['llrd']:g} with --no-pretrained): "
                         "stage 2 LR of group g is lr * DECAY**(groups-1-g), equivalent to fastai "
                         "lr=slice(lr*DECAY**(groups-1), lr); groups = [patch embed + class/pos embed + ln_pre], "
                         "one per transformer block (24 for ViT-L-14), [ln_post + proj], [head]. "
@@ -166,15 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _resolve(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill unset options from the arch (and from-scratch) defaults."""
-    defaults = dict(ARCH_DEFAULTS[args.arch])
-    if args.no_pretrained:
-        defaults.update(SCRATCH_DEFAULTS)
-    for key, value in defaults.items():
+    """Fill unset options from the arch's preset (recipes.py), from scratch with --no-pretrained."""
+    for key, value in preset(args.arch, pretrained=not args.no_pretrained).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    if args.lr_mult is None:
-        args.lr_mult = 100.0
     if args.arch == "clip" and args.head_init is None:
         args.head_init = "random" if args.no_pretrained else "zeroshot"
     if not 0 < args.min_scale <= 1:
@@ -182,7 +175,7 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.out is None:
         args.out = Path("runs") / f"{args.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.export is None and not args.no_export:
-        args.export = Path("models") / ("cnn_flowers.pth" if args.arch == "cnn" else "vit_flowers.pth")
+        args.export = default_model_path(args.arch)
     return args
 
 
