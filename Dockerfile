@@ -1,4 +1,4 @@
-# GPU image: a CUDA PyTorch base plus this project's requirements (the base's torch satisfies the range).
+# GPU image: a CUDA PyTorch base plus this project (pyproject.toml, extras train + demo).
 #   docker build -t flowers-fastai .
 #   docker run --gpus all -v $PWD/cache:/cache -v $PWD/models:/app/models -v $PWD/data:/app/data \
 #     flowers-fastai python train.py --arch clip          # weights cached in ./cache across runs
@@ -9,11 +9,12 @@ WORKDIR /app
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HOME=/cache/huggingface TORCH_HOME=/cache/torch XDG_CACHE_HOME=/cache
 
-COPY requirements.txt .
-RUN pip install -r requirements.txt
-
+# The project with its training and demo extras (the base image's torch satisfies the range).
+COPY pyproject.toml README.md ./
+COPY flowers_classifier/ flowers_classifier/
 COPY flowers_fastai/ flowers_fastai/
-COPY flowers_classifier.py train.py export.py app.py ./
+RUN pip install ".[train,demo]"
+COPY train.py export.py app.py ./
 
 # Pretrained-weight cache, datasets, runs and exported models live outside the image.
 VOLUME ["/cache", "/app/data", "/app/runs", "/app/models"]

@@ -23,7 +23,7 @@ REQUIRED_KEYS = frozenset({"format_version", "family", "model_name", "classes", 
 OPTIONAL_KEYS = frozenset({"interpolation", "crop_pct", "quick_gelu", "dtype"})
 FAMILIES = ("cnn", "clip")
 DEFAULT_FILES = {"cnn": "cnn_flowers.pth", "clip": "vit_flowers.pth"}  # what train.py/export.py write
-MODELS_DIR = Path(__file__).resolve().parents[1] / "models"  # where a bare file name is also looked for
+MODELS_DIR = Path("models")  # where train.py/export.py write, relative to the working directory
 
 
 class ModelFileError(ValueError):
@@ -32,7 +32,7 @@ class ModelFileError(ValueError):
 
 def default_model_path(family: str) -> Path:
     """models/cnn_flowers.pth or models/vit_flowers.pth, relative to the working directory."""
-    return Path("models") / DEFAULT_FILES[family]
+    return MODELS_DIR / DEFAULT_FILES[family]
 
 
 def resolve_model_path(weights_path: str | os.PathLike) -> Path:

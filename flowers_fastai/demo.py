@@ -21,12 +21,13 @@ from pathlib import Path
 import gradio as gr
 
 import flowers_classifier as fc
-from flowers_classifier.payload import DEFAULT_FILES
+from flowers_classifier.payload import default_model_path
 from flowers_classifier.preprocess import IMAGE_SUFFIXES
 
 CNN, VIT, ENSEMBLE = "CNN", "ViT", "Ensemble"
 MAX_UPLOAD = "20mb"  # Gradio refuses bigger uploads before they reach us (HTTP 413 / a message in the page)
 MAX_EXAMPLES = 10
+DEFAULT_CNN, DEFAULT_VIT = default_model_path("cnn"), default_model_path("clip")
 TRAIN_HELP = """\
 **No model file found** (looked for `{cnn}` and `{vit}`). Train and export one, then restart the app:
 
@@ -123,8 +124,7 @@ def make_classifier(models: dict) -> Callable[[dict | None, str], tuple[dict[str
     return classify
 
 
-def build_demo(cnn_path: str | os.PathLike | None = fc.MODELS_DIR / DEFAULT_FILES["cnn"],
-               vit_path: str | os.PathLike | None = fc.MODELS_DIR / DEFAULT_FILES["clip"],
+def build_demo(cnn_path: str | os.PathLike | None = DEFAULT_CNN, vit_path: str | os.PathLike | None = DEFAULT_VIT,
                examples_dir: str | os.PathLike | None = None) -> gr.Blocks:
     """The whole page, models loaded, queue configured. Launch it with `launch_demo`."""
     examples = find_examples(examples_dir)  # first: a mistyped flag should not wait for models to load
@@ -189,9 +189,9 @@ def launch_demo(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, shar
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="app.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cnn", type=Path, default=fc.MODELS_DIR / DEFAULT_FILES["cnn"],
+    p.add_argument("--cnn", type=Path, default=DEFAULT_CNN,
                    help="exported CNN (default: models/cnn_flowers.pth; skipped when missing)")
-    p.add_argument("--vit", type=Path, default=fc.MODELS_DIR / DEFAULT_FILES["clip"],
+    p.add_argument("--vit", type=Path, default=DEFAULT_VIT,
                    help="exported CLIP ViT (default: models/vit_flowers.pth; skipped when missing)")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=7860, help="TCP port (default 7860)")
