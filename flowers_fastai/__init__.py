@@ -1,7 +1,6 @@
-"""flowers_fastai: train, export and serve a 5-class flower classifier with fastai, timm and open_clip.
+"""flowers_fastai: train, evaluate and export a 5-class flower classifier with fastai, on top of the
+`flowers_classifier` runtime (which it imports; never the other way round).
 
-Importing the package imports nothing heavy: `flowers_fastai.models`, `.preprocess` and `.classes` are
-fastai-free (the standalone `flowers_classifier` uses them); the training modules import fastai.
+Importing the package imports nothing heavy: `flowers_fastai.demo` needs gradio and the runtime only,
+the training modules import fastai.
 """
-
-__version__ = "0.1.0"
