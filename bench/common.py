@@ -31,8 +31,8 @@ def require_flowers(script: str) -> Path:
     """The photo folder, or exit 0 with a note: a machine without the data skips the benchmark cleanly."""
     path = flowers_dir()
     if path is None:
-        print(f"{script}: skipped: no <class>/*.jpg photo folder at FLOWERS128_DIR "
-              f"({os.environ.get('FLOWERS128_DIR', '../shared/datasets/flowers128')}); set FLOWERS128_DIR to one.")
+        print(f"{script}: skipped: no <class>/*.jpg photo folder found; set FLOWERS128_DIR to one "
+              f"(a folder of 128x128 flower photos, one sub-folder per class).")
         sys.exit(0)
     return path
 

@@ -28,21 +28,21 @@ CNN, VIT, ENSEMBLE = "CNN", "ViT", "Ensemble"
 MAX_UPLOAD = "20mb"  # Gradio refuses bigger uploads before they reach us (HTTP 413 / a message in the page)
 MAX_EXAMPLES = 10
 DEFAULT_CNN, DEFAULT_VIT = default_model_path("cnn"), default_model_path("clip")
-TRAIN_HELP = """\
-**No model file found** (looked for `{cnn}` and `{vit}`). Train and export one, then restart the app:
+TRAIN_HELP = f"""\
+**No model file found** (looked for `{{cnn}}` and `{{vit}}`). Train and export one, then restart the app:
 
 ```bash
-python train.py --arch cnn    # exports models/cnn_flowers.pth
-python train.py --arch clip   # exports models/vit_flowers.pth
+python train.py --arch cnn    # exports {DEFAULT_CNN}
+python train.py --arch clip   # exports {DEFAULT_VIT}
 # offline (no pretrained weights; DIR holds one folder of photos per class):
 python train.py --arch cnn --data DIR --no-pretrained
 python train.py --arch clip --data DIR --no-pretrained
 ```
 """
-NO_MODEL_ERROR = ("No model is loaded. Train and export one with 'python train.py --arch cnn' (writes "
-                  "models/cnn_flowers.pth) or 'python train.py --arch clip' (writes models/vit_flowers.pth); "
-                  "offline add '--data DIR --no-pretrained' (DIR: one folder of photos per class). "
-                  "Then restart app.py.")
+NO_MODEL_ERROR = (f"No model is loaded. Train and export one with 'python train.py --arch cnn' (writes "
+                  f"{DEFAULT_CNN}) or 'python train.py --arch clip' (writes {DEFAULT_VIT}); "
+                  f"offline add '--data DIR --no-pretrained' (DIR: one folder of photos per class). "
+                  f"Then restart app.py.")
 
 
 class ExamplesError(ValueError):
@@ -190,9 +190,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="app.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cnn", type=Path, default=DEFAULT_CNN,
-                   help="exported CNN (default: models/cnn_flowers.pth; skipped when missing)")
+                   help=f"exported CNN (default: {DEFAULT_CNN}; skipped when missing)")
     p.add_argument("--vit", type=Path, default=DEFAULT_VIT,
-                   help="exported CLIP ViT (default: models/vit_flowers.pth; skipped when missing)")
+                   help=f"exported CLIP ViT (default: {DEFAULT_VIT}; skipped when missing)")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=7860, help="TCP port (default 7860)")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet)")

@@ -362,13 +362,13 @@ def fine_tune(learn: Learner, recipe: Recipe, epochs_done: int = 0) -> Learner:
     `unfreeze_last` blocks, see splitters.stage_start) too, with discriminative LRs. Both one-cycle;
     best weights loaded at the end. `epochs_done` (resume) skips the epochs a run already finished."""
     # Resolved before stage 1, so a bad --unfreeze-last fails before any training.
-    unfreeze_at = None if recipe.unfreeze_last is None else splitters.unfreeze_index(learn.model, recipe.unfreeze_last)
+    stage2_start = splitters.stage_start(learn.model, "unfrozen", recipe.unfreeze_last)
     if recipe.freeze_epochs > epochs_done:
-        _trainable_from(learn, -1, keep_optimizer_state=epochs_done > 0)
+        _trainable_from(learn, splitters.stage_start(learn.model, "frozen"), keep_optimizer_state=epochs_done > 0)
         _fit(learn, recipe.freeze_epochs, recipe.head_lr, recipe, "frozen", start_epoch=epochs_done)
     done_in_stage2 = max(0, epochs_done - recipe.freeze_epochs)
     if recipe.epochs > done_in_stage2:
-        _trainable_from(learn, 0 if unfreeze_at is None else unfreeze_at, keep_optimizer_state=done_in_stage2 > 0)
+        _trainable_from(learn, stage2_start, keep_optimizer_state=done_in_stage2 > 0)
         _fit(learn, recipe.epochs, stage2_lrs(learn, recipe), recipe, "unfrozen", start_epoch=done_in_stage2)
     return learn
 
