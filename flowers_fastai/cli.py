@@ -1,38 +1,26 @@
 """Console entry points (`flowers-train`, `flowers-export`, `flowers-demo`, `flowers-data`, `flowers-evaluate`;
 train.py, export.py and app.py call them too).
+
 Each keeps third-party deprecation noise out of the output *before* importing its command: importing
 fastai itself warns, so the filter must come first. Only `flowers_classifier` is imported up front."""
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
+
 from flowers_classifier.cli import quiet_third_party_warnings
 
 
-def train(argv: list[str] | None = None) -> int:
-    quiet_third_party_warnings()
-    from .train import main
-    return main(argv)
+def _command(module: str) -> Callable[[list[str] | None], int]:
+    """The `main(argv)` of flowers_fastai.<module>, imported only once the warning filter is in place."""
+
+    def run(argv: list[str] | None = None) -> int:
+        quiet_third_party_warnings()
+        return importlib.import_module(f"flowers_fastai.{module}").main(argv)
+
+    run.__name__ = module
+    return run
 
 
-def export(argv: list[str] | None = None) -> int:
-    quiet_third_party_warnings()
-    from .export import main
-    return main(argv)
-
-
-def demo(argv: list[str] | None = None) -> int:
-    quiet_third_party_warnings()
-    from .demo import main
-    return main(argv)
-
-
-def data(argv: list[str] | None = None) -> int:
-    quiet_third_party_warnings()
-    from .data import main
-    return main(argv)
-
-
-def evaluate(argv: list[str] | None = None) -> int:
-    quiet_third_party_warnings()
-    from .evaluate import main
-    return main(argv)
+train, export, demo, data, evaluate = map(_command, ("train", "export", "demo", "data", "evaluate"))

@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from flowers_classifier import factory as models
+from flowers_classifier import factory
 from flowers_classifier.classes import CLASSES
 from flowers_classifier.files import atomic_write, write_json
 from flowers_classifier.payload import default_model_path
@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--weights", type=Path,
                    help="local backbone weights: timm state dict / .safetensors (cnn) or open_clip checkpoint "
                         "(clip; for a file of OpenAI's weights use --model ViT-L-14-quickgelu, as they need QuickGELU)")
-    w.add_argument("--pretrained-tag", default=models.CLIP_DEFAULT_TAG,
+    w.add_argument("--pretrained-tag", default=factory.CLIP_DEFAULT_TAG,
                    help="clip: open_clip pretrained tag (e.g. openai, laion2b_s32b_b82k, datacomp_xl_s13b_b90k)")
     o = p.add_argument_group("recipe")
     o.add_argument("--epochs", type=int, help=f"stage 2 (unfrozen) epochs ({describe('epochs')})")
@@ -195,7 +195,7 @@ def check_clip_args(args: argparse.Namespace) -> None:
         raise ValueError("--head-init zeroshot needs pretrained weights: with --no-pretrained the text tower is "
                          "random, so its 'zero-shot' head would be noise. Drop --head-init (random is then the "
                          "default) or pass --weights FILE / --pretrained-tag instead of --no-pretrained.")
-    models.check_clip_pretrained(args.model, clip_pretrained(args))
+    factory.check_clip_pretrained(args.model, clip_pretrained(args))
 
 
 def check_pretrained(args: argparse.Namespace) -> str:
@@ -207,7 +207,7 @@ def check_pretrained(args: argparse.Namespace) -> str:
         hub = f"open_clip tag {args.model}/{args.pretrained_tag}"
     else:
         source = None if args.no_pretrained else (args.weights or "hub")
-        hub = f"timm hub {models.check_cnn_pretrained(args.model, source)}"
+        hub = f"timm hub {factory.check_cnn_pretrained(args.model, source)}"
     if args.no_pretrained:
         return "random init"
     return f"file {args.weights}" if args.weights else hub
@@ -234,12 +234,12 @@ def build_model(args: argparse.Namespace, spec: dict | None = None) -> torch.nn.
     pretrained = None if args.no_pretrained else args.weights
     drop_path_rate = 0.1 if not args.no_pretrained else 0.0
     if spec is not None and args.arch == "cnn":
-        return models.create_cnn(spec["model_name"], pretrained=None, num_classes=len(spec["classes"]),
+        return factory.create_cnn(spec["model_name"], pretrained=None, num_classes=len(spec["classes"]),
                                  drop_path_rate=drop_path_rate)
     if args.arch == "cnn":
-        return models.create_cnn(args.model, pretrained=pretrained if pretrained or args.no_pretrained else "hub",
+        return factory.create_cnn(args.model, pretrained=pretrained if pretrained or args.no_pretrained else "hub",
                                  drop_path_rate=drop_path_rate)
-    model = models.build_from_spec(spec) if spec is not None else models.create_clip(
+    model = factory.build_from_spec(spec) if spec is not None else factory.create_clip(
         args.model, pretrained=clip_pretrained(args), image_size=args.img_size, head_init=args.head_init)
     if args.grad_checkpointing:
         model.visual.set_grad_checkpointing(True)
@@ -247,7 +247,7 @@ def build_model(args: argparse.Namespace, spec: dict | None = None) -> torch.nn.
 
 
 def model_spec(args: argparse.Namespace, model: torch.nn.Module, prep: Preprocess) -> dict:
-    """Plain metadata that rebuilds the architecture offline (see models.build_from_spec)."""
+    """Plain metadata that rebuilds the architecture offline (see factory.build_from_spec)."""
     spec = dict(family=args.arch, model_name=args.model, classes=list(CLASSES), **prep.to_dict())
     if args.arch == "clip":
         spec["quick_gelu"] = model.quick_gelu
@@ -354,10 +354,10 @@ def train(args: argparse.Namespace) -> Path:
     RGBImage.failure_log = run_dir / "skipped.csv"  # files that break after this check are reported there
     print_plan(args, df, weights)
 
-    # 2. Model: pretrained weights resolved in models.py (hub, tag, local file or random init); a resumed
-    #    run rebuilds its architecture offline and takes its weights from last.pth.
+    # 2. Model: pretrained weights resolved in flowers_classifier.factory (hub, tag, local file or random
+    #    init); a resumed run rebuilds its architecture offline and takes its weights from last.pth.
     model = build_model(args, resumed["model"] if resumed else None)
-    prep = models.preprocess_for(model, args.img_size)
+    prep = factory.preprocess_for(model, args.img_size)
     spec = model_spec(args, model, prep)
     n_groups = len(splitters.param_groups(model))
     recipe = Recipe(**resumed["recipe"]) if resumed else make_recipe(args, n_groups)
@@ -425,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         train(resume_args(args.resume) if args.resume else args)
-    except (DatasetError, models.PretrainedWeightsUnavailable, models.WeightsFileError,
+    except (DatasetError, factory.PretrainedWeightsUnavailable, factory.WeightsFileError,
             FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
