@@ -54,6 +54,11 @@ class AuthError(ValueError):
     """An --auth / $FLOWERS_DEMO_AUTH value that is not USER:PASS. The message says which."""
 
 
+MCP_WITH_AUTH_ERROR = (f"--mcp with --auth (or ${AUTH_ENV}): Gradio's MCP endpoint does not ask for the login, "
+                       f"so it would serve the classifier to anyone who can reach the port. Use one or the other; "
+                       f"to offer MCP beyond this machine, put a reverse proxy that authenticates in front.")
+
+
 def parse_auth(value: str | None, source: str = "--auth") -> tuple[str, str] | None:
     """'USER:PASS' -> (user, pass); None or '' -> None (no login). The password may contain ':'."""
     if not value:
@@ -254,7 +259,10 @@ def launch_demo(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, shar
                 auth: tuple[str, str] | None = None) -> str:
     """Serve `demo` with the app's limits; returns the local URL. Blocks until Ctrl-C unless
     prevent_thread_lock (tests), in which case stop it with `demo.close()`. `mcp`: also serve `/predict`
-    as an MCP tool at <url>gradio_api/mcp/; `auth`: (user, password) for Gradio's login page."""
+    as an MCP tool at <url>gradio_api/mcp/; `auth`: (user, password) for Gradio's login page. Not both:
+    Gradio 6 answers MCP requests without the login (measured: `initialize` gets 200 with --auth)."""
+    if mcp and auth:
+        raise AuthError(MCP_WITH_AUTH_ERROR)
     # Example photos need no allowed_paths: gr.Examples copies them into Gradio's cache at build time, and
     # Gradio serves only its cache and allowed_paths, so nothing else on disk is reachable.
     _, local_url, _ = demo.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_UPLOAD,
@@ -286,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         auth = parse_auth(args.auth, f"--auth (or ${AUTH_ENV})")
+        if auth and args.mcp:
+            raise AuthError(MCP_WITH_AUTH_ERROR)
         demo = build_demo(args.cnn, args.vit, args.examples)
     except (fc.ModelFileError, ExamplesError, AuthError) as e:
         print(f"error: {e}", file=sys.stderr)

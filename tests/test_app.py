@@ -270,6 +270,15 @@ def test_main_refuses_a_malformed_auth_env(tmp_path, capsys, monkeypatch):
     assert f"--auth (or ${app.AUTH_ENV}): expected USER:PASS" in capsys.readouterr().err
 
 
+def test_mcp_and_auth_together_are_refused(tiny_cnn_pth, tmp_path, capsys, monkeypatch):
+    # Gradio's MCP endpoint does not check the login: serving both would leave an open door.
+    monkeypatch.setenv(app.AUTH_ENV, "alice:s3cret")
+    assert app.main(["--cnn", str(tiny_cnn_pth), "--vit", str(tmp_path / "y.pth"), "--mcp"]) == 2
+    assert "--mcp with --auth" in capsys.readouterr().err
+    with pytest.raises(app.AuthError, match="does not ask for the login"):
+        app.launch_demo(gr.Blocks(), mcp=True, auth=("alice", "s3cret"))
+
+
 def test_with_auth_the_api_refuses_strangers_and_answers_the_login(tiny_cnn_pth, tmp_path, rose):
     demo = app.build_demo(tiny_cnn_pth, tmp_path / "none.pth")
     url = app.launch_demo(demo, "127.0.0.1", free_port(), prevent_thread_lock=True, auth=("alice", "s3cret"))
