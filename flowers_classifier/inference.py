@@ -20,7 +20,7 @@ from .factory import build_from_spec
 from .model import FlowerClassifier
 from .onnx_model import load_onnx_model
 from .payload import DEFAULT_FILES, ModelFileError, load_payload, resolve_model_path
-from .preprocess import IMAGE_SUFFIXES, InvalidImageError, Preprocess, preprocess_image
+from .preprocess import IMAGE_SUFFIXES, InvalidImageError, Preprocess, preprocess_image, tta_views
 
 CPU_MICRO_BATCH = 2  # images per forward pass on the CPU (see load_model)
 
@@ -144,15 +144,17 @@ def load_ensemble(cnn_path: str | os.PathLike = DEFAULT_FILES["cnn"],
 
 
 def predict_proba(model: FlowerClassifier | Sequence[FlowerClassifier],
-                  image_path: str | os.PathLike) -> dict[str, float]:
+                  image_path: str | os.PathLike, tta: bool = False) -> dict[str, float]:
     """Class -> probability for one image file (EXIF-rotated, any mode -> RGB, validation crop).
-    A list of models (see `load_ensemble`) gives the unweighted mean of their probability vectors."""
+    A list of models (see `load_ensemble`) gives the unweighted mean of their probability vectors.
+    `tta=True`: the mean over the ten views of `tta_views` (as `evaluate.py --tta`) instead of one crop."""
     models = [model] if isinstance(model, FlowerClassifier) else list(model) if isinstance(model, Sequence) else []
     if not models or not all(isinstance(m, FlowerClassifier) for m in models):
         raise TypeError(f"predict_proba: expected a FlowerClassifier or a non-empty list of them, got "
                         f"{type(model).__name__}; load one with load_cnn_model/load_vit_model/load_ensemble.")
     # Averaging probabilities (not logits) keeps each model's calibration and needs no shared scale.
-    probs = torch.stack([m.probabilities(preprocess_image(image_path, m.prep).unsqueeze(0))[0] for m in models])
+    load = tta_views if tta else (lambda path, prep: preprocess_image(path, prep).unsqueeze(0))
+    probs = torch.stack([m.probabilities(load(image_path, m.prep)).mean(0) for m in models])
     return {c: float(p) for c, p in zip(models[0].classes, probs.mean(0), strict=True)}
 
 

@@ -116,3 +116,29 @@ def preprocess_image(path: str | os.PathLike, prep: Preprocess) -> torch.Tensor:
     """File -> normalised (3, size, size) tensor, exactly as validation sees it."""
     img = resize_center_crop(load_rgb(path), prep.image_size, prep.crop_pct, prep.interpolation)
     return to_tensor(img, prep)
+
+
+# --------------------------------------------------------------------------- test-time augmentation
+# Shared by `evaluate.py --tta` and the demo's TTA checkbox, so both average the same ten views.
+
+TTA_CROP_PCT = 0.875  # corner crops come from the image resized to size / 0.875 (short side), timm's default
+
+
+def _corner_crops(img: Image.Image, size: int, interpolation: str) -> list[Image.Image]:
+    scale = math.floor(size / TTA_CROP_PCT)
+    w, h = img.size
+    img = img.resize((max(scale, round(w * scale / min(w, h))), max(scale, round(h * scale / min(w, h)))),
+                     _RESAMPLE[interpolation])
+    w, h = img.size
+    return [img.crop((x, y, x + size, y + size)) for x, y in ((0, 0), (w - size, 0), (0, h - size),
+                                                               (w - size, h - size))]
+
+
+def tta_views(path: str | os.PathLike, prep: Preprocess) -> torch.Tensor:
+    """(10, 3, H, W): the served crop (view 0), the four corner crops of the image resized to
+    size / 0.875 on its short side, and the mirror image of each of those five."""
+    img = load_rgb(path)
+    crops = [resize_center_crop(img, prep.image_size, prep.crop_pct, prep.interpolation)]
+    crops += _corner_crops(img, prep.image_size, prep.interpolation)
+    crops += [c.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for c in crops]
+    return torch.stack([to_tensor(c, prep) for c in crops])

@@ -1,10 +1,13 @@
-"""Gradio web demo: drop, paste or pick a flower photo and see the confidence for all five classes.
+"""Gradio web demo: drop, paste or pick a flower photo and see the top classes, why (a Grad-CAM heat
+map) and, optionally, the test-time-augmented answer.
 
     python app.py [--cnn models/cnn_flowers.pth] [--vit models/vit_flowers.pth] [--host 127.0.0.1]
-                  [--port 7860] [--share] [--examples DIR]          (or: flowers-demo ...)
+                  [--port 7860] [--share] [--examples DIR] [--mcp] [--auth USER:PASS]
+                  (or: flowers-demo ...)
 
-This module owns the page, its named API endpoint `/predict` (for gradio_client), the upload limit and
-the queue settings. It is built on `flowers_classifier` and gradio alone: importing it never imports
+This module owns the page, its named API endpoint `/predict` (for gradio_client, and the MCP tool with
+--mcp), login (--auth or $FLOWERS_DEMO_AUTH), the upload limit and the queue settings.
+It is built on `flowers_classifier` and gradio alone: importing it never imports
 fastai. Models load once, in `build_demo`; a missing model file only removes that choice from the page.
 """
 
@@ -21,12 +24,14 @@ from pathlib import Path
 import gradio as gr
 
 import flowers_classifier as fc
+from flowers_classifier.explain import explain
 from flowers_classifier.payload import default_model_path
 from flowers_classifier.preprocess import IMAGE_SUFFIXES
 
 CNN, VIT, ENSEMBLE = "CNN", "ViT", "Ensemble"
 MAX_UPLOAD = "20mb"  # Gradio refuses bigger uploads before they reach us (HTTP 413 / a message in the page)
 MAX_EXAMPLES = 10
+AUTH_ENV = "FLOWERS_DEMO_AUTH"  # USER:PASS, so the password need not sit in the shell history
 DEFAULT_CNN, DEFAULT_VIT = default_model_path("cnn"), default_model_path("clip")
 TRAIN_HELP = f"""\
 **No model file found** (looked for `{{cnn}}` and `{{vit}}`). Train and export one, then restart the app:
@@ -43,6 +48,26 @@ NO_MODEL_ERROR = (f"No model is loaded. Train and export one with 'python train.
                   f"{DEFAULT_CNN}) or 'python train.py --arch clip' (writes {DEFAULT_VIT}); "
                   f"offline add '--data DIR --no-pretrained' (DIR: one folder of photos per class). "
                   f"Then restart app.py.")
+
+
+class AuthError(ValueError):
+    """An --auth / $FLOWERS_DEMO_AUTH value that is not USER:PASS. The message says which."""
+
+
+MCP_WITH_AUTH_ERROR = (f"--mcp with --auth (or ${AUTH_ENV}): Gradio's MCP endpoint does not ask for the login, "
+                       f"so it would serve the classifier to anyone who can reach the port. Use one or the other; "
+                       f"to offer MCP beyond this machine, put a reverse proxy that authenticates in front.")
+
+
+def parse_auth(value: str | None, source: str = "--auth") -> tuple[str, str] | None:
+    """'USER:PASS' -> (user, pass); None or '' -> None (no login). The password may contain ':'."""
+    if not value:
+        return None
+    user, sep, password = value.partition(":")
+    if not sep or not user or not password:
+        raise AuthError(f"{source}: expected USER:PASS (both non-empty), got {len(value)} characters without "
+                        f"that form. Pass e.g. --auth alice:s3cret, or set {AUTH_ENV}=alice:s3cret.")
+    return user, password
 
 
 class ExamplesError(ValueError):
@@ -100,28 +125,65 @@ def _upload_path(image: dict | None) -> tuple[str, str]:
     return path, image.get("orig_name") or Path(path).name
 
 
-def make_classifier(models: dict) -> Callable[[dict | None, str], tuple[dict[str, float], str]]:
-    """The `/predict` handler: (raw image FileData, choice) -> (Label dict, timing text)."""
+def _chosen(models: dict, choice: str):
+    if not models:
+        raise gr.Error(NO_MODEL_ERROR, print_exception=False)
+    if choice not in models:
+        raise gr.Error(f"Model {html.escape(str(choice))!r} is not loaded here; choose one of "
+                       f"{', '.join(models)}.", print_exception=False)
+    return models[choice]
 
-    def classify(image: dict | None, choice: str) -> tuple[dict[str, float], str]:
-        if not models:
-            raise gr.Error(NO_MODEL_ERROR, print_exception=False)
-        if choice not in models:
-            raise gr.Error(f"Model {html.escape(str(choice))!r} is not loaded here; choose one of "
-                           f"{', '.join(models)}.", print_exception=False)
+
+def _bad_image(e: Exception, path: str, name: str) -> gr.Error:
+    # The library names its temp path; the user knows the file by its own name.
+    reason = str(e).removeprefix(f"{path}: ") if isinstance(e, fc.InvalidImageError) else "out of memory"
+    return gr.Error(f"{html.escape(name)}: {html.escape(reason)}. Upload a photo (JPEG, PNG, WebP, "
+                    f"...) of at most {MAX_UPLOAD.upper()}.", print_exception=False)
+
+
+def make_classifier(models: dict) -> Callable[[dict | None, str, bool], tuple[dict[str, float], str]]:
+    """The `/predict` handler: (raw image FileData, choice, tta) -> (Label dict, timing text)."""
+
+    def classify(image: dict | None, choice: str = CNN, tta: bool = False) -> tuple[dict[str, float], str]:
+        """Classify a flower photo as daisy, dandelion, rose, sunflower or tulip.
+
+        Args:
+            image: the flower photo (JPEG, PNG, WebP, ...; at most 20 MB).
+            choice: which model answers: "CNN", "ViT" or "Ensemble" (the mean of both), as loaded.
+            tta: average over 10 views (center, 4 corners and their mirror images): slower, often steadier.
+
+        Returns:
+            The most likely class with the probability of each class, and the time the prediction took.
+        """
+        model = _chosen(models, choice)
         path, name = _upload_path(image)
         start = time.perf_counter()
         try:
-            probs = fc.predict_proba(models[choice], path)
+            probs = fc.predict_proba(model, path, tta=bool(tta))
         except (fc.InvalidImageError, MemoryError) as e:
-            # The library names its temp path; the user knows the file by its own name.
-            reason = str(e).removeprefix(f"{path}: ") if isinstance(e, fc.InvalidImageError) else "out of memory"
-            raise gr.Error(f"{html.escape(name)}: {html.escape(reason)}. Upload a photo (JPEG, PNG, WebP, "
-                           f"...) of at most {MAX_UPLOAD.upper()}.", print_exception=False) from e
+            raise _bad_image(e, path, name) from e
         ms = (time.perf_counter() - start) * 1000
-        return probs, f"{ms:.0f} ms with {choice}"
+        return probs, f"{ms:.0f} ms with {choice}" + (" (TTA, 10 views)" if tta else "")
 
     return classify
+
+
+def make_explainer(models: dict) -> Callable[[dict | None, str, bool], list[tuple] | None]:
+    """Gallery items (overlay, caption): one Grad-CAM map per model of the choice, side by side for the
+    ensemble; None when the toggle is off."""
+
+    def explain_choice(image: dict | None, choice: str, show: bool) -> list[tuple] | None:
+        if not show or not image:
+            return None
+        chosen = _chosen(models, choice)
+        path, name = _upload_path(image)
+        try:
+            return [(explain(m, path), f"Grad-CAM, {m.model_name}")
+                    for m in (chosen if isinstance(chosen, list) else [chosen])]
+        except (fc.InvalidImageError, MemoryError) as e:
+            raise _bad_image(e, path, name) from e
+
+    return explain_choice
 
 
 def build_demo(cnn_path: str | os.PathLike | None = DEFAULT_CNN, vit_path: str | os.PathLike | None = DEFAULT_VIT,
@@ -129,7 +191,7 @@ def build_demo(cnn_path: str | os.PathLike | None = DEFAULT_CNN, vit_path: str |
     """The whole page, models loaded, queue configured. Launch it with `launch_demo`."""
     examples = find_examples(examples_dir)  # first: a mistyped flag should not wait for models to load
     models = load_models(cnn_path, vit_path)
-    classify = make_classifier(models)
+    classify, explain_choice = make_classifier(models), make_explainer(models)
     with gr.Blocks(title="Flower classifier", analytics_enabled=False) as demo:
         gr.Markdown("# Flower classifier\nDrop, paste or pick a photo of a **daisy, dandelion, rose, sunflower "
                     "or tulip**.")
@@ -141,48 +203,71 @@ def build_demo(cnn_path: str | os.PathLike | None = DEFAULT_CNN, vit_path: str |
                                  label="Flower photo", elem_id="photo")
                 choice = gr.Radio(list(models), value=next(iter(models), None), label="Model",
                                   visible=bool(models), elem_id="model-choice")
+                with gr.Row():
+                    top_k = gr.Slider(1, len(fc.CLASSES), value=len(fc.CLASSES), step=1, label="Classes shown",
+                                      elem_id="top-k")
+                    tta = gr.Checkbox(False, label="TTA (10 views)", elem_id="tta",
+                                      info="mean over the center crop, 4 corners and their mirror images")
+                    # Grad-CAM costs a backward pass: on by default for the CNN (fast), off for a ViT alone.
+                    show = gr.Checkbox(CNN in models, label="Show why (Grad-CAM)", elem_id="show-why")
                 button = gr.Button("Classify", variant="primary", interactive=bool(models))
             with gr.Column():
-                label = gr.Label(num_top_classes=5, label="Prediction", elem_id="prediction")
+                label = gr.Label(num_top_classes=len(fc.CLASSES), label="Prediction", elem_id="prediction")
                 timing = gr.Textbox(label="Prediction time", interactive=False, elem_id="timing")
+                heat = gr.Gallery(label="Why: regions that drove the prediction (red: most)", columns=2, height=360,
+                                  object_fit="contain", elem_id="heatmap", visible=bool(models))
         example_click = None
         if examples:
             example_click = gr.Examples([[str(p)] for p in examples], inputs=[image], label="Example photos",
                                         cache_examples=False, examples_per_page=MAX_EXAMPLES,
                                         elem_id="examples").load_input_event
-        _wire(image, choice, button, label, timing, classify, example_click)
+        _wire(image, choice, button, label, timing, classify, example_click, tta=tta, show=show, heat=heat,
+              explain_choice=explain_choice)
+        top_k.change(lambda k: gr.Label(num_top_classes=int(k)), top_k, label, queue=False, api_visibility="private")
     # One prediction at a time: torch already spreads a single image over every CPU core (or the GPU),
     # so running two at once only slows both and doubles peak memory; later requests wait in the queue,
     # which tells each browser its position. max_size bounds what waiting uploads (<= 20 MB each) can hold.
     return demo.queue(default_concurrency_limit=1, max_size=16)
 
 
-def _wire(image, choice, button, label, timing, classify, example_click=None) -> None:
-    """Classify on upload/paste, on a model switch, on an example click and on the button. Each first
-    clears the old result at once (no queue): an error must not leave the previous photo's label on
-    screen. Only the button's event is the public `/predict` endpoint."""
-    clear = dict(fn=lambda: (None, ""), outputs=[label, timing], queue=False, api_visibility="private")
+def _wire(image, choice, button, label, timing, classify, example_click=None, *, tta, show, heat,
+          explain_choice) -> None:
+    """Classify on upload/paste, on a model or TTA switch, on an example click and on the button, then draw
+    the heat map. Each first clears the old result at once (no queue): an error must not leave the previous
+    photo's label on screen. Only the button's classification is the public `/predict` endpoint (and MCP tool)."""
+    clear = dict(fn=lambda: (None, "", None), outputs=[label, timing, heat], queue=False, api_visibility="private")
 
-    def classify_if_image(img: dict | None, model: str) -> tuple[dict[str, float] | None, str]:
-        return classify(img, model) if img else (None, "")
+    def classify_if_image(img: dict | None, model: str, views: bool) -> tuple[dict[str, float] | None, str]:
+        return classify(img, model, views) if img else (None, "")
 
-    auto = dict(fn=classify_if_image, inputs=[image, choice], outputs=[label, timing], preprocess=False,
+    auto = dict(fn=classify_if_image, inputs=[image, choice, tta], outputs=[label, timing], preprocess=False,
                 api_visibility="private")
+    why = dict(fn=explain_choice, inputs=[image, choice, show], outputs=[heat], preprocess=False,
+               api_visibility="private")
     # image.upload, not image.change: replacing a shown photo fires .change twice in Gradio 6 (two inferences).
-    gr.on([image.upload, choice.change], **clear).then(**auto)
+    gr.on([image.upload, choice.change, tta.change], **clear).then(**auto).success(**why)
     if example_click is not None:  # chained after the example is loaded into the image, so never races it
-        example_click.then(**clear).then(**auto)
+        example_click.then(**clear).then(**auto).success(**why)
+    show.change(**why)
     image.clear(**clear)
-    button.click(**clear).then(classify, [image, choice], [label, timing], preprocess=False, api_name="predict")
+    button.click(**clear).then(classify, [image, choice, tta], [label, timing], preprocess=False,
+                               api_name="predict").success(**why)
 
 
 def launch_demo(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
-                prevent_thread_lock: bool = False) -> str:
+                prevent_thread_lock: bool = False, mcp: bool = False,
+                auth: tuple[str, str] | None = None) -> str:
     """Serve `demo` with the app's limits; returns the local URL. Blocks until Ctrl-C unless
-    prevent_thread_lock (tests), in which case stop it with `demo.close()`."""
-    # Example photos need no allowed_paths: gr.Examples copies them into Gradio's cache at build time.
+    prevent_thread_lock (tests), in which case stop it with `demo.close()`. `mcp`: also serve `/predict`
+    as an MCP tool at <url>gradio_api/mcp/; `auth`: (user, password) for Gradio's login page. Not both:
+    Gradio 6 answers MCP requests without the login (measured: `initialize` gets 200 with --auth)."""
+    if mcp and auth:
+        raise AuthError(MCP_WITH_AUTH_ERROR)
+    # Example photos need no allowed_paths: gr.Examples copies them into Gradio's cache at build time, and
+    # Gradio serves only its cache and allowed_paths, so nothing else on disk is reachable.
     _, local_url, _ = demo.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_UPLOAD,
-                                  prevent_thread_lock=prevent_thread_lock, footer_links=["api"])
+                                  prevent_thread_lock=prevent_thread_lock, footer_links=["api"],
+                                  mcp_server=mcp, auth=auth)
     return local_url
 
 
@@ -195,7 +280,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"exported CLIP ViT (default: {DEFAULT_VIT}; skipped when missing)")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=7860, help="TCP port (default 7860)")
-    p.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet)")
+    p.add_argument("--share", action="store_true",
+                   help="also open a public gradio.live link (needs internet; off unless given)")
+    p.add_argument("--auth", metavar="USER:PASS", default=os.environ.get(AUTH_ENV),
+                   help=f"require this login for the page and its API (default: ${AUTH_ENV} if set)")
+    p.add_argument("--mcp", action="store_true",
+                   help="also serve the classifier as an MCP tool for LLM agents at <url>gradio_api/mcp/")
     p.add_argument("--examples", type=Path, help="folder of example photos (or of <class>/ subfolders)")
     return p.parse_args(argv)
 
@@ -203,12 +293,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        auth = parse_auth(args.auth, f"--auth (or ${AUTH_ENV})")
+        if auth and args.mcp:
+            raise AuthError(MCP_WITH_AUTH_ERROR)
         demo = build_demo(args.cnn, args.vit, args.examples)
-    except (fc.ModelFileError, ExamplesError) as e:
+    except (fc.ModelFileError, ExamplesError, AuthError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        launch_demo(demo, args.host, args.port, args.share)
+        launch_demo(demo, args.host, args.port, args.share, mcp=args.mcp, auth=auth)
     except OSError as e:
         print(f"error: cannot serve on {args.host}:{args.port} ({e}). Pass a free --port or another --host.",
               file=sys.stderr)

@@ -27,7 +27,6 @@ if __name__ == "__main__":  # run as a CLI: importing fastai below warns, so fil
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 import time
@@ -35,46 +34,21 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-from PIL import Image
 
 import flowers_classifier as fc
 from flowers_classifier.classes import CLASSES
 from flowers_classifier.files import atomic_write, write_json
-from flowers_classifier.preprocess import Preprocess, load_rgb, preprocess_image, resize_center_crop, to_tensor
+from flowers_classifier.preprocess import Preprocess, load_rgb, preprocess_image, resize_center_crop, tta_views
 
 from .export import ExportError, export_run
 from .metrics import classification_metrics
 from .plots import plot_confusion_matrix, plot_curves, plot_image_grid
 
-TTA_CROP_PCT = 0.875  # corner crops come from the image resized to size / 0.875 (short side), timm's default
 TOP_LOSSES = 9
 
 
 class EvaluationError(ValueError):
     """The model or the images to evaluate cannot be found. The message names the path and the flag."""
-
-
-# --------------------------------------------------------------------------- test-time augmentation
-
-def _corner_crops(img: Image.Image, size: int, interpolation: str) -> list[Image.Image]:
-    scale = math.floor(size / TTA_CROP_PCT)
-    w, h = img.size
-    img = img.resize((max(scale, round(w * scale / min(w, h))), max(scale, round(h * scale / min(w, h)))),
-                     Image.Resampling[interpolation.upper()])
-    w, h = img.size
-    return [img.crop((x, y, x + size, y + size)) for x, y in ((0, 0), (w - size, 0), (0, h - size),
-                                                               (w - size, h - size))]
-
-
-def tta_views(path: str | Path, prep: Preprocess) -> torch.Tensor:
-    """(10, 3, H, W): the served crop (view 0), the four corner crops of the image resized to
-    size / 0.875 on its short side, and the mirror image of each of those five."""
-    img = load_rgb(path)
-    crops = [resize_center_crop(img, prep.image_size, prep.crop_pct, prep.interpolation)]
-    crops += _corner_crops(img, prep.image_size, prep.interpolation)
-    crops += [c.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for c in crops]
-    return torch.stack([to_tensor(c, prep) for c in crops])
 
 
 # --------------------------------------------------------------------------- what to evaluate

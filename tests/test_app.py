@@ -4,6 +4,7 @@ models, the CLI's start-up errors, and that importing the app never imports fast
 
 from __future__ import annotations
 
+import base64
 import math
 import os
 import socket
@@ -20,8 +21,10 @@ import httpx
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
+from PIL import Image
 
 import flowers_classifier as fc
+from flowers_classifier.preprocess import tta_views
 from flowers_fastai import demo as app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +83,7 @@ def assert_valid_label(result: tuple, choice: str) -> dict[str, float]:
     assert sorted(confidences) == sorted(fc.CLASSES)
     assert math.fsum(confidences.values()) == pytest.approx(1.0, abs=1e-5)
     assert label["label"] == max(confidences, key=confidences.get)
-    assert timing.endswith(f" ms with {choice}")
+    assert timing.endswith(f" ms with {choice}"), timing
     return confidences
 
 
@@ -214,3 +217,115 @@ def test_main_refuses_a_broken_model_file(tmp_path, capsys):
     broken.write_bytes(b"not a torch file")
     assert app.main(["--cnn", str(broken), "--vit", str(tmp_path / "vit_flowers.pth")]) == 2
     assert capsys.readouterr().err.startswith(f"error: {broken}: ")
+
+
+# --------------------------------------------------------------------------- TTA, Grad-CAM, top-k
+
+def test_tta_is_the_mean_over_the_ten_views(client, demo, rose):
+    probs = assert_valid_label(client.predict(handle_file(str(rose)), app.CNN, True, api_name="/predict"),
+                               f"{app.CNN} (TTA, 10 views)")
+    model = demo_models(demo)[app.CNN]
+    expected = model.probabilities(tta_views(rose, model.prep)).mean(0)
+    for c, p in zip(fc.CLASSES, expected, strict=True):
+        assert probs[c] == pytest.approx(float(p), abs=1e-5)
+    single = assert_valid_label(client.predict(handle_file(str(rose)), app.CNN, api_name="/predict"), app.CNN)
+    assert single != probs
+
+
+def demo_models(demo: gr.Blocks) -> dict:
+    """The models build_demo loaded, read back from the /predict handler's closure."""
+    fn = next(f.fn for f in demo.fns.values() if f.api_name == "predict")
+    return dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__), strict=True))["models"]
+
+
+@pytest.mark.parametrize(("choice", "maps"), [(app.CNN, 1), (app.VIT, 1), (app.ENSEMBLE, 2)])
+def test_heat_maps_one_per_model_of_the_choice(demo, rose, choice, maps):
+    explain_choice = app.make_explainer(demo_models(demo))
+    shown = explain_choice({"path": str(rose)}, choice, True)
+    assert len(shown) == maps
+    for overlay, caption in shown:
+        assert overlay.size == Image.open(rose).size and caption.startswith("Grad-CAM, ")
+    assert explain_choice({"path": str(rose)}, choice, False) is None
+
+
+def test_grad_cam_is_on_by_default_for_the_cnn_and_top_k_defaults_to_all(demo):
+    (show,) = [c for c in components(demo, gr.Checkbox) if c.elem_id == "show-why"]
+    (top_k,) = components(demo, gr.Slider)
+    assert show.value is True and top_k.value == len(fc.CLASSES)
+
+
+# --------------------------------------------------------------------------- exposure: login, files, MCP
+
+def test_auth_value_must_be_user_colon_pass():
+    assert app.parse_auth("alice:pa:ss") == ("alice", "pa:ss")
+    assert app.parse_auth(None) is None
+    for bad in ("alice", ":secret", "alice:"):
+        with pytest.raises(app.AuthError, match="expected USER:PASS"):
+            app.parse_auth(bad)
+
+
+def test_main_refuses_a_malformed_auth_env(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv(app.AUTH_ENV, "nocolon")
+    assert app.main(["--cnn", str(tmp_path / "x.pth"), "--vit", str(tmp_path / "y.pth")]) == 2
+    assert f"--auth (or ${app.AUTH_ENV}): expected USER:PASS" in capsys.readouterr().err
+
+
+def test_mcp_and_auth_together_are_refused(tiny_cnn_pth, tmp_path, capsys, monkeypatch):
+    # Gradio's MCP endpoint does not check the login: serving both would leave an open door.
+    monkeypatch.setenv(app.AUTH_ENV, "alice:s3cret")
+    assert app.main(["--cnn", str(tiny_cnn_pth), "--vit", str(tmp_path / "y.pth"), "--mcp"]) == 2
+    assert "--mcp with --auth" in capsys.readouterr().err
+    with pytest.raises(app.AuthError, match="does not ask for the login"):
+        app.launch_demo(gr.Blocks(), mcp=True, auth=("alice", "s3cret"))
+
+
+def test_with_auth_the_api_refuses_strangers_and_answers_the_login(tiny_cnn_pth, tmp_path, rose):
+    demo = app.build_demo(tiny_cnn_pth, tmp_path / "none.pth")
+    url = app.launch_demo(demo, "127.0.0.1", free_port(), prevent_thread_lock=True, auth=("alice", "s3cret"))
+    try:
+        for path in ("config", "gradio_api/info"):
+            assert httpx.get(f"{url}{path}", timeout=30).status_code in (401, 403), path
+        call = httpx.post(f"{url}gradio_api/call/predict", json={"data": [None, app.CNN, False]}, timeout=30)
+        assert call.status_code in (401, 403), call.text
+        with pytest.raises(ValueError, match="Could not login"):
+            Client(url, auth=("alice", "wrong"), verbose=False)
+        client = Client(url, auth=("alice", "s3cret"), verbose=False)
+        assert_valid_label(client.predict(handle_file(str(rose)), app.CNN, api_name="/predict"), app.CNN)
+    finally:
+        demo.close()
+
+
+def test_files_outside_the_apps_folders_are_not_served(url, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the web")
+    for target in ("/etc/passwd", str(secret), str(ROOT / "pyproject.toml")):
+        response = httpx.get(f"{url}gradio_api/file={target}", timeout=30)
+        assert response.status_code in (403, 404), (target, response.status_code)
+        assert "not for the web" not in response.text and "root:" not in response.text
+
+
+def test_mcp_tool_classifies_a_real_photo(tiny_cnn_pth, tmp_path, rose):
+    import anyio
+    from mcp import ClientSession
+    from mcp.client.streamable_http import streamable_http_client
+
+    demo = app.build_demo(tiny_cnn_pth, tmp_path / "none.pth")
+    url = app.launch_demo(demo, "127.0.0.1", free_port(), prevent_thread_lock=True, mcp=True)
+    photo = "data:image/jpeg;base64," + base64.b64encode(rose.read_bytes()).decode()
+
+    async def ask() -> tuple[list[str], str]:
+        async with streamable_http_client(f"{url}gradio_api/mcp/") as (read, write, _), \
+                ClientSession(read, write) as session:
+            await session.initialize()
+            tools = [t.name for t in (await session.list_tools()).tools]
+            (tool,) = tools or [None]
+            result = await session.call_tool(tool, {"image": photo, "choice": app.CNN, "tta": False})
+            assert not result.isError, (tools, result.content)
+            return tools, " ".join(getattr(c, "text", "") for c in result.content)
+
+    try:
+        tools, text = anyio.run(ask)
+    finally:
+        demo.close()
+    assert len(tools) == 1, tools  # only the public /predict endpoint is a tool
+    assert any(c in text for c in fc.CLASSES), text

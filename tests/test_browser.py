@@ -1,8 +1,9 @@
 """app.py in a real browser: Debian's chromium (no Playwright browser download) driven by Playwright
 opens the page served on 127.0.0.1 with tiny exported models, uploads real photos through the image
-input (file picker, drag-and-drop, clipboard paste), switches model, clicks an example, checks the
-messages shown for bad uploads, and takes the
-screenshot in docs/demo.png (written there only with UPDATE_SCREENSHOT=1; a tmp file otherwise).
+input (file picker, drag-and-drop, clipboard paste), sees the Grad-CAM overlay appear (one map per model
+for the ensemble), switches model, clicks an example and checks the messages shown for bad uploads.
+docs/demo.png comes from a trained model, never from these random-init ones: it is rewritten only by
+`test_readme_screenshot`, which runs when $SCREENSHOT_CNN names a trained CNN export.
 Needs a chromium on PATH (or $CHROMIUM), as .ci/run finds it: skips without one, fails under CI=true."""
 
 from __future__ import annotations
@@ -82,17 +83,51 @@ def expect_prediction(page: Page, choice: str) -> None:
     expect(page.locator("#prediction [data-testid$=-confidence-set]")).to_have_count(len(fc.CLASSES))
 
 
-def test_upload_photo_shows_label_then_ensemble(page, real_photos, tmp_path):
+def expect_heat_maps(page: Page, count: int) -> None:
+    """The Grad-CAM gallery shows `count` overlays (one per model of the choice)."""
+    expect(page.locator("#heatmap img")).to_have_count(count, timeout=WAIT_MS)
+
+
+def settle(page: Page) -> None:
+    """Gradio fades each output's progress overlay out after the value lands: let it finish first."""
+    page.wait_for_function("""() => [...document.querySelectorAll("#prediction, #timing, #heatmap")].every(block =>
+        [...block.querySelectorAll("[data-testid=status-tracker]")].every(t => getComputedStyle(t).opacity === "0"))""")
+
+
+def test_upload_photo_shows_label_and_heat_map_then_ensemble(page, real_photos, tmp_path):
     upload(page, real_photos["sunflower"][0])
     expect_prediction(page, app.CNN)
+    expect_heat_maps(page, 1)
     page.get_by_label(app.ENSEMBLE).check()
     expect_prediction(page, app.ENSEMBLE)
-    # Gradio fades each output's progress overlay out after the value lands: let it finish first.
-    page.wait_for_function("""() => [...document.querySelectorAll("#prediction, #timing")].every(block =>
-        [...block.querySelectorAll("[data-testid=status-tracker]")].every(t => getComputedStyle(t).opacity === "0"))""")
-    shot = ROOT / "docs" / "demo.png" if os.environ.get("UPDATE_SCREENSHOT") == "1" else tmp_path / "demo.png"
+    expect_heat_maps(page, 2)
+    page.get_by_label("Show why (Grad-CAM)").uncheck()
+    expect_heat_maps(page, 0)
+    settle(page)
+    shot = tmp_path / "demo.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_readme_screenshot(browser, real_photos):
+    """docs/demo.png: the page serving $SCREENSHOT_CNN (a trained export) with its heat map shown."""
+    trained = os.environ.get("SCREENSHOT_CNN")
+    if not trained:
+        pytest.skip("set SCREENSHOT_CNN=<trained cnn .pth> to rewrite docs/demo.png")
+    demo = app.build_demo(trained, None)
+    url = app.launch_demo(demo, "127.0.0.1", free_port(), prevent_thread_lock=True)
+    context = browser.new_context(viewport={"width": 1280, "height": 820})
+    try:
+        page = context.new_page()
+        page.goto(url)
+        upload(page, real_photos["sunflower"][0])
+        expect_prediction(page, app.CNN)
+        expect_heat_maps(page, 1)
+        settle(page)
+        page.screenshot(path=str(ROOT / "docs" / "demo.png"), full_page=True)
+    finally:
+        context.close()
+        demo.close()
 
 
 def test_drop_a_photo_onto_the_image_input(page, real_photos):
