@@ -214,8 +214,9 @@ def build_demo(cnn_path: str | os.PathLike | None = DEFAULT_CNN, vit_path: str |
             with gr.Column():
                 label = gr.Label(num_top_classes=len(fc.CLASSES), label="Prediction", elem_id="prediction")
                 timing = gr.Textbox(label="Prediction time", interactive=False, elem_id="timing")
+                # fit_columns=False: a single map keeps its column's width (square), not the whole row, cropped.
                 heat = gr.Gallery(label="Why: regions that drove the prediction (red: most)", columns=2, height=360,
-                                  object_fit="contain", elem_id="heatmap", visible=bool(models))
+                                  fit_columns=False, object_fit="contain", elem_id="heatmap", visible=bool(models))
         example_click = None
         if examples:
             example_click = gr.Examples([[str(p)] for p in examples], inputs=[image], label="Example photos",
