@@ -81,9 +81,10 @@ def interpolate_weights(zeroshot: dict[str, torch.Tensor], finetuned: dict[str, 
 def run_weights(run_dir: str | Path, wise_ft: float | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
     """(model spec, weights) of a run folder: best.pth, or with `wise_ft` alpha its interpolation with the
     run's zero-shot model."""
+    zeroshot = zeroshot_weights(run_dir) if wise_ft is not None else None  # its refusal first: it says why
     spec, state_dict = read_run(run_dir)
-    if wise_ft is not None:
-        state_dict = interpolate_weights(zeroshot_weights(run_dir), state_dict, wise_ft)
+    if zeroshot is not None:
+        state_dict = interpolate_weights(zeroshot, state_dict, wise_ft)
     return spec, state_dict
 
 
