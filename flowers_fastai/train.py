@@ -2,12 +2,11 @@
 -> fastai Learner -> freeze/unfreeze fine-tune -> run folder (+ exported .pth).
 
 The run folder holds learner.pkl (fastai export), best.pth (best weights on valid accuracy), zeroshot.pth
-(a pretrained CLIP run's zero-shot model, for WiSE-FT: export.py --wise-ft),
-history.csv, metrics.json (config, class counts, sanity check, best accuracy/epoch, wall time), split.csv,
+(a pretrained CLIP run's zero-shot model, for WiSE-FT: export.py --wise-ft), history.csv, metrics.json
+(config, class counts, sanity check, best accuracy/epoch, calibration temperature, wall time), split.csv,
 audit.json (data audit), the evaluation of the best weights on the valid split, calibrated there
 (eval_metrics.json, predictions.csv, confusion_matrix.png, top_losses.png, reliability.png, curves.png; see
-evaluate.py), lr_find.png/.json
-with --lr auto and, when some files could not be decoded, skipped.csv.
+evaluate.py), lr_find.png/.json with --lr auto and, when some files could not be decoded, skipped.csv.
 
 --lr-find and --overfit-batch probe the learner the run would train, write their report into the run
 folder (lr_find.png/.json, overfit_batch.json) and stop: no training, no export, no metrics.json.
