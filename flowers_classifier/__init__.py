@@ -7,6 +7,7 @@ torch, timm, open_clip and PIL only: no fastai, no network.
     fc.predict_proba(model, "rose.jpg")             # -> {"daisy": 0.01, "dandelion": 0.02, ...}
     fc.predict_batch(model, fc.find_images(["photos/"]), bs=32)   # -> one record per image
     model = fc.load_model("cnn_flowers.onnx")       # ONNX Runtime instead of torch (`export.py --onnx`)
+    model = fc.load_model("cnn_flowers.pth", calibrated=False)  # raw softmax, ignoring the fitted temperature
 
     python -m flowers_classifier PATH... [--model models/cnn_flowers.pth] [--top-k 3] [--json OUT] [--bs N]
 
@@ -25,6 +26,7 @@ from .inference import (
     load_ensemble,
     load_model,
     load_vit_model,
+    model_from_payload,
     predict,
     predict_batch,
     predict_proba,
@@ -37,5 +39,5 @@ from .preprocess import InvalidImageError
 __version__ = "0.2.0"
 __all__ = ["CLASSES", "FlowerClassifier", "InvalidImageError", "MODELS_DIR", "ModelFileError",
            "OnnxFlowerClassifier", "find_images", "iter_predictions", "iter_probabilities", "load_cnn_model",
-           "load_ensemble", "load_model", "load_onnx_model", "load_payload", "load_vit_model", "predict",
-           "predict_batch", "predict_proba"]
+           "load_ensemble", "load_model", "load_onnx_model", "load_payload", "load_vit_model",
+           "model_from_payload", "predict", "predict_batch", "predict_proba"]

@@ -56,6 +56,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=3, help="classes printed per image (default 3)")
     p.add_argument("--json", type=Path, help="also write one record per image to this JSON file")
     p.add_argument("--bs", type=int, default=32, help="images per forward pass (default 32)")
+    p.add_argument("--uncalibrated", action="store_true",
+                   help="raw softmax confidences, ignoring the temperature the model was calibrated with at export")
     args = p.parse_args(argv)
     if not 1 <= args.top_k <= len(CLASSES):
         p.error(f"--top-k must be between 1 and {len(CLASSES)}, not {args.top_k}")
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     quiet_third_party_warnings()
     try:
-        model = load_model(args.model)
+        model = load_model(args.model, calibrated=not args.uncalibrated)
     except ModelFileError as e:
         print(f"error: {e} (--model)", file=sys.stderr)
         return 2

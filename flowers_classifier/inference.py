@@ -19,7 +19,7 @@ from torch import nn
 from .factory import build_from_spec
 from .model import FlowerClassifier
 from .onnx_model import load_onnx_model
-from .payload import DEFAULT_FILES, ModelFileError, load_payload, resolve_model_path
+from .payload import DEFAULT_FILES, ModelFileError, load_payload, payload_temperature, resolve_model_path
 from .preprocess import IMAGE_SUFFIXES, InvalidImageError, Preprocess, preprocess_image, tta_views
 
 CPU_MICRO_BATCH = 2  # images per forward pass on the CPU (see load_model)
@@ -45,7 +45,7 @@ def _build_with_weights(payload: dict) -> nn.Module:
 
 def load_model(weights_path: str | os.PathLike, family: str | None = None,
                device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
-               compile: bool = False) -> FlowerClassifier:
+               compile: bool = False, calibrated: bool = True) -> FlowerClassifier:
     """Build the architecture the payload describes (no download), load its weights, eval mode.
     `family` ("cnn" or "clip") makes a file of the other family an error. Uses CUDA when available.
     On the CPU, Linear layers run as 1x1 convolutions (`_LinearAsConv`), a ConvNeXt runs channels_last and
@@ -53,14 +53,23 @@ def load_model(weights_path: str | os.PathLike, family: str | None = None,
     `compile=True` adds torch.compile (see `_compile`): faster still on the CPU, mostly at batch sizes
     above 1, but the first call at each new batch-size range compiles (seconds to a minute); for
     long-running servers.
+    `calibrated=True` serves softmax(logits / T) with the payload's fitted temperature T (1 for a file
+    without one); `calibrated=False` serves the raw softmax, for comparison. The argmax is the same.
     A `.onnx` file (`export.py --onnx`) is served by ONNX Runtime instead: see `load_onnx_model`."""
     if resolve_model_path(weights_path).suffix.lower() == ".onnx":
-        return load_onnx_model(weights_path, family, device)
+        return load_onnx_model(weights_path, family, device, calibrated=calibrated)
     payload = load_payload(weights_path)
     path = resolve_model_path(weights_path)
     if family and payload["family"] != family:
         loader = "load_cnn_model" if payload["family"] == "cnn" else "load_vit_model"
         raise ModelFileError(f"{path}: holds a {payload['family']!r} model, not {family!r}; use {loader}().")
+    return model_from_payload(payload, device, dtype, compile, calibrated, path)
+
+
+def model_from_payload(payload: dict, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
+                       compile: bool = False, calibrated: bool = True,
+                       path: str | os.PathLike = "payload") -> FlowerClassifier:
+    """`load_model` for a payload dict already in memory (e.g. one export.py is about to write)."""
     try:
         net = _build_with_weights(payload)
     except (RuntimeError, KeyError, ValueError) as e:
@@ -71,6 +80,7 @@ def load_model(weights_path: str | os.PathLike, family: str | None = None,
     prep = Preprocess.from_dict(payload)
     model = FlowerClassifier(net.to(device, dtype).eval(), payload["family"], payload["model_name"],
                              tuple(payload["classes"]), prep)
+    model.temperature = payload_temperature(payload, path) if calibrated else 1.0
     if device.type == "cpu":
         # Activations of a couple of images stay in the CPU's caches; those of 32 do not, and then the
         # elementwise ops between the convolutions (GELU, GRN, LayerNorm) run at memory speed: chunks of 2
@@ -125,22 +135,24 @@ def _compile(model: FlowerClassifier) -> FlowerClassifier:
 
 
 def load_cnn_model(weights_path: str | os.PathLike = DEFAULT_FILES["cnn"], device=None,
-                   dtype: torch.dtype = torch.float32) -> FlowerClassifier:
+                   dtype: torch.dtype = torch.float32, calibrated: bool = True) -> FlowerClassifier:
     """The exported ConvNeXt V2 classifier (`export.py` output)."""
-    return load_model(weights_path, "cnn", device, dtype)
+    return load_model(weights_path, "cnn", device, dtype, calibrated=calibrated)
 
 
 def load_vit_model(weights_path: str | os.PathLike = DEFAULT_FILES["clip"], device=None,
-                   dtype: torch.dtype = torch.float32) -> FlowerClassifier:
+                   dtype: torch.dtype = torch.float32, calibrated: bool = True) -> FlowerClassifier:
     """The exported CLIP ViT classifier; fp32 on CPU, fp16/bf16 allowed on GPU via `dtype`."""
-    return load_model(weights_path, "clip", device, dtype)
+    return load_model(weights_path, "clip", device, dtype, calibrated=calibrated)
 
 
 def load_ensemble(cnn_path: str | os.PathLike = DEFAULT_FILES["cnn"],
-                  vit_path: str | os.PathLike = DEFAULT_FILES["clip"], device=None) -> list[FlowerClassifier]:
+                  vit_path: str | os.PathLike = DEFAULT_FILES["clip"], device=None,
+                  calibrated: bool = True) -> list[FlowerClassifier]:
     """The CNN and the ViT together: pass the list to `predict_proba`/`predict` for the mean of both
-    probability vectors (each model still sees its own crop size and normalisation)."""
-    return [load_cnn_model(cnn_path, device), load_vit_model(vit_path, device)]
+    probability vectors (each model still sees its own crop size and normalisation, and its own temperature)."""
+    return [load_cnn_model(cnn_path, device, calibrated=calibrated), load_vit_model(vit_path, device,
+                                                                                   calibrated=calibrated)]
 
 
 def predict_proba(model: FlowerClassifier | Sequence[FlowerClassifier],
@@ -187,18 +199,21 @@ def _load_or_error(load: Callable, path: Path, prep: Preprocess) -> torch.Tensor
 
 def iter_probabilities(model: FlowerClassifier, image_paths: Iterable[str | os.PathLike], bs: int = 32,
                        load: Callable[[Path, Preprocess], torch.Tensor] = preprocess_image,
-                       workers: int = 4) -> Iterator[tuple[Path, torch.Tensor | None, str | None]]:
+                       workers: int = 4, logits: bool = False,
+                       ) -> Iterator[tuple[Path, torch.Tensor | None, str | None]]:
     """(path, probabilities, error) for every image, in order, `bs` images per forward pass; a file that
     does not decode gives (path, None, message) and the others go on. `load(path, prep)` makes the input
     (default: the served preprocessing); when it returns a stack of views (V, 3, H, W) the probabilities
-    are (V, K), one row per view, for test-time augmentation."""
+    are (V, K), one row per view, for test-time augmentation. `logits=True` yields the raw logits instead
+    (before the temperature), for calibration and evaluation."""
+    forward = model.logits if logits else model.probabilities
     paths = [Path(p) for p in image_paths]
     with ThreadPoolExecutor(workers) as pool:  # PIL decodes outside the GIL: overlap the files of a batch
         for start in range(0, len(paths), bs):
             chunk = paths[start:start + bs]
             inputs = list(pool.map(lambda p: _load_or_error(load, p, model.prep), chunk))
             stacks = [x if x.dim() == 4 else x.unsqueeze(0) for x in inputs if isinstance(x, torch.Tensor)]
-            probs = iter(model.probabilities(torch.cat(stacks)).split([len(s) for s in stacks]) if stacks else [])
+            probs = iter(forward(torch.cat(stacks)).split([len(s) for s in stacks]) if stacks else [])
             for path, x in zip(chunk, inputs, strict=True):
                 if isinstance(x, str):
                     yield path, None, x

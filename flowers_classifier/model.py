@@ -53,6 +53,7 @@ class FlowerClassifier(nn.Module):
 
     channels_last = False  # load_model sets it for ConvNeXt on the CPU: inputs are then fed NHWC
     micro_batch: int | None = None  # load_model sets it on the CPU: a batch runs through the net in chunks
+    temperature: float = 1.0  # logits / temperature before the softmax: load_model sets the payload's calibration
 
     def __init__(self, net: nn.Module, family: str, model_name: str, classes: tuple[str, ...], prep: Preprocess):
         super().__init__()
@@ -66,10 +67,22 @@ class FlowerClassifier(nn.Module):
         return self.net(x)
 
     @torch.inference_mode()
-    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) normalised images -> (N, num_classes) fp32 probabilities."""
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) normalised images -> (N, num_classes) fp32 logits on the CPU, before any temperature."""
         dtype = next(self.net.parameters()).dtype
         memory_format = torch.channels_last if self.channels_last else torch.preserve_format
         chunks = batch.split(self.micro_batch) if self.micro_batch else (batch,)
         logits = [self.net(c.to(self.device, dtype, memory_format=memory_format)) for c in chunks]
-        return torch.cat(logits).float().softmax(-1).cpu()
+        return torch.cat(logits).float().cpu()
+
+    @torch.inference_mode()
+    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) normalised images -> (N, num_classes) fp32 probabilities, softmax(logits / temperature)."""
+        return calibrated_softmax(self.logits(batch), self.temperature)
+
+
+def calibrated_softmax(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """softmax(logits / temperature) in fp32: T > 1 softens over-confident probabilities, and the argmax
+    never changes (dividing by a positive number keeps the order)."""
+    logits = logits.float()
+    return (logits if temperature == 1.0 else logits / temperature).softmax(-1)

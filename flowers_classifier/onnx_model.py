@@ -2,8 +2,9 @@
 one through ONNX Runtime on the CPU behind the same interface as a `.pth` model.
 
 The graph takes `image` (N, 3, H, W) with a dynamic batch axis and returns `logits` and `probabilities`;
-the payload's metadata (format version, classes, preprocessing) rides along as JSON in its
-metadata_props, and is checked against PyTorch with ONNX Runtime before the file is written.
+the payload's metadata (format version, classes, preprocessing, calibration temperature) rides along as
+JSON in its metadata_props (the graph's `probabilities` are the raw softmax; serving divides `logits` by the
+temperature), and is checked against PyTorch with ONNX Runtime before the file is written.
 Needs the `onnx` extra (onnx, onnxscript, onnxruntime).
 """
 
@@ -19,8 +20,8 @@ from torch import nn
 from .classes import CLASSES
 from .factory import build_from_spec
 from .files import atomic_write
-from .model import FlowerClassifier
-from .payload import ModelFileError, check_spec, resolve_model_path
+from .model import FlowerClassifier, calibrated_softmax
+from .payload import ModelFileError, check_spec, payload_temperature, resolve_model_path
 from .preprocess import Preprocess
 
 ONNX_METADATA_KEY = "flowers_fastai"  # metadata_props key holding the payload spec as JSON
@@ -120,7 +121,12 @@ class OnnxFlowerClassifier(FlowerClassifier):
     def device(self) -> torch.device:
         return torch.device("cpu")
 
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.net.run(ONNX_OUTPUTS[0], batch)
+
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.temperature != 1.0:  # the graph's softmax is the raw one: apply the calibration to its logits
+            return calibrated_softmax(self.logits(batch), self.temperature)
         return self.net.run(ONNX_OUTPUTS[1], batch)  # the graph's own softmax output, fp32
 
 
@@ -141,9 +147,10 @@ def _onnx_session(path: Path, threads: int | None):
 
 
 def load_onnx_model(onnx_path: str | os.PathLike, family: str | None = None, device: str | torch.device | None = None,
-                    threads: int | None = None) -> OnnxFlowerClassifier:
+                    threads: int | None = None, calibrated: bool = True) -> OnnxFlowerClassifier:
     """An ONNX graph written by `export.py --onnx`, served by ONNX Runtime (CPU; `threads` sets its
-    intra-op threads, default: ONNX Runtime's choice). The preprocessing comes from the file's metadata."""
+    intra-op threads, default: ONNX Runtime's choice). The preprocessing and the calibration temperature
+    come from the file's metadata; `calibrated=False` serves the raw softmax."""
     path = resolve_model_path(onnx_path)
     if not path.is_file():
         raise ModelFileError(f"{path}: no such model file. Write one with `python export.py MODEL.pth --onnx {path}`.")
@@ -159,5 +166,7 @@ def load_onnx_model(onnx_path: str | os.PathLike, family: str | None = None, dev
     check_spec(spec, path)
     if family and spec["family"] != family:
         raise ModelFileError(f"{path}: holds a {spec['family']!r} model, not {family!r}.")
-    return OnnxFlowerClassifier(_OrtNet(session), spec["family"], spec["model_name"], CLASSES,
-                                Preprocess.from_dict(spec))
+    model = OnnxFlowerClassifier(_OrtNet(session), spec["family"], spec["model_name"], CLASSES,
+                                 Preprocess.from_dict(spec))
+    model.temperature = payload_temperature(spec, path) if calibrated else 1.0
+    return model

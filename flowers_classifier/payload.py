@@ -3,11 +3,14 @@ read and validated.
 
 A payload is a dict of tensors and plain metadata, loadable with `torch.load(weights_only=True)`:
 format_version, family, model_name, classes, image_size, mean, std, state_dict, and optionally
-interpolation, crop_pct, quick_gelu (clip) and dtype. No pickled classes, so loading one never runs code.
+interpolation, crop_pct, quick_gelu (clip), dtype and temperature (the calibration fitted at export: logits
+are divided by it before the softmax; a file without it serves T = 1). No pickled classes, so loading one
+never runs code.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 from pathlib import Path
@@ -20,7 +23,8 @@ FORMAT_VERSION = 1
 SUPPORTED_FORMATS = (1,)
 REQUIRED_KEYS = frozenset({"format_version", "family", "model_name", "classes", "image_size", "mean", "std",
                            "state_dict"})
-OPTIONAL_KEYS = frozenset({"interpolation", "crop_pct", "quick_gelu", "dtype"})
+TEMPERATURE_KEY = "temperature"  # optional: version-1 files written before calibration load as T = 1
+OPTIONAL_KEYS = frozenset({"interpolation", "crop_pct", "quick_gelu", "dtype", TEMPERATURE_KEY})
 FAMILIES = ("cnn", "clip")
 DEFAULT_FILES = {"cnn": "cnn_flowers.pth", "clip": "vit_flowers.pth"}  # what train.py/export.py write
 MODELS_DIR = Path("models")  # where train.py/export.py write, relative to the working directory
@@ -43,12 +47,27 @@ def resolve_model_path(weights_path: str | os.PathLike) -> Path:
     return path
 
 
-def make_payload(spec: dict, state_dict: dict[str, torch.Tensor], half: bool = False) -> dict:
-    """The payload of `spec` (family, model_name, classes, preprocessing) and weights, fp16 storage if `half`."""
+def make_payload(spec: dict, state_dict: dict[str, torch.Tensor], half: bool = False,
+                 temperature: float | None = None) -> dict:
+    """The payload of `spec` (family, model_name, classes, preprocessing) and weights, fp16 storage if `half`,
+    with the calibration `temperature` when one was fitted."""
     dtype = torch.float16 if half else torch.float32
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state_dict.items()}
-    return dict(format_version=FORMAT_VERSION, **spec, dtype=str(dtype).removeprefix("torch."),
-                state_dict=tensors)
+    spec = {k: v for k, v in spec.items() if k != TEMPERATURE_KEY}
+    payload = dict(format_version=FORMAT_VERSION, **spec, dtype=str(dtype).removeprefix("torch."), state_dict=tensors)
+    if temperature is not None:
+        payload[TEMPERATURE_KEY] = float(temperature)
+    return payload
+
+
+def payload_temperature(spec: dict, path: str | os.PathLike = "payload") -> float:
+    """The calibration temperature of a payload or ONNX spec: 1.0 when it has none; ModelFileError unless it
+    is a positive finite number."""
+    t = spec.get(TEMPERATURE_KEY, 1.0)
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+        raise ModelFileError(f"{path}: calibration temperature {t!r} is not a positive finite number; export it "
+                             f"again with export.py (or with --no-calibrate).")
+    return float(t)
 
 
 def check_spec(spec: dict, path: Path) -> None:
@@ -91,4 +110,5 @@ def load_payload(weights_path: str | os.PathLike) -> dict:
         raise ModelFileError(f"{path}: not a flowers_fastai payload (missing keys {sorted(missing)}, "
                              f"unexpected keys {sorted(extra)}); export it with export.py.")
     check_spec(payload, path)
+    payload_temperature(payload, path)
     return payload

@@ -3,19 +3,25 @@ serves predictions, not fastai's validation loop.
 
     python -m flowers_fastai.evaluate MODEL.pth --data DIR [--tta] [--out DIR] [--bs N]
     python -m flowers_fastai.evaluate RUN_DIR [--data DIR] [--tta] [--out DIR] [--bs N]
+    python -m flowers_fastai.evaluate RUN_DIR --wise-ft-sweep [--data DIR] [--out DIR]
 
 - MODEL.pth: every image under --data (a <root>/<class>/<images> folder).
 - RUN_DIR (a train.py run folder): the valid rows of its split.csv, read from --data or else from the run's
-  own data folder. Its best weights are exported to a temporary payload first, as export.py would write
-  them. train.py runs this at the end of every training.
+  own data folder. Its best weights are made into the payload export.py would write, calibrated on that
+  same split (so its "calibrated" figures are fitted and measured on the same images; a .pth evaluated
+  on other photos measures them held out). train.py runs this at the end of every training.
+- RUN_DIR --wise-ft-sweep (a CLIP run from pretrained weights): valid accuracy, NLL and ECE of the WiSE-FT
+  interpolation for alpha 0, 0.1, ..., 1 (raw softmax, no temperature): a table, wise_ft.json, wise_ft.png.
 
 Writes into --out (default: the run folder, or runs/eval-<name> for a .pth):
 - eval_metrics.json: accuracy, cross-entropy (no label smoothing), per-class precision/recall/F1, macro-F1,
   the confusion matrix, the majority-class and uniform-random baselines, with --tta the same under
-  test-time augmentation, and the files that could not be read. Not named metrics.json, so a run's
-  training metrics are never overwritten.
-- predictions.csv (path, label, predicted, confidence, loss per image), confusion_matrix.png,
-  top_losses.png, and curves.png when the folder holds a history.csv.
+  test-time augmentation, the files that could not be read, and `calibration`: the model's temperature
+  and ECE (15 bins), NLL and Brier score of the raw softmax (T = 1) and of the calibrated probabilities
+  the model serves. Not named metrics.json, so a run's training metrics are never overwritten.
+- predictions.csv (path, label, predicted, confidence, loss per image, as served: calibrated),
+  confusion_matrix.png, top_losses.png, reliability.png (reliability diagram, raw and calibrated), and
+  curves.png when the folder holds a history.csv.
 """
 
 from __future__ import annotations
@@ -26,29 +32,29 @@ if __name__ == "__main__":  # run as a CLI: importing fastai below warns, so fil
     quiet_third_party_warnings()
 
 import argparse
-import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 import flowers_classifier as fc
 from flowers_classifier.classes import CLASSES
 from flowers_classifier.files import atomic_write, write_json
+from flowers_classifier.model import calibrated_softmax
+from flowers_classifier.payload import make_payload
 from flowers_classifier.preprocess import Preprocess, load_rgb, preprocess_image, resize_center_crop, tta_views
 
-from .export import ExportError, export_run
-from .metrics import classification_metrics
-from .plots import plot_confusion_matrix, plot_curves, plot_image_grid
+from .calibration import EvaluationError, image_logits, run_valid_images
+from .export import ExportError, interpolate_weights, read_run, run_payload, zeroshot_weights
+from .metrics import ECE_BINS, calibration_metrics, classification_metrics, reliability_bins
+from .plots import plot_confusion_matrix, plot_curves, plot_image_grid, plot_reliability, plot_wise_ft
 
 TOP_LOSSES = 9
 
 
-class EvaluationError(ValueError):
-    """The model or the images to evaluate cannot be found. The message names the path and the flag."""
 
 
 # --------------------------------------------------------------------------- what to evaluate
@@ -60,25 +66,6 @@ def folder_images(data: str | Path) -> tuple[Path, pd.DataFrame]:
         return Path(data), scan_folder(data)
     except DatasetError as e:
         raise EvaluationError(str(e)) from e
-
-
-def run_valid_images(run_dir: Path, data: str | Path | None = None) -> tuple[Path, pd.DataFrame]:
-    """The valid rows of a run's split.csv and the folder they are relative to."""
-    split = run_dir / "split.csv"
-    if not split.is_file():
-        raise EvaluationError(f"{split} not found: is {run_dir} a train.py run folder? Pass a run folder "
-                              f"or an exported .pth with --data DIR.")
-    if data is None:
-        metrics = run_dir / "metrics.json"
-        if not metrics.is_file():
-            raise EvaluationError(f"{metrics} not found, so the run's data folder is unknown; pass --data DIR.")
-        data = json.loads(metrics.read_text())["config"]["data"]
-    root = Path(data)
-    if not root.is_dir():
-        raise EvaluationError(f"the images of {run_dir} were read from {root}, which does not exist here; "
-                              f"pass the data folder with --data DIR.")
-    df = pd.read_csv(split)
-    return root, df[df["is_valid"]].reset_index(drop=True)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -94,31 +81,47 @@ def _top_losses(root: Path, df: pd.DataFrame, prep: Preprocess, path: Path) -> P
 
 def predict_table(model: fc.FlowerClassifier, root: Path, df: pd.DataFrame, tta: bool = False,
                   bs: int = 32) -> tuple[pd.DataFrame, np.ndarray, np.ndarray | None, list[dict]]:
-    """(rows that could be read, their probabilities, their TTA probabilities or None, skipped files)."""
+    """(rows that could be read, their logits (N, K) before any temperature, their TTA probabilities as
+    served (mean over views of the calibrated softmax) or None, skipped files)."""
     load = tta_views if tta else preprocess_image
-    kept, probs, tta_probs, skipped = [], [], [], []
-    results = fc.iter_probabilities(model, [root / p for p in df["path"]], bs=bs, load=load)
-    for i, (_, p, error) in enumerate(results):
+    kept, logits, tta_probs, skipped = [], [], [], []
+    results = fc.iter_probabilities(model, [root / p for p in df["path"]], bs=bs, load=load, logits=True)
+    for i, (_, z, error) in enumerate(results):
         if error is not None:
             skipped.append(dict(path=df["path"].iat[i], error=error))
             continue
         kept.append(i)
-        probs.append((p[0] if tta else p).numpy())  # view 0 is the served crop
+        logits.append((z[0] if tta else z).numpy())  # view 0 is the served crop
         if tta:
-            tta_probs.append(p.mean(0).numpy())
+            tta_probs.append(calibrated_softmax(z, model.temperature).mean(0).numpy())
     if not kept:
         raise EvaluationError(f"none of the {len(df)} images under {root} could be read.")
     rows = df.iloc[kept].reset_index(drop=True)
-    return rows, np.stack(probs), (np.stack(tta_probs) if tta else None), skipped
+    return rows, np.stack(logits), (np.stack(tta_probs) if tta else None), skipped
+
+
+def calibration_report(y: np.ndarray, logits: np.ndarray, temperature: float) -> tuple[dict, dict]:
+    """(eval_metrics.json's `calibration`, the reliability diagram's panels): ECE, NLL and Brier of the raw
+    softmax and of softmax(logits / temperature)."""
+    report, panels = dict(temperature=temperature), {}
+    for name, t in (("raw", 1.0), ("calibrated", temperature)):
+        probs = calibrated_softmax(torch.from_numpy(logits), t).double().numpy()
+        report[name] = calibration_metrics(y, probs)
+        panels[f"{name} (T = {t:.2f})"] = dict(bins=reliability_bins(y, probs), **report[name])
+    return report, panels
 
 
 def evaluate(model: fc.FlowerClassifier, root: Path, df: pd.DataFrame, out_dir: Path, tta: bool = False,
-             bs: int = 32, history: Path | None = None, source: str = "") -> dict:
-    """Predict `df` (path, label rows under `root`) with `model`; write the report files into `out_dir`."""
+             bs: int = 32, history: Path | None = None, source: str = "", calibration: dict | None = None) -> dict:
+    """Predict `df` (path, label rows under `root`) with `model`; write the report files into `out_dir`.
+    `calibration`: how the model's temperature was fitted, added to the report's `calibration`."""
     start, out_dir = time.time(), Path(out_dir)
-    rows, probs, tta_probs, skipped = predict_table(model, root, df, tta, bs)
+    rows, logits, tta_probs, skipped = predict_table(model, root, df, tta, bs)
+    probs = calibrated_softmax(torch.from_numpy(logits), model.temperature).numpy()  # as the model serves them
     y = np.array([CLASSES.index(label) for label in rows["label"]])
     report = dict(source=source, data=str(root), **classification_metrics(y, probs, CLASSES))
+    report["calibration"], panels = calibration_report(y, logits, model.temperature)
+    report["calibration"].update(calibration or {})
     if tta_probs is not None:
         t = classification_metrics(y, tta_probs, CLASSES)
         report["tta"] = dict(views=10, accuracy=t["accuracy"], loss=t["loss"], macro_f1=t["macro_f1"])
@@ -132,7 +135,8 @@ def evaluate(model: fc.FlowerClassifier, root: Path, df: pd.DataFrame, out_dir: 
     plot_confusion_matrix(np.array(report["confusion_matrix"]), CLASSES, out_dir / "confusion_matrix.png",
                           title=f"{Path(source).name}: accuracy {report['accuracy']:.3f} on {len(y)} images")
     _top_losses(root, rows, model.prep, out_dir / "top_losses.png")
-    files = ["eval_metrics.json", "predictions.csv", "confusion_matrix.png", "top_losses.png"]
+    plot_reliability(panels, out_dir / "reliability.png", title=f"{Path(source).name}: {len(y)} images")
+    files = ["eval_metrics.json", "predictions.csv", "confusion_matrix.png", "top_losses.png", "reliability.png"]
     if history is not None and history.is_file() and plot_curves(history, out_dir / "curves.png"):
         files.append("curves.png")
     report.update(out_dir=str(out_dir), files=files, wall_time_s=round(time.time() - start, 1))
@@ -145,10 +149,10 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, out_dir: s
     """Evaluate a run folder's best weights on its valid split, as the exported payload will serve them."""
     run_dir = Path(run_dir)
     root, df = run_valid_images(run_dir, data)
-    with tempfile.TemporaryDirectory() as tmp:
-        model = fc.load_model(export_run(run_dir, Path(tmp) / "payload.pth"))
-    return evaluate(model, root, df, Path(out_dir or run_dir), tta, bs, history=run_dir / "history.csv",
-                    source=str(run_dir))
+    payload, record = run_payload(run_dir, data=root, bs=bs)  # calibrated on this split, as export.py does
+    record = dict(fitted_on=f"the {record['n_images']} valid images evaluated here", **record)
+    return evaluate(fc.model_from_payload(payload), root, df, Path(out_dir or run_dir), tta, bs,
+                    history=run_dir / "history.csv", source=str(run_dir), calibration=record)
 
 
 def evaluate_file(model_path: str | Path, data: str | Path, out_dir: str | Path | None = None,
@@ -160,6 +164,43 @@ def evaluate_file(model_path: str | Path, data: str | Path, out_dir: str | Path 
     return evaluate(model, root, df, out_dir, tta, bs, source=str(model_path))
 
 
+WISE_FT_ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))  # 0, 0.1, ..., 1
+
+
+def wise_ft_sweep(run_dir: str | Path, data: str | Path | None = None, out_dir: str | Path | None = None,
+                  bs: int = 32, alphas: tuple[float, ...] = WISE_FT_ALPHAS) -> dict:
+    """Valid accuracy, NLL and ECE of the WiSE-FT interpolation of a CLIP run for each alpha (raw softmax:
+    a temperature fitted per alpha on the same images would flatter every row alike). Writes wise_ft.json
+    and wise_ft.png into `out_dir` (default: the run folder)."""
+    run_dir = Path(run_dir)
+    zeroshot = zeroshot_weights(run_dir)  # refuses cnn, --no-pretrained and random-head runs, with the reason
+    spec, finetuned = read_run(run_dir)
+    root, df = run_valid_images(run_dir, data)
+    rows = []
+    for alpha in alphas:
+        payload = make_payload(spec, interpolate_weights(zeroshot, finetuned, alpha))
+        logits, y = image_logits(fc.model_from_payload(payload, calibrated=False), root, df, bs)
+        probs = calibrated_softmax(torch.from_numpy(logits)).double().numpy()
+        m = calibration_metrics(y, probs)
+        rows.append(dict(alpha=alpha, accuracy=float((probs.argmax(1) == y).mean()), nll=m["nll"], ece=m["ece"],
+                         brier=m["brier"]))
+        print(f"  alpha {alpha:.1f}: accuracy {rows[-1]['accuracy']:.4f}, NLL {m['nll']:.4f}, ECE {m['ece']:.4f}",
+              flush=True)
+    out_dir = Path(out_dir or run_dir)
+    plot_wise_ft(rows, out_dir / "wise_ft.png", title=f"WiSE-FT of {run_dir.name}: {len(y)} valid images")
+    report = dict(source=str(run_dir), data=str(root), n_images=int(len(y)), ece_bins=ECE_BINS, rows=rows,
+                  out_dir=str(out_dir), files=["wise_ft.json", "wise_ft.png"])
+    write_json(out_dir / "wise_ft.json", report)
+    return report
+
+
+def wise_ft_table(report: dict) -> str:
+    lines = [f"WiSE-FT on {report['n_images']} valid images (raw softmax; 0 = zero-shot, 1 = fine-tuned)",
+             "alpha  accuracy     NLL     ECE"]
+    lines += [f"{r['alpha']:5.1f}  {r['accuracy']:8.4f}  {r['nll']:6.4f}  {r['ece']:6.4f}" for r in report["rows"]]
+    return "\n".join(lines)
+
+
 def summary(report: dict) -> str:
     b = report["baselines"]
     lines = [f"{report['n_images']} images from {report['data']}: accuracy {report['accuracy']:.4f}, "
@@ -169,6 +210,10 @@ def summary(report: dict) -> str:
     if "tta" in report:
         lines.append(f"TTA ({report['tta']['views']} views): accuracy {report['tta']['accuracy']:.4f}, "
                      f"macro-F1 {report['tta']['macro_f1']:.4f}")
+    c = report["calibration"]
+    lines.append(f"calibration, temperature {c['temperature']:.3f}: ECE {c['raw']['ece']:.4f} -> "
+                 f"{c['calibrated']['ece']:.4f}, NLL {c['raw']['nll']:.4f} -> {c['calibrated']['nll']:.4f}, "
+                 f"Brier {c['raw']['brier']:.4f} -> {c['calibrated']['brier']:.4f} (raw -> calibrated)")
     if report["skipped"]:
         lines.append(f"{len(report['skipped'])} file(s) could not be read (listed in eval_metrics.json)")
     return "\n".join(lines)
@@ -183,8 +228,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tta", action="store_true", help="also report accuracy averaged over 10 views per image")
     p.add_argument("--out", type=Path, help="report folder (default: the run folder, or runs/eval-<name>)")
     p.add_argument("--bs", type=int, default=32, help="images per forward pass")
+    p.add_argument("--wise-ft-sweep", action="store_true",
+                   help="CLIP run folder: valid accuracy, NLL and ECE of the WiSE-FT interpolation for alpha "
+                        "0, 0.1, ..., 1 (wise_ft.json, wise_ft.png) instead of the evaluation")
     args = p.parse_args(argv)
+    if args.wise_ft_sweep and not args.target.is_dir():
+        p.error(f"--wise-ft-sweep needs a run folder (a CLIP run trained from pretrained weights), not {args.target}")
     try:
+        if args.wise_ft_sweep:
+            report = wise_ft_sweep(args.target, args.data, args.out, args.bs)
+            print(wise_ft_table(report))
+            print(f"wrote {', '.join(report['files'])} in {report['out_dir']}")
+            return 0
         if args.target.is_dir():
             report = evaluate_run(args.target, args.data, args.out, args.tta, args.bs)
         elif args.data is None:

@@ -1,5 +1,7 @@
-"""Export: a finished (or interrupted) run folder -> a plain `.pth` payload for `flowers_classifier`, and
-the `export.py` CLI (also `flowers-export`). The format itself and ONNX are the runtime's
+"""Export: a finished (or interrupted) run folder -> a plain `.pth` payload for `flowers_classifier`,
+calibrated (temperature fitted on the run's valid split, see calibration.py), optionally a WiSE-FT
+interpolation of a CLIP run with its zero-shot model, and the `export.py` CLI (also `flowers-export`).
+The format itself and ONNX are the runtime's
 (`flowers_classifier.payload`, `flowers_classifier.onnx_model`)."""
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ import torch
 
 from flowers_classifier.files import atomic_write
 from flowers_classifier.onnx_model import OnnxExportError, export_onnx
-from flowers_classifier.payload import ModelFileError, default_model_path, load_payload, make_payload
+from flowers_classifier.payload import TEMPERATURE_KEY, ModelFileError, default_model_path, load_payload, make_payload
+
+from .calibration import EvaluationError, fit_payload_temperature, run_valid_images
 
 BEST_NAME = "best"  # run_dir/best.pth: the best weights on valid accuracy (SaveModelCallback)
+ZEROSHOT_NAME = "zeroshot"  # run_dir/zeroshot.pth: a pretrained CLIP run's zero-shot model, for WiSE-FT
 
 
 class ExportError(ValueError):
@@ -33,20 +38,110 @@ def read_run(run_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return spec, torch.load(weights_path, map_location="cpu", weights_only=True)
 
 
-def export_run(run_dir: str | Path, out: str | Path | None = None, half: bool | None = None) -> Path:
-    """Write the payload of `run_dir` atomically to `out`. fp16 storage by default for CLIP."""
+# --------------------------------------------------------------------------- WiSE-FT
+
+def zeroshot_weights(run_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The zero-shot model (encoder + head) a pretrained CLIP run started from; ExportError saying why a run
+    has none (a cnn run, --no-pretrained, --head-init random, or a run trained before it was kept)."""
+    run_dir = Path(run_dir)
+    metrics_path = run_dir / "metrics.json"
+    if not metrics_path.is_file():
+        raise ExportError(f"{metrics_path} not found: is {run_dir} a train.py run folder?")
+    config = json.loads(metrics_path.read_text()).get("config", {})
+    if config.get("arch") != "clip":
+        raise ExportError(f"--wise-ft: {run_dir} is a {config.get('arch')} run; WiSE-FT interpolates a CLIP run "
+                          f"with the zero-shot CLIP model it started from.")
+    if config.get("no_pretrained"):
+        raise ExportError(f"--wise-ft: {run_dir} was trained with --no-pretrained, so its 'zero-shot' model is a "
+                          f"random network and interpolating towards it is meaningless. Train with pretrained "
+                          f"weights (--weights FILE or --pretrained-tag) to use --wise-ft.")
+    if config.get("head_init") != "zeroshot":
+        raise ExportError(f"--wise-ft: {run_dir} started from a random head (--head-init {config.get('head_init')}), "
+                          f"not a zero-shot one: there is no zero-shot model to interpolate with.")
+    path = run_dir / f"{ZEROSHOT_NAME}.pth"
+    if not path.is_file():
+        raise ExportError(f"--wise-ft: {path} not found: runs trained before WiSE-FT support do not keep their "
+                          f"zero-shot model; train the run again to use --wise-ft.")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def interpolate_weights(zeroshot: dict[str, torch.Tensor], finetuned: dict[str, torch.Tensor],
+                        alpha: float) -> dict[str, torch.Tensor]:
+    """WiSE-FT (Wortsman et al. 2022): (1 - alpha) * zero-shot + alpha * fine-tuned for every floating
+    tensor; integer buffers come from the fine-tuned model. alpha 0 = zero-shot, 1 = fine-tuned."""
+    if not 0 <= alpha <= 1:
+        raise ExportError(f"--wise-ft {alpha}: alpha must be in [0, 1] (0 = zero-shot, 1 = fine-tuned).")
+    if set(zeroshot) != set(finetuned):
+        raise ExportError(f"--wise-ft: {ZEROSHOT_NAME}.pth and {BEST_NAME}.pth hold different tensors "
+                          f"({sorted(set(zeroshot) ^ set(finetuned))[:5]}); they are not the same architecture.")
+    return {k: torch.lerp(zeroshot[k].to(v.dtype), v, alpha) if v.is_floating_point() else v
+            for k, v in finetuned.items()}
+
+
+def run_weights(run_dir: str | Path, wise_ft: float | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(model spec, weights) of a run folder: best.pth, or with `wise_ft` alpha its interpolation with the
+    run's zero-shot model."""
+    zeroshot = zeroshot_weights(run_dir) if wise_ft is not None else None  # its refusal first: it says why
     spec, state_dict = read_run(run_dir)
+    if zeroshot is not None:
+        state_dict = interpolate_weights(zeroshot, state_dict, wise_ft)
+    return spec, state_dict
+
+
+# --------------------------------------------------------------------------- calibrated export
+
+def run_payload(run_dir: str | Path, half: bool | None = None, wise_ft: float | None = None,
+                calibrate: bool = True, data: str | Path | None = None, bs: int = 32) -> tuple[dict, dict]:
+    """(payload, calibration record) of a run folder. With `calibrate`, T is fitted on the run's valid split
+    (read from `data` or the run's own data folder) through flowers_classifier, on the weights as they are
+    written; the record then holds temperature and NLL before/after. Without the images the payload has
+    no temperature (serves T = 1) and the record says why (`skipped`)."""
+    spec, state_dict = run_weights(run_dir, wise_ft)
     half = spec["family"] == "clip" if half is None else half
     payload = make_payload(spec, state_dict, half)
-    out = Path(out) if out else default_model_path(spec["family"])
+    if not calibrate:
+        return payload, dict(skipped="--no-calibrate")
+    try:
+        root, df = run_valid_images(Path(run_dir), data)
+    except EvaluationError as e:
+        return payload, dict(skipped=f"{e} Calibrate with `python export.py {run_dir} --data DIR`.")
+    record = fit_payload_temperature(payload, root, df, bs)
+    payload[TEMPERATURE_KEY] = record["temperature"]
+    return payload, record
+
+
+def calibration_note(record: dict) -> str:
+    """One line on what the calibration did, for the CLIs."""
+    if "skipped" in record:
+        return f"not calibrated (served with T = 1): {record['skipped']}"
+    return (f"calibrated on {record['n_images']} valid images: temperature {record['temperature']:.3f}, "
+            f"valid NLL {record['nll_raw']:.4f} -> {record['nll_calibrated']:.4f}")
+
+
+def export_run(run_dir: str | Path, out: str | Path | None = None, half: bool | None = None,
+               calibrate: bool = True, data: str | Path | None = None, wise_ft: float | None = None,
+               temperature: float | None = None) -> Path:
+    """Write the payload of `run_dir` atomically to `out`. fp16 storage by default for CLIP. Calibrated
+    on the run's valid split unless `calibrate` is False or a `temperature` (already fitted on these
+    weights) is given; when the images are not there, a note on stderr says how to calibrate."""
+    if temperature is not None:
+        spec, state_dict = run_weights(run_dir, wise_ft)
+        half = spec["family"] == "clip" if half is None else half
+        payload = make_payload(spec, state_dict, half, temperature)
+    else:
+        payload, record = run_payload(run_dir, half, wise_ft, calibrate, data)
+        if "skipped" in record and calibrate:
+            print(f"note: {calibration_note(record)}", file=sys.stderr)
+    out = Path(out) if out else default_model_path(payload["family"])
     return atomic_write(out, lambda tmp: torch.save(payload, tmp))
 
 
-def load_source(source: str | Path) -> dict:
-    """The payload of a run folder (its best weights, fp32) or of an exported .pth (validated on load)."""
+def load_source(source: str | Path, calibrate: bool = True, data: str | Path | None = None) -> dict:
+    """The payload of a run folder (its best weights, fp32, calibrated when its images are there) or of an
+    exported .pth (validated on load)."""
     source = Path(source)
     if source.is_dir():
-        return make_payload(*read_run(source), half=False)
+        return run_payload(source, half=False, calibrate=calibrate, data=data)[0]
     try:
         return load_payload(source)
     except ModelFileError as e:
@@ -57,8 +152,18 @@ def load_source(source: str | Path) -> dict:
 
 CLI_USAGE = """Export a train.py run folder to a plain .pth for flowers_classifier, and/or to ONNX.
 
-    python export.py RUN_DIR [--out models/cnn_flowers.pth] [--half | --fp32]
+    python export.py RUN_DIR [--out models/cnn_flowers.pth] [--half | --fp32] [--data DIR] [--no-calibrate]
+    python export.py RUN_DIR --wise-ft ALPHA [--out PTH]
     python export.py RUN_DIR|MODEL.pth --onnx OUT.onnx [--out PTH] [--opset N]
+
+A run folder's payload is calibrated: one temperature T is fitted on the run's valid split (NLL of
+softmax(logits / T), on the weights written) and stored in it; flowers_classifier divides the logits by T
+when it serves. The images are read from --data or from where the run trained; without them the payload
+is written uncalibrated (T = 1) and a note says so. --no-calibrate skips the fit.
+
+--wise-ft ALPHA (CLIP runs trained from pretrained weights with a zero-shot head): writes
+(1 - ALPHA) * zero-shot + ALPHA * fine-tuned weights (0 = the zero-shot model, 1 = the fine-tuned one),
+calibrated like any other. `python -m flowers_fastai.evaluate RUN_DIR --wise-ft-sweep` helps pick ALPHA.
 
 --onnx writes an fp32 ONNX graph (input `image` (N, 3, H, W) with a dynamic batch axis, outputs `logits`
 and `probabilities`; the preprocessing spec as JSON in its metadata) and prints how far ONNX Runtime's
@@ -66,8 +171,8 @@ probabilities are from PyTorch's. With --onnx, a .pth is written only when --out
 """
 
 
-def _export_onnx(source: Path, out: Path, opset: int | None) -> None:
-    path, diff = export_onnx(load_source(source), out, opset)
+def _export_onnx(source: Path, out: Path, opset: int | None, calibrate: bool, data: Path | None) -> None:
+    path, diff = export_onnx(load_source(source, calibrate, data), out, opset)  # a run folder's payload: calibrated
     check = (f"max |p_onnx - p_torch| = {diff:.2e} on a random batch of 3" if diff is not None
              else "not checked: onnxruntime is not installed (pip install onnxruntime)")
     print(f"exported {path} ({path.stat().st_size / 2**20:.1f} MiB); {check}")
@@ -87,17 +192,27 @@ def main(argv: list[str] | None = None) -> int:
                    help="store weights in fp32 (default for cnn)")
     p.add_argument("--onnx", type=Path, metavar="OUT.onnx", help="write an fp32 ONNX graph (dynamic batch axis)")
     p.add_argument("--opset", type=int, help="ONNX opset for --onnx (default: the exporter's)")
+    p.add_argument("--data", type=Path, help="where the run's split.csv paths live, for the calibration "
+                                             "(default: the folder the run trained on)")
+    p.add_argument("--no-calibrate", action="store_true", help="write the payload without a fitted temperature")
+    p.add_argument("--wise-ft", type=float, metavar="ALPHA",
+                   help="CLIP run: interpolate (1 - ALPHA) * zero-shot + ALPHA * fine-tuned weights, ALPHA in [0, 1]")
     args = p.parse_args(argv)
+    if args.wise_ft is not None and not args.run_dir.is_dir():
+        p.error(f"--wise-ft interpolates a run folder's weights, and {args.run_dir} is not one")
     if not args.run_dir.is_dir() and not args.onnx:
         p.error(f"{args.run_dir} is not a run folder; exporting a .pth file is only meaningful with --onnx OUT.onnx")
     if args.out and not args.run_dir.is_dir():
         p.error(f"--out writes a .pth from a run folder, and {args.run_dir} is not one; drop --out")
     try:
         if args.onnx:
-            _export_onnx(args.run_dir, args.onnx, args.opset)
+            _export_onnx(args.run_dir, args.onnx, args.opset, not args.no_calibrate, args.data)
         if not args.onnx or (args.out and args.run_dir.is_dir()):
-            path = export_run(args.run_dir, args.out, args.half)
-            print(f"exported {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+            payload, record = run_payload(args.run_dir, args.half, args.wise_ft, not args.no_calibrate, args.data)
+            out = args.out or default_model_path(payload["family"])
+            path = atomic_write(out, lambda tmp: torch.save(payload, tmp))
+            wise = f", WiSE-FT alpha {args.wise_ft:g}" if args.wise_ft is not None else ""
+            print(f"exported {path} ({path.stat().st_size / 2**20:.1f} MiB{wise}); {calibration_note(record)}")
     except (ExportError, OnnxExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

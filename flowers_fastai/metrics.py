@@ -57,3 +57,38 @@ def classification_metrics(y_true: Sequence[int], probs: np.ndarray, classes: Se
     return dict(n_images=int(len(y_true)), accuracy=float(tp.sum() / len(y_true)), loss=float(loss),
                 macro_f1=float(f1[support > 0].mean()), per_class=per_class, confusion_matrix=cm.tolist(),
                 baselines=baselines(support, classes))
+
+
+# --------------------------------------------------------------------------- calibration
+
+ECE_BINS = 15  # equal-width confidence bins, the usual choice (Guo et al. 2017)
+
+
+def reliability_bins(y_true: Sequence[int], probs: np.ndarray, n_bins: int = ECE_BINS) -> dict:
+    """Per equal-width bin of the top-class confidence: its lower edge, image count, mean confidence and
+    accuracy (NaN for an empty bin). What ECE sums and the reliability diagram draws."""
+    y_true, probs = np.asarray(y_true, dtype=np.int64), np.asarray(probs, dtype=np.float64)
+    conf, correct = probs.max(1), (probs.argmax(1) == y_true).astype(np.float64)
+    # Bins are (lo, hi]; a confidence of exactly 0 cannot occur (the top class of K gets at least 1/K).
+    idx = np.clip(np.ceil(conf * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
+    count = np.bincount(idx, minlength=n_bins).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_conf = np.bincount(idx, weights=conf, minlength=n_bins) / count
+        accuracy = np.bincount(idx, weights=correct, minlength=n_bins) / count
+    return dict(lower=np.arange(n_bins) / n_bins, count=count, confidence=mean_conf, accuracy=accuracy)
+
+
+def calibration_metrics(y_true: Sequence[int], probs: np.ndarray, n_bins: int = ECE_BINS) -> dict:
+    """ECE (`n_bins` equal-width bins of the top-class confidence: sum over bins of |accuracy - confidence|
+    weighted by the bin's share of images), NLL (mean -log p of the true class) and the multi-class Brier
+    score (mean over images of the sum over classes of (p - one_hot)^2, in [0, 2])."""
+    y_true, probs = np.asarray(y_true, dtype=np.int64), np.asarray(probs, dtype=np.float64)
+    bins = reliability_bins(y_true, probs, n_bins)
+    full = bins["count"] > 0
+    ece = (bins["count"][full] / len(y_true) * np.abs(bins["accuracy"][full] - bins["confidence"][full])).sum()
+    rows = np.arange(len(y_true))
+    nll = -np.log(np.clip(probs[rows, y_true], 1e-12, None)).mean()
+    one_hot = np.zeros_like(probs)
+    one_hot[rows, y_true] = 1.0
+    brier = ((probs - one_hot) ** 2).sum(1).mean()
+    return dict(ece=float(ece), nll=float(nll), brier=float(brier), ece_bins=n_bins)

@@ -121,3 +121,46 @@ def plot_curves(history_path: str | Path, path: str | Path) -> Path | None:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=9)
     return _save(fig, path)
+
+
+def plot_reliability(panels: dict[str, dict], path: str | Path, title: str = "") -> Path:
+    """Reliability diagram, one panel per probability set (e.g. raw and calibrated): per confidence bin
+    (metrics.reliability_bins) the accuracy as a bar, the bin's mean confidence as a red tick (a calibrated
+    model has them meet on the diagonal), its image count above the bar, ECE and NLL in the panel title."""
+    fig = _figure(5 * len(panels), 4.6)
+    for i, (name, p) in enumerate(panels.items()):
+        bins, ax = p["bins"], fig.add_subplot(1, len(panels), i + 1)
+        width, full = 1 / len(bins["count"]), np.asarray(bins["count"]) > 0
+        lower, count = np.asarray(bins["lower"])[full], np.asarray(bins["count"])[full]
+        accuracy, confidence = np.asarray(bins["accuracy"])[full], np.asarray(bins["confidence"])[full]
+        ax.bar(lower, accuracy, width=width, align="edge", color="tab:blue", alpha=0.8, edgecolor="black", lw=0.5,
+               label="accuracy in the bin")
+        ax.hlines(confidence, lower, lower + width, color="tab:red", lw=2.5, label="mean confidence in the bin")
+        for x, acc, n in zip(lower, accuracy, count, strict=True):
+            ax.text(x + width / 2, min(acc, 0.93) + 0.02, f"{int(n)}", ha="center", fontsize=7)
+        ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("confidence (top-class probability); numbers: images per bin")
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"{name}: ECE {p['ece']:.3f}, NLL {p['nll']:.3f}", fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_wise_ft(rows: Sequence[dict], path: str | Path, title: str = "") -> Path:
+    """Valid accuracy, NLL and ECE against the WiSE-FT alpha (0 = zero-shot, 1 = fine-tuned)."""
+    alphas = [r["alpha"] for r in rows]
+    fig = _figure(12, 3.8)
+    for i, (key, label) in enumerate((("accuracy", "valid accuracy"), ("nll", "valid NLL"), ("ece", "valid ECE"))):
+        ax = fig.add_subplot(1, 3, i + 1)
+        ax.plot(alphas, [r[key] for r in rows], "o-")
+        ax.set_xlabel("alpha (0 = zero-shot, 1 = fine-tuned)")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)

@@ -1,11 +1,12 @@
 """One training run, top to bottom: arguments -> data check and split -> model (pretrained resolved)
 -> fastai Learner -> freeze/unfreeze fine-tune -> run folder (+ exported .pth).
 
-The run folder holds learner.pkl (fastai export), best.pth (best weights on valid accuracy),
-history.csv, metrics.json (config, class counts, sanity check, best accuracy/epoch, wall time), split.csv,
-audit.json (data audit), the evaluation of the best weights on the valid split (eval_metrics.json,
-predictions.csv, confusion_matrix.png, top_losses.png, curves.png; see evaluate.py), lr_find.png/.json
-with --lr auto and, when some files could not be decoded, skipped.csv.
+The run folder holds learner.pkl (fastai export), best.pth (best weights on valid accuracy), zeroshot.pth
+(a pretrained CLIP run's zero-shot model, for WiSE-FT: export.py --wise-ft), history.csv, metrics.json
+(config, class counts, sanity check, best accuracy/epoch, calibration temperature, wall time), split.csv,
+audit.json (data audit), the evaluation of the best weights on the valid split, calibrated there
+(eval_metrics.json, predictions.csv, confusion_matrix.png, top_losses.png, reliability.png, curves.png; see
+evaluate.py), lr_find.png/.json with --lr auto and, when some files could not be decoded, skipped.csv.
 
 --lr-find and --overfit-batch probe the learner the run would train, write their report into the run
 folder (lr_find.png/.json, overfit_batch.json) and stop: no training, no export, no metrics.json.
@@ -33,6 +34,7 @@ from . import splitters
 from .audit import AUDIT_MIN_SIZE
 from .data import DatasetError, RGBImage, make_dataloaders, prepare_split
 from .evaluate import evaluate_run
+from .export import ZEROSHOT_NAME, export_run
 from .learner import (
     Recipe,
     build_learner,
@@ -381,10 +383,19 @@ def train(args: argparse.Namespace) -> Path:
     # Before any step: loss near ln(5) (below it for a zero-shot head) and a gradient that flows.
     metrics["sanity"] = sanity_check(learn, expect_chance=args.arch == "cnn" or args.head_init == "random")
     if args.arch == "clip" and args.head_init == "zeroshot":
+        save_zeroshot(model, run_dir)  # WiSE-FT (export.py --wise-ft) interpolates towards it
         metrics["zero_shot_accuracy"] = valid_accuracy(learn)
         print(f"zero-shot valid accuracy before training: {metrics['zero_shot_accuracy']:.4f}")
     write_json(run_dir / "metrics.json", metrics)
     return finish(args, learn, recipe, metrics, start)
+
+
+def save_zeroshot(model: torch.nn.Module, run_dir: Path) -> Path:
+    """The zero-shot CLIP model (encoder + text-embedding head) before any step, as zeroshot.pth: what
+    WiSE-FT interpolates the fine-tuned weights with. fp32 and a copy: training updates `model` in place.
+    Only for pretrained weights (check_clip_args refuses a zero-shot head with --no-pretrained)."""
+    state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    return atomic_write(run_dir / f"{ZEROSHOT_NAME}.pth", lambda tmp: torch.save(state, tmp))
 
 
 def finish(args: argparse.Namespace, learn, recipe: Recipe, metrics: dict, start: float,
@@ -408,15 +419,17 @@ def finish(args: argparse.Namespace, learn, recipe: Recipe, metrics: dict, start
     atomic_write(run_dir / "learner.pkl", lambda tmp: export_learner(learn, Path(tmp).absolute()))
     best_acc, best_epoch = _best_from_history(run_dir / "history.csv")
     # The best weights as the exported payload serves them, on the valid split: eval_metrics.json + plots.
-    evaluation = evaluate_run(run_dir, args.data, bs=args.bs)
-    metrics["evaluation"] = {k: evaluation[k] for k in ("accuracy", "macro_f1", "loss", "baselines")}
+    evaluation = evaluate_run(run_dir, args.data, bs=args.bs)  # calibrated on valid: T is fitted here
+    metrics["evaluation"] = {k: evaluation[k] for k in ("accuracy", "macro_f1", "loss", "baselines", "calibration")}
+    temperature = evaluation["calibration"]["temperature"]
+    print(f"calibration: temperature {temperature:.3f}, valid ECE {evaluation['calibration']['raw']['ece']:.4f} -> "
+          f"{evaluation['calibration']['calibrated']['ece']:.4f}")
     metrics.update(status="finished", best_accuracy=best_acc, best_epoch=best_epoch,
                    wall_time_s=round(time.time() - start, 1))
     write_json(run_dir / "metrics.json", metrics)
     print(f"best valid accuracy {best_acc:.4f} at epoch {best_epoch}; run folder {run_dir}")
     if args.export:
-        from .export import export_run
-        path = export_run(run_dir, args.export)
+        path = export_run(run_dir, args.export, temperature=temperature)  # the T just fitted on these weights
         print(f"exported {path}")
     return run_dir
 

@@ -63,6 +63,11 @@ def test_run_folder_holds_everything(trained):
     assert metrics["status"] == "finished" and metrics["best_accuracy"] == hist["accuracy"].max()
     assert metrics["config"]["seed"] == 42 and metrics["wall_time_s"] > 0
     assert sum(metrics["class_counts"]["train"]) + sum(metrics["class_counts"]["valid"]) == 60
+    # calibrated at the end of the run: T in metrics.json, the export and eval_metrics.json agree
+    t = metrics["evaluation"]["calibration"]["temperature"]
+    assert t == json.loads((run_dir / "eval_metrics.json").read_text())["calibration"]["temperature"]
+    assert t == torch.load(trained[1], weights_only=True)["temperature"] and (run_dir / "reliability.png").is_file()
+    assert f"calibration: temperature {t:.3f}" in stdout
     # stdout is a pipe here: one plain line per epoch, no progress-bar noise
     assert sum(line.startswith("epoch ") for line in stdout.splitlines()) == SMALL_EPOCHS
 
@@ -85,7 +90,8 @@ def test_exported_model_matches_the_fastai_learner(trained, real_flowers):
     learn = load_learner(run_dir / "learner.pkl")
     files = [real_flowers / p for p in pd.read_csv(run_dir / "split.csv").query("is_valid")["path"]]
     ours, _ = learn.get_preds(dl=learn.dls.test_dl([str(f) for f in files]))
-    model = fc.load_cnn_model(pth, device="cpu")
+    model = fc.load_cnn_model(pth, device="cpu", calibrated=False)  # the learner's raw softmax
+    assert 0 < fc.load_cnn_model(pth).temperature == torch.load(pth, weights_only=True)["temperature"]
     served = torch.tensor([list(fc.predict_proba(model, f).values()) for f in files])
     assert torch.equal(ours.argmax(1), served.argmax(1))
     assert (ours - served).abs().max() < 1e-4
