@@ -1,4 +1,5 @@
-"""Console entry points (`flowers-train`, `flowers-export`, `flowers-demo`, `flowers-data`, `flowers-evaluate`;
+"""Console entry points (`flowers-train`, `flowers-export`, `flowers-demo`, `flowers-data`, `flowers-evaluate`,
+`flowers-experiments`;
 train.py, export.py and app.py call them too).
 Each keeps third-party deprecation noise out of the output *before* importing its command: importing
 fastai itself warns, so the filter must come first. Only `flowers_classifier` is imported up front."""
@@ -35,4 +36,10 @@ def data(argv: list[str] | None = None) -> int:
 def evaluate(argv: list[str] | None = None) -> int:
     quiet_third_party_warnings()
     from .evaluate import main
+    return main(argv)
+
+
+def experiments(argv: list[str] | None = None) -> int:
+    quiet_third_party_warnings()
+    from .experiments import main
     return main(argv)

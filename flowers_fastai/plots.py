@@ -1,4 +1,5 @@
-"""Report plots: lr_find curve, confusion matrix, image grids (top losses) and training curves.
+"""Report plots: lr_find curve, confusion matrix, image grids (top losses), training curves and an
+experiment's summary (accuracy per configuration over seeds).
 
 Built on `matplotlib.figure.Figure` with an explicit Agg canvas: no pyplot, no global backend, no display
 needed; every PNG is written atomically.
@@ -120,4 +121,26 @@ def plot_curves(history_path: str | Path, path: str | Path) -> Path | None:
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=9)
+    return _save(fig, path)
+
+
+def plot_experiment_summary(configs: Sequence[str], means: Sequence[float], stds: Sequence[float],
+                            seeds: dict[str, Sequence[float]], path: str | Path,
+                            title: str = "best valid accuracy per configuration") -> Path:
+    """One row per configuration (in the order given, first on top): mean ± std as a bar with error bar,
+    and each seed's value as a dot, so the spread between seeds is visible next to the differences."""
+    fig = _figure(7, 1.2 + 0.5 * len(configs))
+    ax = fig.add_subplot()
+    rows = np.arange(len(configs))[::-1]
+    ax.barh(rows, np.asarray(means) * 100, xerr=np.asarray(stds) * 100, color="tab:blue", alpha=0.35,
+            capsize=4, label="mean ± std over seeds")
+    for row, config in zip(rows, configs, strict=True):
+        values = np.asarray(seeds[config], dtype=np.float64) * 100
+        ax.plot(values, np.full(len(values), row), "o", color="tab:blue", ms=5)
+    ax.plot([], [], "o", color="tab:blue", ms=5, label="one seed")
+    ax.set_yticks(rows, configs)
+    ax.set_xlabel("valid accuracy %")
+    ax.set_title(title)
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
     return _save(fig, path)
