@@ -188,8 +188,8 @@ def plan_runs(plan: dict, plan_path: Path, out: Path, overrides: dict | None = N
             runs.append(Run(config, options, own, seed, folder, argv))
     names = [r.folder.name for r in runs]
     if len(set(names)) != len(names):
-        raise PlanError(f"plan {plan_path}: two configurations share a name ({names}); give each [[run]] a "
-                        f"distinct name.")
+        raise PlanError(f"plan {plan_path}: two runs would share a folder ({names}); give each [[run]] a "
+                        f"distinct name and list each seed once.")
     return runs
 
 
@@ -209,6 +209,7 @@ def execute(run: Run) -> None:
     """Train `run` (or continue it) in-process, through train.py's own train()."""
     state = run_state(run.folder)
     if state == "resume":
+        (run.folder / ERROR_FILE).unlink(missing_ok=True)  # an earlier failure of this run, tried again now
         print(f"== resuming {run.folder.name}", flush=True)
         train(resume_args(run.folder))
         return

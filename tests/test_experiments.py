@@ -65,7 +65,7 @@ def test_grid_trains_each_run_once_and_summarises(grid):
     assert (out / "summary.png").stat().st_size > 0
 
 
-def test_second_invocation_trains_nothing(grid, monkeypatch):
+def test_second_invocation_trains_nothing(grid, monkeypatch, capsys):
     out, plan, _ = grid
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/metrics.json")}
     calls = []
@@ -74,6 +74,8 @@ def test_second_invocation_trains_nothing(grid, monkeypatch):
     assert calls == []
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/metrics.json")} == stamps
     assert len(pd.read_csv(out / "results.csv")) == 4
+    assert experiments.main([plan, "--out", str(out), "--dry-run"]) == 0
+    assert capsys.readouterr().out.count("skip (finished)") == 4
 
 
 def test_tensorboard_logs_loss_accuracy_and_lr(grid):
@@ -108,3 +110,27 @@ def test_failed_run_is_recorded_and_the_others_finish(photos, tmp_path):
     assert (out / "no-photos-seed42" / experiments.ERROR_FILE).is_file()
     assert results.loc["ok", "status"] == "finished"
     assert list(experiments.summarize(results.reset_index()).index) == ["ok"]
+
+
+def test_interrupted_run_is_resumed_and_a_crashed_one_restarted(tmp_path, monkeypatch):
+    """No training: folders as an interrupted run (a finished epoch, last.pth) and a run that crashed before
+    its first epoch leave them; the next invocation resumes the first (train.py --resume) and starts the
+    second afresh."""
+    plan = tmp_path / "plan.toml"
+    plan.write_text('seeds = [0]\n[defaults]\nepochs = 2\n[[run]]\nname = "cut"\n[[run]]\nname = "crashed"\n')
+    out = tmp_path / "exp"
+    cut, crashed = out / "cut-seed0", out / "crashed-seed0"
+    for folder, status in ((cut, "interrupted"), (crashed, "running")):
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text(json.dumps({"status": status}))
+        rows = "0,unfrozen,1.5,1.4,0.5,1e-3,1.0\n" if folder == cut else ""
+        (folder / "history.csv").write_text("epoch,stage,train_loss,valid_loss,accuracy,lr,time\n" + rows)
+    (cut / "last.pth").write_bytes(b"weights")
+    (crashed / "split.csv").write_text("left over")
+    resumed, started = [], []
+    monkeypatch.setattr(experiments, "resume_args", lambda folder: resumed.append(folder) or "resume-args")
+    monkeypatch.setattr(experiments, "train", lambda args: started.append(args))
+    experiments.main([str(plan), "--out", str(out)])
+    assert resumed == [cut] and started[0] == "resume-args"
+    assert len(started) == 2 and started[1].out == crashed and started[1].epochs == 2 and started[1].seed == 0
+    assert not crashed.exists()  # the partial folder was cleared for the fresh start
