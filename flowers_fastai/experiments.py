@@ -225,14 +225,17 @@ def record_failure(run: Run, error: BaseException) -> None:
     atomic_write(run.folder / ERROR_FILE, lambda tmp: Path(tmp).write_text(text))
 
 
-def result_row(run: Run) -> dict:
-    """The run's row of results.csv, from its folder (metrics.json, history.csv, error.txt)."""
-    row = dict(config=run.config, **run.varied, seed=run.seed, status="not run", best_accuracy=None,
-               best_epoch=None, final_accuracy=None, final_train_loss=None, final_valid_loss=None,
-               wall_time_s=None, error="", run_dir=run.folder.name)
+def result_row(run: Run, varied: list[str]) -> dict:
+    """The run's row of results.csv, from its folder (metrics.json, history.csv, error.txt). `varied`: the
+    options any configuration sets, each with this run's value (the plan's, else the run's resolved one)."""
+    row = dict(config=run.config, **{key: run.options.get(key) for key in varied}, seed=run.seed,
+               status="not run", best_accuracy=None, best_epoch=None, final_accuracy=None, final_train_loss=None,
+               final_valid_loss=None, wall_time_s=None, error="", run_dir=run.folder.name)
     metrics_path, error_path = run.folder / "metrics.json", run.folder / ERROR_FILE
     if metrics_path.is_file():
         metrics = json.loads(metrics_path.read_text())
+        config = metrics.get("config", {})
+        row.update({key: config.get(key.replace("-", "_")) for key in varied if key not in run.options})
         row.update(status=metrics["status"], best_accuracy=metrics.get("best_accuracy"),
                    best_epoch=metrics.get("best_epoch"), wall_time_s=metrics.get("wall_time_s"))
         history = pd.read_csv(run.folder / "history.csv")
@@ -261,7 +264,7 @@ def summary_markdown(table: pd.DataFrame) -> str:
     lines = ["| configuration | seeds | best valid acc % (mean ± std) | final valid acc % | wall time s |",
              "|---|---|---|---|---|"]
     for i, (config, r) in enumerate(table.iterrows()):
-        cells = [config, f"{r.seeds}", f"{100 * r.best_mean:.1f} ± {100 * r.best_std:.1f}",
+        cells = [config, f"{int(r.seeds)}", f"{100 * r.best_mean:.1f} ± {100 * r.best_std:.1f}",
                  f"{100 * r.final_mean:.1f} ± {100 * r.final_std:.1f}", f"{r.wall_time_s:.0f}"]
         if i == 0:
             cells = [f"**{c}**" for c in cells[:-1]] + [cells[-1]]
@@ -272,7 +275,9 @@ def summary_markdown(table: pd.DataFrame) -> str:
 
 def write_reports(runs: list[Run], out: Path) -> pd.DataFrame:
     """results.csv always; summary.md and summary.png once a run has finished. Returns the results."""
-    results = pd.DataFrame([result_row(r) for r in runs])
+    varied = list(dict.fromkeys(key for run in runs for key in run.varied))
+    results = pd.DataFrame([result_row(r, varied) for r in runs])
+    results["best_epoch"] = results["best_epoch"].astype("Int64")  # an integer, even beside runs without one
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "results.csv", lambda tmp: results.to_csv(tmp, index=False))
     table = summarize(results)
