@@ -23,8 +23,9 @@ from fastai.callback.channelslast import ChannelsLast
 from fastai.callback.core import Callback
 from fastai.callback.mixup import CutMix, MixHandler, MixUp
 from fastai.callback.progress import ProgressCallback
+from fastai.callback.tensorboard import TensorBoardCallback
 from fastai.callback.tracker import EarlyStoppingCallback, SaveModelCallback, TrackerCallback
-from fastai.learner import Learner
+from fastai.learner import Learner, Recorder
 from fastai.losses import LabelSmoothingCrossEntropyFlat
 from fastai.metrics import accuracy
 from fastai.optimizer import Adam
@@ -40,6 +41,7 @@ from .export import BEST_NAME
 from .recipes import PRESETS
 
 LAST_NAME = "last"  # run_dir/last.pth: weights + optimizer after the last finished epoch (--resume)
+TENSORBOARD_DIR = "tensorboard"  # run_dir/tensorboard: event files with --tensorboard
 
 
 _CNN = PRESETS["cnn"]
@@ -270,6 +272,35 @@ class HistoryCallback(OnTrainedEpochs):
                   f"accuracy {acc:.6f} lr {row[5]} ({row[6]}s)", flush=True)
 
 
+class TensorBoard(OnTrainedEpochs, TensorBoardCallback):
+    """fastai's TensorBoardCallback (a SummaryWriter per fit, into `log_dir`), stepped by the run's own count of
+    training batches: fastai's train_iter restarts at 0 with each fit (two stages, --resume), and its after_batch
+    would log validation batches too. Per step: smoothed train_loss and the head group's lr; per trained epoch:
+    train_loss_epoch, valid_loss and accuracy. No graph trace and no prediction images (fp16, speed)."""
+
+    order = Recorder.order + 1  # after the Recorder has logged the epoch; before HistoryCallback counts it
+
+    def __init__(self, log_dir: Path):
+        super().__init__(log_dir=str(log_dir), trace_model=False, log_preds=False)
+
+    def _steps_before_epoch(self) -> int:
+        """Training batches before this epoch, across stages and resumes (HistoryCallback counts the epochs)."""
+        return self.learn.history.epochs_done * len(self.dls.train)
+
+    def after_batch(self):
+        if self.training:
+            step = self._steps_before_epoch() + self.iter
+            self.writer.add_scalar("train_loss", self.smooth_loss, step)
+            self.writer.add_scalar("lr", self.opt.hypers[-1]["lr"], step)
+
+    def after_trained_epoch(self):
+        step = self._steps_before_epoch() + len(self.dls.train)  # the epoch's values at its last step
+        train_loss, valid_loss, acc = (float(self.recorder.log[i]) for i in (1, 2, 3))
+        for name, value in (("train_loss_epoch", train_loss), ("valid_loss", valid_loss), ("accuracy", acc)):
+            self.writer.add_scalar(name, value, step)
+        self.writer.flush()  # an interrupted run keeps its curves
+
+
 class EarlyStopping(OnTrainedEpochs, EarlyStoppingCallback):
     """fastai's EarlyStoppingCallback, counting trained epochs only. Its CancelFitException ends the
     after_epoch event, so it runs last: the best and last checkpoints and the history row (orders 61-70)
@@ -285,11 +316,15 @@ def _silent(*args, **kwargs) -> None:
     pass
 
 
-def build_learner(dls, model: torch.nn.Module, recipe: Recipe, run_dir: str | Path) -> Learner:
-    """A fastai Learner around `model` with the recipe's loss, optimiser, splitter and callbacks."""
+def build_learner(dls, model: torch.nn.Module, recipe: Recipe, run_dir: str | Path,
+                  tensorboard: bool = False) -> Learner:
+    """A fastai Learner around `model` with the recipe's loss, optimiser, splitter and callbacks;
+    `tensorboard`: TensorBoard event files in run_dir/tensorboard."""
     run_dir = Path(run_dir)
     cbs = [AtomicSaveModelCallback(monitor="accuracy", fname=BEST_NAME, reset_on_fit=False), LastCheckpointCallback(),
            HistoryCallback(run_dir / "history.csv", quiet=sys.stdout.isatty())]
+    if tensorboard:
+        cbs.append(TensorBoard(run_dir / TENSORBOARD_DIR))
     if recipe.patience:
         cbs.append(EarlyStopping(monitor="accuracy", patience=recipe.patience))
     if recipe.mixup > 0 or recipe.cutmix > 0:
@@ -333,7 +368,7 @@ def fit_only_callbacks(learn: Learner) -> list[Callback]:
     """Callbacks that only make sense inside a fit: the trackers (early stopping, best checkpoint), the
     history writer and the EMA swap. validate() fires epoch events too, and the trackers would read it as
     an epoch of a fit (and crash before the first one)."""
-    fit_only = (TrackerCallback, HistoryCallback, EmaCallback, LastCheckpointCallback)
+    fit_only = (TrackerCallback, HistoryCallback, EmaCallback, LastCheckpointCallback, TensorBoard)
     return [cb for cb in learn.cbs if isinstance(cb, fit_only)]
 
 

@@ -1,4 +1,5 @@
-"""Report plots: lr_find curve, confusion matrix, image grids (top losses) and training curves.
+"""Report plots: lr_find curve, confusion matrix, image grids (top losses), training curves and an
+experiment's summary (accuracy per configuration over seeds).
 
 Built on `matplotlib.figure.Figure` with an explicit Agg canvas: no pyplot, no global backend, no display
 needed; every PNG is written atomically.
@@ -163,4 +164,28 @@ def plot_wise_ft(rows: Sequence[dict], path: str | Path, title: str = "") -> Pat
         ax.grid(True, alpha=0.3)
     if title:
         fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_experiment_summary(configs: Sequence[str], means: Sequence[float], stds: Sequence[float],
+                            seeds: dict[str, Sequence[float]], path: str | Path,
+                            title: str = "best valid accuracy per configuration") -> Path:
+    """One row per configuration (in the order given, first on top): mean ± std as a diamond with error bar,
+    and each seed's value as a dot, so the spread between seeds shows next to the differences."""
+    fig = _figure(7, 1.4 + 0.45 * len(configs))
+    ax = fig.add_subplot()
+    rows = np.arange(len(configs))[::-1]
+    for row, config in zip(rows, configs, strict=True):
+        values = np.asarray(seeds[config], dtype=np.float64) * 100
+        ax.plot(values, np.full(len(values), row), "o", color="tab:gray", ms=5, alpha=0.7,
+                label="one seed" if row == rows[0] else None)
+    ax.errorbar(np.asarray(means) * 100, rows, xerr=np.asarray(stds) * 100, fmt="D", color="tab:blue",
+                capsize=4, label="mean ± std over seeds")
+    ax.set_yticks(rows, configs)
+    ax.set_ylim(rows.min() - 0.6, rows.max() + 0.6)
+    ax.margins(x=0.08)
+    ax.set_xlabel("valid accuracy %")
+    ax.set_title(title)
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.legend(fontsize=8, loc="outside lower center", ncols=2)
     return _save(fig, path)

@@ -159,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--out", type=Path, help="run folder (default runs/<arch>-<time>)")
     out.add_argument("--export", type=Path, help="exported .pth path (default models/<cnn|vit>_flowers.pth)")
     out.add_argument("--no-export", action="store_true", help="leave exporting to export.py")
+    out.add_argument("--tensorboard", action="store_true",
+                     help="log train/valid loss, accuracy and LR into <run folder>/tensorboard "
+                          "(view with: tensorboard --logdir runs/)")
     out.add_argument("--resume", type=Path, metavar="RUN_DIR",
                      help="continue an interrupted run from its last finished epoch, with the run's own config "
                           "and split (other options are ignored)")
@@ -367,7 +370,7 @@ def train(args: argparse.Namespace) -> Path:
     # 3. fastai DataLoaders + Learner.
     workers = args.workers if args.workers is not None else (8 if torch.cuda.is_available() else 0)
     dls = make_dataloaders(df, args.data, prep, bs=args.bs, num_workers=workers, min_scale=args.min_scale)
-    learn = build_learner(dls, model, recipe, run_dir)
+    learn = build_learner(dls, model, recipe, run_dir, tensorboard=args.tensorboard)
     if args.lr_find or args.overfit_batch:  # explore instead of training
         explore(args, learn, recipe, run_dir)
         return run_dir
