@@ -3,7 +3,7 @@ opens the page served on 127.0.0.1 with tiny exported models, uploads real photo
 input (file picker, drag-and-drop, clipboard paste), sees the Grad-CAM overlay appear (one map per model
 for the ensemble), switches model, clicks an example and checks the messages shown for bad uploads.
 docs/demo.png comes from a trained model, never from these random-init ones: it is rewritten only by
-`test_readme_screenshot`, which runs when $SCREENSHOT_CNN names a trained CNN export.
+`test_readme_screenshot` when $SCREENSHOT_CNN names a trained CNN export (else into a temp file).
 Needs a chromium on PATH (or $CHROMIUM), as .ci/run finds it: skips without one, fails under CI=true."""
 
 from __future__ import annotations
@@ -109,12 +109,13 @@ def test_upload_photo_shows_label_and_heat_map_then_ensemble(page, real_photos, 
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_readme_screenshot(browser, real_photos):
-    """docs/demo.png: the page serving $SCREENSHOT_CNN (a trained export) with its heat map shown."""
+def test_readme_screenshot(browser, real_photos, tiny_cnn_pth, tmp_path):
+    """The README's screenshot: the page serving one CNN with its heat map shown. With $SCREENSHOT_CNN (a
+    trained export) it rewrites docs/demo.png; otherwise the same page with the tiny random model goes to a
+    temp file, so the screenshot path is tested on every run and docs/demo.png never shows a random model."""
     trained = os.environ.get("SCREENSHOT_CNN")
-    if not trained:
-        pytest.skip("set SCREENSHOT_CNN=<trained cnn .pth> to rewrite docs/demo.png")
-    demo = app.build_demo(trained, None)
+    shot = ROOT / "docs" / "demo.png" if trained else tmp_path / "demo.png"
+    demo = app.build_demo(trained or tiny_cnn_pth, None)
     url = app.launch_demo(demo, "127.0.0.1", free_port(), prevent_thread_lock=True)
     context = browser.new_context(viewport={"width": 1280, "height": 820})
     try:
@@ -124,10 +125,11 @@ def test_readme_screenshot(browser, real_photos):
         expect_prediction(page, app.CNN)
         expect_heat_maps(page, 1)
         settle(page)
-        page.screenshot(path=str(ROOT / "docs" / "demo.png"), full_page=True)
+        page.screenshot(path=str(shot), full_page=True)
     finally:
         context.close()
         demo.close()
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_drop_a_photo_onto_the_image_input(page, real_photos):
