@@ -83,11 +83,17 @@ def preprocess_by_name(arch: str, name: str, img_size: int | None = None, pretra
     if arch == "clip":
         return _clip_preprocess_by_name(name, img_size, source)
     import timm
-    timm_name = factory.check_cnn_pretrained(name, source) if source == "hub" else name
-    if not timm.is_model(name):
-        factory.check_cnn_pretrained(name, None)  # its error names the valid choices
+    factory.check_cnn_pretrained(name, None)  # an unknown name fails here, naming valid ones
+    timm_name = f"{name}.{factory.cnn_pretrained_tag(name)}" if source == "hub" else name  # the tag's input size
     with torch.device("meta"):  # the config without allocating weights
         return factory.cnn_preprocess(timm.create_model(timm_name, pretrained=False), img_size)
+
+
+def _model_name(model: nn.Module | None) -> str | None:
+    """The timm / open_clip name of a built model: create_model records it; timm models carry their own."""
+    if model is None:
+        return None
+    return getattr(model, "flowers_name", None) or getattr(model, "pretrained_cfg", {}).get("architecture")
 
 
 def flowers_dataloaders(path: str | Path = "data/flowers", arch: str = "cnn", model: str | nn.Module | None = None,
@@ -107,7 +113,7 @@ def flowers_dataloaders(path: str | Path = "data/flowers", arch: str = "cnn", mo
     Stores what flowers_learner needs as `dls.flowers`."""
     arch = _check_arch(arch)
     defaults = preset(arch, pretrained=pretrained is not False and pretrained is not None)
-    name = model if isinstance(model, str) else getattr(model, "flowers_name", None) or defaults["model"]
+    name = model if isinstance(model, str) else _model_name(model) or defaults["model"]
     prep = factory.preprocess_for(model, img_size) if isinstance(model, nn.Module) else \
         preprocess_by_name(arch, name, img_size, pretrained)
     run_dir = Path(run_dir) if run_dir is not None else Path("runs") / f"{arch}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -203,7 +209,7 @@ def flowers_learner(dls: DataLoaders, arch: str | None = None, model: str | nn.M
     recipe = recipe or make_recipe(arch, n_groups, pretrained is not False and pretrained is not None, **overrides)
     learn = build_learner(dls, model, recipe, info["run_dir"], tensorboard=tensorboard)
     learn.recipe = recipe
-    learn.flowers = dict(info, arch=arch, model=getattr(model, "flowers_name", info["model"]), prep=prep,
+    learn.flowers = dict(info, arch=arch, model=_model_name(model) or info["model"], prep=prep,
                          n_groups=n_groups)
     return learn
 
@@ -216,7 +222,10 @@ def fine_tune_recipe(learn: Learner) -> Learner:
 
 def learner_spec(learn: Learner) -> dict:
     """Plain metadata that rebuilds the learner's architecture offline (factory.build_from_spec)."""
-    info = learn.flowers
+    info = getattr(learn, "flowers", None)
+    if info is None:
+        raise TypeError("export_pth needs a Learner from flowers_learner(...) (it knows the model's name and "
+                        "preprocessing); for a train.py run folder use export.py RUN_DIR.")
     spec = dict(family=info["arch"], model_name=info["model"], classes=list(CLASSES), **info["prep"].to_dict())
     if info["arch"] == "clip":
         spec["quick_gelu"] = learn.model.quick_gelu
