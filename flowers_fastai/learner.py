@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fastai.callback import schedule  # noqa: F401 - adds lr_find and fit_one_cycle to Learner
 from fastai.callback.channelslast import ChannelsLast
 from fastai.callback.core import Callback
 from fastai.callback.mixup import CutMix, MixHandler, MixUp
@@ -316,6 +317,16 @@ def _silent(*args, **kwargs) -> None:
     pass
 
 
+class FlowersLearner(Learner):
+    """fastai's Learner, whose `lr_find` runs without the fit-only callbacks: its mock fit skips validation and
+    puts the weights back, so it must not be checkpointed, logged to history.csv, early-stopped or averaged
+    into the EMA."""
+
+    def lr_find(self, *args, **kwargs):
+        with self.removed_cbs(fit_only_callbacks(self)):
+            return super().lr_find(*args, **kwargs)
+
+
 def build_learner(dls, model: torch.nn.Module, recipe: Recipe, run_dir: str | Path,
                   tensorboard: bool = False) -> Learner:
     """A fastai Learner around `model` with the recipe's loss, optimiser, splitter and callbacks;
@@ -334,7 +345,7 @@ def build_learner(dls, model: torch.nn.Module, recipe: Recipe, run_dir: str | Pa
         cbs.append(GradientClip(max_norm=recipe.grad_clip))
     if recipe.ema_decay:
         cbs.append(EmaCallback(recipe.ema_decay))
-    learn = Learner(dls, model, loss_func=LabelSmoothingCrossEntropyFlat(eps=recipe.label_smoothing),
+    learn = FlowersLearner(dls, model, loss_func=LabelSmoothingCrossEntropyFlat(eps=recipe.label_smoothing),
                     opt_func=partial(Adam, decouple_wd=True), wd=recipe.wd, metrics=accuracy,
                     splitter=splitters.param_groups, cbs=cbs, path=run_dir, model_dir=".",
                     train_bn=False)  # freeze() must leave the head alone trainable (norms included)

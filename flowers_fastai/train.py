@@ -30,14 +30,14 @@ from flowers_classifier.files import atomic_write, write_json
 from flowers_classifier.payload import default_model_path
 from flowers_classifier.preprocess import Preprocess
 
-from . import splitters
+from .api import DROP_PATH_PRETRAINED, create_model, flowers_dataloaders, flowers_learner
+from .api import make_recipe as api_make_recipe
 from .audit import AUDIT_MIN_SIZE
-from .data import DatasetError, RGBImage, make_dataloaders, prepare_split
+from .data import DatasetError, prepare_split
 from .evaluate import evaluate_run
 from .export import ZEROSHOT_NAME, export_run
 from .learner import (
     Recipe,
-    build_learner,
     export_learner,
     fine_tune,
     resolve_precision,
@@ -233,21 +233,27 @@ def print_plan(args: argparse.Namespace, df: pd.DataFrame, weights: str) -> None
     print("\n".join(lines), flush=True)
 
 
+def pretrained_arg(args: argparse.Namespace) -> bool | Path | str | None:
+    """The API's `pretrained`: False for --no-pretrained, the --weights file, else True (hub / the clip tag)."""
+    if args.no_pretrained:
+        return False
+    return args.weights if args.weights is not None else True
+
+
 def build_model(args: argparse.Namespace, spec: dict | None = None) -> torch.nn.Module:
-    """The run's model. With `spec` (--resume) its architecture offline and randomly initialised, as
-    last.pth holds the weights, but with the run's own drop-path rate and gradient checkpointing."""
-    pretrained = None if args.no_pretrained else args.weights
-    drop_path_rate = 0.1 if not args.no_pretrained else 0.0
-    if spec is not None and args.arch == "cnn":
-        return factory.create_cnn(spec["model_name"], pretrained=None, num_classes=len(spec["classes"]),
-                                 drop_path_rate=drop_path_rate)
+    """The run's model (api.create_model). With `spec` (--resume) its architecture offline and randomly
+    initialised, as last.pth holds the weights, but with the run's own drop-path rate and gradient checkpointing."""
+    if spec is None:
+        return create_model(args.arch, args.model, pretrained_arg(args), args.img_size, args.head_init,
+                            args.pretrained_tag, args.grad_checkpointing)
     if args.arch == "cnn":
-        return factory.create_cnn(args.model, pretrained=pretrained if pretrained or args.no_pretrained else "hub",
-                                 drop_path_rate=drop_path_rate)
-    model = factory.build_from_spec(spec) if spec is not None else factory.create_clip(
-        args.model, pretrained=clip_pretrained(args), image_size=args.img_size, head_init=args.head_init)
-    if args.grad_checkpointing:
-        model.visual.set_grad_checkpointing(True)
+        model = factory.create_cnn(spec["model_name"], pretrained=None, num_classes=len(spec["classes"]),
+                                   drop_path_rate=DROP_PATH_PRETRAINED if not args.no_pretrained else 0.0)
+    else:
+        model = factory.build_from_spec(spec)
+        if args.grad_checkpointing:
+            model.visual.set_grad_checkpointing(True)
+    model.flowers_name = spec["model_name"]
     return model
 
 
@@ -259,17 +265,30 @@ def model_spec(args: argparse.Namespace, model: torch.nn.Module, prep: Preproces
     return spec
 
 
-def make_recipe(args: argparse.Namespace, n_groups: int) -> Recipe:
-    lr_mult = args.lr_mult
-    if args.arch == "clip":
-        lr_mult = args.llrd ** -(n_groups - 1)  # fastai's slice(lr / lr_mult, lr) is then exactly the LLRD
+def recipe_options(args: argparse.Namespace) -> dict:
+    """The recipe flags as flowers_learner's options (lr_mult for cnn, llrd for clip; 0 disables)."""
+    spread = dict(llrd=args.llrd) if args.arch == "clip" else dict(lr_mult=args.lr_mult)
     lr = None if args.lr == "auto" else args.lr  # --lr auto: set by lr_find right before stage 2
-    return Recipe(epochs=args.epochs, freeze_epochs=args.freeze_epochs, head_lr=args.head_lr, lr=lr,
-                  lr_mult=lr_mult, unfreeze_last=args.unfreeze_last, wd=args.wd,
-                  label_smoothing=args.label_smoothing, mixup=args.mixup, cutmix=args.cutmix,
-                  mix_prob=args.mix_prob, switch_prob=args.switch_prob, grad_clip=args.grad_clip or None,
-                  patience=args.patience or None, ema_decay=args.ema or None, precision=args.precision,
-                  channels_last=args.channels_last, seed=args.seed)
+    return dict(epochs=args.epochs, freeze_epochs=args.freeze_epochs, head_lr=args.head_lr, lr=lr, **spread,
+                unfreeze_last=args.unfreeze_last, wd=args.wd, label_smoothing=args.label_smoothing,
+                mixup=args.mixup, cutmix=args.cutmix, mix_prob=args.mix_prob, switch_prob=args.switch_prob,
+                grad_clip=args.grad_clip or None, patience=args.patience or None, ema_decay=args.ema or None,
+                precision=args.precision, channels_last=args.channels_last, seed=args.seed)
+
+
+def make_recipe(args: argparse.Namespace, n_groups: int) -> Recipe:
+    return api_make_recipe(args.arch, n_groups, not args.no_pretrained, **recipe_options(args))
+
+
+def make_learner(args: argparse.Namespace, df: pd.DataFrame, run_dir: Path, resumed: dict | None = None):
+    """The run's model, DataLoaders and Learner, through the public API (flowers_dataloaders, flowers_learner)."""
+    model = build_model(args, resumed["model"] if resumed else None)
+    dls = flowers_dataloaders(args.data, args.arch, model=model, img_size=args.img_size, bs=args.bs,
+                              seed=args.seed, min_scale=args.min_scale, pretrained=pretrained_arg(args),
+                              num_workers=args.workers, run_dir=run_dir, split=df)
+    options = dict(recipe=Recipe(**resumed["recipe"])) if resumed else recipe_options(args)
+    return flowers_learner(dls, args.arch, model=model, pretrained=pretrained_arg(args),
+                           tensorboard=args.tensorboard, **options)
 
 
 def explore(args: argparse.Namespace, learn, recipe: Recipe, run_dir: Path) -> None:
@@ -356,21 +375,14 @@ def train(args: argparse.Namespace) -> Path:
     else:
         df = prepare_split(args.data, run_dir, args.valid_pct, args.seed, args.max_per_class,
                            min_size=args.img_size or AUDIT_MIN_SIZE)  # audit.json: duplicates, small images, ...
-    RGBImage.failure_log = run_dir / "skipped.csv"  # files that break after this check are reported there
     print_plan(args, df, weights)
 
-    # 2. Model: pretrained weights resolved in flowers_classifier.factory (hub, tag, local file or random
-    #    init); a resumed run rebuilds its architecture offline and takes its weights from last.pth.
-    model = build_model(args, resumed["model"] if resumed else None)
-    prep = factory.preprocess_for(model, args.img_size)
-    spec = model_spec(args, model, prep)
-    n_groups = len(splitters.param_groups(model))
-    recipe = Recipe(**resumed["recipe"]) if resumed else make_recipe(args, n_groups)
-
-    # 3. fastai DataLoaders + Learner.
-    workers = args.workers if args.workers is not None else (8 if torch.cuda.is_available() else 0)
-    dls = make_dataloaders(df, args.data, prep, bs=args.bs, num_workers=workers, min_scale=args.min_scale)
-    learn = build_learner(dls, model, recipe, run_dir, tensorboard=args.tensorboard)
+    # 2-3. Model (pretrained weights resolved in flowers_classifier.factory: hub, tag, local file or random
+    #    init; a resumed run rebuilds its architecture offline and takes its weights from last.pth), fastai
+    #    DataLoaders and Learner: the public API (api.py) a notebook uses too.
+    learn = make_learner(args, df, run_dir, resumed)
+    model, recipe, n_groups = learn.model, learn.recipe, learn.flowers["n_groups"]
+    spec = model_spec(args, model, learn.flowers["prep"])
     if args.lr_find or args.overfit_batch:  # explore instead of training
         explore(args, learn, recipe, run_dir)
         return run_dir
