@@ -27,7 +27,7 @@ from torch import nn
 from flowers_classifier import factory
 from flowers_classifier.classes import CLASSES
 from flowers_classifier.files import atomic_write
-from flowers_classifier.payload import make_payload
+from flowers_classifier.payload import FAMILIES, make_payload
 from flowers_classifier.preprocess import Preprocess
 
 from . import splitters
@@ -37,12 +37,11 @@ from .data import RGBImage, make_dataloaders, prepare_split
 from .learner import Recipe, build_learner, fine_tune
 from .recipes import SHARED, preset
 
-ARCHS = ("cnn", "clip")
 DROP_PATH_PRETRAINED = 0.1  # stochastic depth when fine-tuning pretrained ConvNeXt weights (none from scratch)
 
 
 def _check_arch(arch: str) -> str:
-    if arch not in ARCHS:
+    if arch not in FAMILIES:
         raise ValueError(f"arch={arch!r}: use 'cnn' (timm ConvNeXt V2) or 'clip' (OpenCLIP image encoder).")
     return arch
 

@@ -27,7 +27,7 @@ import torch
 from flowers_classifier import factory
 from flowers_classifier.classes import CLASSES
 from flowers_classifier.files import atomic_write, write_json
-from flowers_classifier.payload import default_model_path
+from flowers_classifier.payload import FAMILIES, default_model_path
 from flowers_classifier.preprocess import Preprocess
 
 from .api import DROP_PATH_PRETRAINED, create_model, flowers_dataloaders, flowers_learner
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune a flower classifier (timm ConvNeXt V2 or OpenCLIP ViT) with fastai, "
                     "then export it for flowers_classifier. Options without a fixed default take their "
                     "arch's preset (flowers_fastai/recipes.py), shown as 'default: cnn X, clip Y'.")
-    p.add_argument("--arch", choices=("cnn", "clip"), default="cnn",
+    p.add_argument("--arch", choices=FAMILIES, default="cnn",
                    help="backbone family: cnn = timm ConvNeXt V2, clip = OpenCLIP image encoder + linear head")
     p.add_argument("--model", help=f"timm name (cnn; arch default {PRESETS['cnn']['model']}) or open_clip name "
                                    f"(clip; arch default {PRESETS['clip']['model']})")
