@@ -30,7 +30,7 @@ from fastai.learner import Learner, Recorder
 from fastai.losses import LabelSmoothingCrossEntropyFlat
 from fastai.metrics import accuracy
 from fastai.optimizer import Adam
-from fastai.torch_core import set_seed
+from fastai.torch_core import get_model, set_seed
 from fastcore.foundation import L
 from torch.distributions.beta import Beta
 
@@ -38,6 +38,7 @@ from flowers_classifier.files import atomic_write
 from flowers_classifier.model import ClipClassifier
 
 from . import splitters
+from .distributed import is_main
 from .export import BEST_NAME
 from .recipes import PRESETS
 
@@ -135,14 +136,14 @@ class EmaCallback(Callback):
     def before_fit(self):
         from timm.utils import ModelEmaV3
         if self.model_ema is None:  # built here, once the model sits on the training device
-            self.model_ema = ModelEmaV3(self.learn.model, decay=self.decay, use_warmup=True)
+            self.model_ema = ModelEmaV3(get_model(self.learn.model), decay=self.decay, use_warmup=True)
         if self._restore is not None:  # --resume: the EMA as last.pth saved it, not a copy of the weights
             self.model_ema.module.load_state_dict(self._restore["module"])
             self.steps, self._restore = int(self._restore["steps"]), None
 
     def after_step(self):
         self.steps += 1
-        self.model_ema.update(self.learn.model, step=self.steps)
+        self.model_ema.update(get_model(self.learn.model), step=self.steps)
 
     def checkpoint_state(self) -> dict:
         """The EMA weights and step count, plain tensors and ints (torch.load(weights_only=True))."""
@@ -157,17 +158,20 @@ class EmaCallback(Callback):
 
     def before_validate(self):
         if self._trained:
-            self._raw = {k: v.detach().clone() for k, v in self.learn.model.state_dict().items()}
-            self.learn.model.load_state_dict(self.model_ema.module.state_dict())
+            model = get_model(self.learn.model)  # under DDP (distributed.py) the wrapped model
+            self._raw = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            model.load_state_dict(self.model_ema.module.state_dict())
 
     def after_epoch(self):
         if self._raw is not None:
-            self.learn.model.load_state_dict(self._raw)
+            get_model(self.learn.model).load_state_dict(self._raw)
         self._raw, self._trained = None, False
 
 
 def atomic_learn_save(learn: Learner, name: str, with_opt: bool) -> Path:
-    """learn.save, but the file appears at run_dir/<name>.pth only once fully written."""
+    """learn.save, but the file appears at run_dir/<name>.pth only once fully written; rank 0 only."""
+    if not is_main():  # fastai's learn.save does nothing there either
+        return Path(learn.path) / learn.model_dir / f"{name}.pth"
     tmp = learn.save(f"{name}.tmp", with_opt=with_opt)
     final = tmp.with_name(f"{name}.pth")
     os.replace(tmp, final)
@@ -225,19 +229,22 @@ def _ema_callback(learn: Learner) -> EmaCallback | None:
 
 
 def save_last(learn: Learner) -> Path:
-    """run_dir/last.pth: model, optimizer and (with --ema) EMA state, loadable with weights_only=True."""
-    state = dict(model=learn.model.state_dict(), opt=_plain(learn.opt.state_dict()))
+    """run_dir/last.pth: model, optimizer and (with --ema) EMA state, loadable with weights_only=True (rank 0)."""
+    path = learn.path / learn.model_dir / f"{LAST_NAME}.pth"
+    if not is_main():
+        return path
+    state = dict(model=get_model(learn.model).state_dict(), opt=_plain(learn.opt.state_dict()))
     ema = _ema_callback(learn)
     if ema is not None and ema.model_ema is not None:
         state["ema"] = ema.checkpoint_state()
-    return atomic_write(learn.path / learn.model_dir / f"{LAST_NAME}.pth", lambda tmp: torch.save(state, tmp))
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_last(learn: Learner) -> None:
     """Put save_last's state back: weights and optimizer now, the EMA when its callback's fit starts."""
     device = getattr(learn.dls, "device", None) or "cpu"
     state = torch.load(learn.path / learn.model_dir / f"{LAST_NAME}.pth", map_location=device, weights_only=True)
-    learn.model.load_state_dict(state["model"])
+    get_model(learn.model).load_state_dict(state["model"])
     learn.opt.load_state_dict(dict(state["opt"], hypers=L(state["opt"]["hypers"])))
     ema = _ema_callback(learn)
     if ema is not None and "ema" in state:
@@ -253,7 +260,7 @@ class HistoryCallback(OnTrainedEpochs):
 
     def __init__(self, path: Path, quiet: bool = False):
         self.path, self.quiet, self.stage, self.epochs_done = Path(path), quiet, "", 0
-        if not self.path.exists():
+        if is_main() and not self.path.exists():  # several processes: rank 0 writes
             with open(self.path, "w", newline="") as f:
                 csv.writer(f).writerow(self.columns)
 
@@ -265,9 +272,11 @@ class HistoryCallback(OnTrainedEpochs):
         lr = self.opt.hypers[-1]["lr"]
         row = (self.epochs_done, self.stage, f"{train_loss:.6f}", f"{valid_loss:.6f}", repr(float(acc)),
                f"{lr:.3e}", f"{time.time() - self._start:.1f}")
+        self.epochs_done += 1
+        if not is_main():
+            return
         with open(self.path, "a", newline="") as f:
             csv.writer(f).writerow(row)
-        self.epochs_done += 1
         if not self.quiet:
             print(f"epoch {row[0]:>3} [{self.stage}] train_loss {row[2]} valid_loss {row[3]} "
                   f"accuracy {acc:.6f} lr {row[5]} ({row[6]}s)", flush=True)
@@ -334,7 +343,7 @@ def build_learner(dls, model: torch.nn.Module, recipe: Recipe, run_dir: str | Pa
     run_dir = Path(run_dir)
     cbs = [AtomicSaveModelCallback(monitor="accuracy", fname=BEST_NAME, reset_on_fit=False), LastCheckpointCallback(),
            HistoryCallback(run_dir / "history.csv", quiet=sys.stdout.isatty())]
-    if tensorboard:
+    if tensorboard and is_main():
         cbs.append(TensorBoard(run_dir / TENSORBOARD_DIR))
     if recipe.patience:
         cbs.append(EarlyStopping(monitor="accuracy", patience=recipe.patience))

@@ -30,6 +30,7 @@ from flowers_classifier.files import atomic_write, write_json
 from flowers_classifier.payload import FAMILIES, default_model_path
 from flowers_classifier.preprocess import Preprocess
 
+from . import distributed
 from .api import DROP_PATH_PRETRAINED, create_model, flowers_dataloaders, flowers_learner
 from .api import make_recipe as api_make_recipe
 from .audit import AUDIT_MIN_SIZE
@@ -84,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--valid-pct", type=float, default=0.2, help="stratified validation fraction")
     g.add_argument("--max-per-class", type=int, help="use at most N images per class (quick runs)")
     g.add_argument("--img-size", type=int, help="square input size in pixels (arch default: the model's own)")
-    g.add_argument("--bs", type=int, help=f"batch size ({describe('bs')})")
+    g.add_argument("--bs", type=int, help=f"batch size per process ({describe('bs')}); with N processes "
+                                          "(torchrun / accelerate launch) the effective batch is N x bs")
     g.add_argument("--workers", type=int, help="DataLoader worker processes (default: 0 on CPU, 8 on GPU)")
     g.add_argument("--min-scale", type=float, help="RandomResizedCrop's smallest crop, as a fraction of the "
                                                    f"image area ({describe('min_scale')})")
@@ -228,6 +230,9 @@ def print_plan(args: argparse.Namespace, df: pd.DataFrame, weights: str) -> None
              f"images: {len(df) - n_valid} train, {n_valid} valid (from {args.data})",
              f"epochs: {args.freeze_epochs} head only + {args.epochs} unfrozen, batch size {args.bs}",
              f"run folder: {args.out}"]
+    if distributed.world_size() > 1:
+        lines.insert(3, f"processes: {distributed.world_size()} data-parallel ({torch.distributed.get_backend()}), "
+                        f"effective batch {distributed.world_size() * args.bs}")
     if args.arch == "clip":
         lines.insert(2, f"head init: {args.head_init}")
     print("\n".join(lines), flush=True)
@@ -357,9 +362,15 @@ def resume_args(run_dir: Path) -> argparse.Namespace:
 
 def train(args: argparse.Namespace) -> Path:
     """Run one training as configured by `args` (see build_parser); returns the run folder."""
+    distributed.check_launch()
     args = _resolve(args)
     start = time.time()
     run_dir = Path(args.out)
+    if distributed.world_size() > 1:
+        if args.lr == "auto" or args.lr_find or args.overfit_batch:
+            raise ValueError("--lr auto, --lr-find and --overfit-batch run single-process: find the LR with "
+                             "`python train.py --lr-find ...`, then launch the processes with --lr VALUE.")
+        distributed.init()
     resumed = read_metrics(run_dir) if args.resume else None
     if resumed is None and (run_dir / "metrics.json").exists():
         raise FileExistsError(f"--out {run_dir} already holds a run; choose another --out folder "
@@ -370,12 +381,15 @@ def train(args: argparse.Namespace) -> Path:
     seed_everything(args.seed)
 
     # 1. Data: every folder problem surfaces here, before a model is built (a resumed run keeps its split).
-    if resumed:
-        df = pd.read_csv(run_dir / "split.csv")
-    else:
+    #    Several processes: rank 0 writes split.csv and audit.json, the others then read that split.
+    if not resumed and distributed.is_main():
         df = prepare_split(args.data, run_dir, args.valid_pct, args.seed, args.max_per_class,
                            min_size=args.img_size or AUDIT_MIN_SIZE)  # audit.json: duplicates, small images, ...
-    print_plan(args, df, weights)
+    distributed.barrier()
+    if resumed or not distributed.is_main():
+        df = pd.read_csv(run_dir / "split.csv")
+    if distributed.is_main():
+        print_plan(args, df, weights)
 
     # 2-3. Model (pretrained weights resolved in flowers_classifier.factory: hub, tag, local file or random
     #    init; a resumed run rebuilds its architecture offline and takes its weights from last.pth), fastai
@@ -390,7 +404,8 @@ def train(args: argparse.Namespace) -> Path:
         return finish(args, learn, recipe, resumed, start, epochs_done=resume_learner(learn, recipe))
     counts = {split: df[df.is_valid == (split == "valid")]["label"].value_counts().reindex(CLASSES).tolist()
               for split in ("train", "valid")}
-    metrics = dict(status="running", model=spec, recipe=vars(recipe), param_groups=n_groups,
+    metrics = dict(status="running", world_size=distributed.world_size(), model=spec, recipe=vars(recipe),
+                   param_groups=n_groups,
                    config={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                    classes=list(CLASSES), class_counts=counts,
                    skipped_files=int(len(open(run_dir / "skipped.csv").readlines()) - 1)
@@ -398,10 +413,12 @@ def train(args: argparse.Namespace) -> Path:
     # Before any step: loss near ln(5) (below it for a zero-shot head) and a gradient that flows.
     metrics["sanity"] = sanity_check(learn, expect_chance=args.arch == "cnn" or args.head_init == "random")
     if args.arch == "clip" and args.head_init == "zeroshot":
-        save_zeroshot(model, run_dir)  # WiSE-FT (export.py --wise-ft) interpolates towards it
+        if distributed.is_main():
+            save_zeroshot(model, run_dir)  # WiSE-FT (export.py --wise-ft) interpolates towards it
         metrics["zero_shot_accuracy"] = valid_accuracy(learn)
         print(f"zero-shot valid accuracy before training: {metrics['zero_shot_accuracy']:.4f}")
-    write_json(run_dir / "metrics.json", metrics)
+    if distributed.is_main():
+        write_json(run_dir / "metrics.json", metrics)
     return finish(args, learn, recipe, metrics, start)
 
 
@@ -419,16 +436,27 @@ def finish(args: argparse.Namespace, learn, recipe: Recipe, metrics: dict, start
     run_dir = Path(args.out)
     # 4. Train: linear probe, then fine-tune with discriminative LRs; best weights end up loaded. Ctrl-C
     #    leaves best.pth, last.pth and history.csv as of the last finished epoch: --resume continues.
+    #    Several processes: data-parallel (distributed.py), rank 0 alone writes; the others stop after training.
     try:
-        if args.lr == "auto" and not epochs_done:
-            metrics["lr_auto"] = fine_tune_auto_lr(learn, recipe, run_dir, args.lr_find_iters)
-        else:
-            fine_tune(learn, recipe, epochs_done)
+        with distributed.distributed_fit(learn) as trainer:
+            if args.lr == "auto" and not epochs_done:
+                metrics["lr_auto"] = fine_tune_auto_lr(learn, recipe, run_dir, args.lr_find_iters)
+            else:
+                fine_tune(learn, recipe, epochs_done)
     except KeyboardInterrupt:
         metrics.update(status="interrupted", wall_time_s=round(time.time() - start, 1))
-        write_json(run_dir / "metrics.json", metrics)
+        if distributed.is_main():
+            write_json(run_dir / "metrics.json", metrics)
         raise TrainingInterrupted(f"interrupted; best.pth and history.csv hold every finished epoch. "
                                   f"Continue with: python train.py --resume {run_dir}") from None
+
+    if distributed.world_size() > 1:
+        metrics["distributed"] = distributed.summary(trainer, learn)  # collective: every rank
+        print(f"rank {distributed.rank()}: train shard {metrics['distributed']['train_shards'][distributed.rank()]}"
+              f" images per epoch, weights in sync {metrics['distributed']['weights_in_sync']}", flush=True)
+        if not distributed.is_main():
+            return run_dir
+    metrics["world_size"] = distributed.world_size()
 
     # 5. Save: fastai export (for fastai users), metrics, and the plain payload for serving.
     atomic_write(run_dir / "learner.pkl", lambda tmp: export_learner(learn, Path(tmp).absolute()))
