@@ -15,6 +15,9 @@ The small workarounds of fastai/Accelerate behaviour, all here:
   from the DataLoaders.
 - `_DistributedDL._broadcast`: fastai's DistributedDL broadcasts the shuffled indices as `LongTensor(t).cuda()`
   ("nccl only works with cuda tensors"): with gloo the tensor stays on the CPU.
+- `outside_ddp` + `on_main`: `--lr auto` runs fastai's lr_find on rank 0 alone (its temporary checkpoint is saved
+  and restored by rank 0 only, and its smoothed loss would all_gather across ranks under WORLD_SIZE > 1), then
+  broadcasts the suggestion; the other ranks wait, weights untouched.
 """
 
 from __future__ import annotations
@@ -75,6 +78,45 @@ def gather(obj) -> list:
     out = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def on_main(fn):
+    """`fn()` run on rank 0 alone, its result (or its error, raised again) given to every rank (collective
+    with several processes: every rank calls it). Single-process: just `fn()`."""
+    if world_size() <= 1 or not dist.is_initialized():
+        return fn()
+    box = [None]
+    if is_main():
+        try:
+            box[0] = ("ok", fn())
+        except Exception as e:
+            box[0] = ("error", e)
+            dist.broadcast_object_list(box, src=0)  # the other ranks must not wait for a result forever
+            raise
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise value
+    return value
+
+
+@contextmanager
+def outside_ddp(learn):
+    """A fit on this process alone (no DDP, the full DataLoaders), e.g. lr_find on rank 0 between two
+    data-parallel fits: the trainer callback of `distributed_fit` left out meanwhile, and WORLD_SIZE 1 meanwhile
+    (fastai's metrics and smoothed loss all_gather across ranks whenever WORLD_SIZE > 1: here no other rank
+    takes part)."""
+    trainers = [c for c in learn.cbs if isinstance(c, DistributedTrainer)]
+    saved = os.environ.get("WORLD_SIZE")
+    os.environ["WORLD_SIZE"] = "1"
+    try:
+        with learn.removed_cbs(trainers):
+            yield
+    finally:
+        if saved is None:
+            os.environ.pop("WORLD_SIZE", None)
+        else:
+            os.environ["WORLD_SIZE"] = saved
 
 
 def weights_digest(model: torch.nn.Module) -> str:

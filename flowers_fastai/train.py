@@ -320,7 +320,11 @@ def fine_tune_auto_lr(learn, recipe: Recipe, run_dir: Path, num_it: int) -> dict
     """--lr auto: stage 1 as configured, then fastai's lr_find on the model as stage 2 trains it (head
     trained, body unfrozen); its valley suggestion becomes stage 2's LR. Returns the metrics.json record."""
     fine_tune(learn, replace(recipe, epochs=0))
-    recipe.lr = find_lr(learn, "unfrozen", run_dir, num_it, recipe.unfreeze_last)["suggestions"]["valley"]
+
+    def valley() -> float:  # several processes: rank 0 alone, on its own (weights restored after), outside DDP
+        with distributed.outside_ddp(learn):
+            return find_lr(learn, "unfrozen", run_dir, num_it, recipe.unfreeze_last)["suggestions"]["valley"]
+    recipe.lr = distributed.on_main(valley)  # the same LR on every rank
     print(f"--lr auto: lr_find valley suggestion {recipe.lr:.2e} is stage 2's LR (see {run_dir / 'lr_find.png'})")
     fine_tune(learn, replace(recipe, freeze_epochs=0))
     return dict(valley=recipe.lr, used_for="lr", stage="unfrozen", file="lr_find.json")
@@ -366,12 +370,17 @@ def train(args: argparse.Namespace) -> Path:
     args = _resolve(args)
     start = time.time()
     run_dir = Path(args.out)
-    if distributed.world_size() > 1:
-        if args.lr == "auto" or args.lr_find or args.overfit_batch:
-            raise ValueError("--lr auto, --lr-find and --overfit-batch run single-process: find the LR with "
-                             "`python train.py --lr-find ...`, then launch the processes with --lr VALUE.")
-        distributed.init()
     resumed = read_metrics(run_dir) if args.resume else None
+    if resumed and resumed.get("world_size", 1) != distributed.world_size():
+        raise ValueError(f"--resume {run_dir}: the run trained with {resumed.get('world_size', 1)} process(es), "
+                         f"this launch has {distributed.world_size()}; resume it with the same number of "
+                         f"processes (the one-cycle schedule and the batches per epoch depend on it).")
+    if distributed.world_size() > 1:
+        if args.lr_find or args.overfit_batch:
+            raise ValueError("--lr-find and --overfit-batch are single-process explorations: run them with "
+                             "`python train.py --lr-find ...` (or --overfit-batch), then launch the processes "
+                             "with --lr VALUE (or --lr auto).")
+        distributed.init()
     if resumed is None and (run_dir / "metrics.json").exists():
         raise FileExistsError(f"--out {run_dir} already holds a run; choose another --out folder "
                               f"(or continue it with --resume {run_dir}).")

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from conftest import TINY_CNN
 
 import flowers_classifier as fc
@@ -20,17 +23,34 @@ FILES = ("split.csv", "audit.json", "history.csv", "metrics.json", "best.pth", "
          "eval_metrics.json", "confusion_matrix.png")
 
 
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    return env
+
+
+def _torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+            *args]
+
+
+def _tiny(data: Path, out: Path, *args: str) -> list[str]:
+    return ["--model", TINY_CNN, "--no-pretrained", "--data", str(data), "--img-size", "32", "--bs", "8",
+            "--out", str(out), *args]
+
+
+def _run(cmd: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
 @pytest.fixture(scope="module")
 def ddp_run(real_flowers, tmp_path_factory):
     """One 1-epoch run launched as 2 processes with torchrun; returns (run folder, exported .pth, stdout)."""
     tmp = tmp_path_factory.mktemp("ddp")
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR")}
-    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
-           "--model", TINY_CNN, "--no-pretrained", "--data", str(real_flowers), "--img-size", "32", "--epochs", "1",
-           "--freeze-epochs", "0", "--bs", "8", "--out", str(tmp / "run"), "--export", str(tmp / "m.pth")]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = _run(_torchrun(*_tiny(real_flowers, tmp / "run", "--epochs", "1", "--freeze-epochs", "0",
+                                 "--export", str(tmp / "m.pth"))))
     return tmp / "run", tmp / "m.pth", done.stdout
 
 
@@ -67,3 +87,65 @@ def test_refuses_an_accelerate_cpu_launch_that_started_one_process(monkeypatch, 
         distributed.check_launch()
     assert train.main(["--out", str(tmp_path / "run"), "--no-pretrained"]) == 2
     assert not (tmp_path / "run").exists()
+
+
+def test_lr_auto_under_two_processes_rank_0_finds_every_rank_uses(real_flowers, tmp_path):
+    """--lr auto: stage 1 data-parallel, lr_find on rank 0 alone (outside DDP), its valley broadcast."""
+    run = tmp_path / "run"
+    done = _run(_torchrun(*_tiny(real_flowers, run, "--lr", "auto", "--lr-find-iters", "30", "--freeze-epochs",
+                                 "1", "--epochs", "1", "--mixup", "0", "--no-export")))
+    metrics = json.loads((run / "metrics.json").read_text())
+    valley = json.loads((run / "lr_find.json").read_text())["suggestions"]["valley"]
+    assert metrics["status"] == "finished" and metrics["world_size"] == 2
+    assert metrics["lr_auto"]["valley"] == valley == metrics["recipe"]["lr"]
+    hist = pd.read_csv(run / "history.csv")
+    assert list(hist["stage"]) == ["frozen", "unfrozen"] and (hist.loc[1:, "lr"] <= valley * 1.001).all()
+    assert metrics["distributed"]["weights_in_sync"]  # rank 1 never ran lr_find: still the same weights
+    assert done.stdout.count("--lr auto: lr_find valley suggestion") == 2  # both ranks train stage 2 with it
+    assert not list(run.glob("models/**/_tmp.pth")) and not list(run.glob("**/_tmp.pth"))
+
+
+def test_lr_find_and_overfit_batch_refused_under_two_processes(real_flowers, tmp_path):
+    cmd = _torchrun(*_tiny(real_flowers, tmp_path / "run", "--lr-find"))
+    done = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "single-process explorations" in done.stderr
+
+
+def test_sigint_under_torchrun_then_resume_with_two_processes(real_flowers, tmp_path):
+    """Ctrl-C (SIGINT to torchrun's process group) after the first epoch: every rank exits, metrics.json says
+    interrupted; --resume with 2 processes finishes the 3 epochs, weights in sync; 1 process is refused.
+    With freeze -> unfreeze, discriminative LRs, MixUp/CutMix and EMA (its state in last.pth) on."""
+    run = tmp_path / "run"
+    cmd = _torchrun(*_tiny(real_flowers, run, "--freeze-epochs", "1", "--epochs", "2", "--mixup", "0.4",
+                           "--cutmix", "1.0", "--ema", "0.9", "--lr-mult", "10", "--no-export"))
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "history.csv").is_file() and len(pd.read_csv(run / "history.csv")) >= 1:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: torchrun and both ranks
+    try:
+        out, _ = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode != 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted" and metrics["world_size"] == 2, out[-3000:]
+    done_epochs = len(pd.read_csv(run / "history.csv"))
+    assert 1 <= done_epochs < 3, out[-3000:]
+    assert "ema" in torch.load(run / "last.pth", map_location="cpu", weights_only=True)  # EMA state to resume
+
+    one = subprocess.run([sys.executable, "train.py", "--resume", str(run)], cwd=REPO, env=_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert one.returncode == 2 and "same number of processes" in one.stderr
+
+    resumed = _run(_torchrun("--resume", str(run)))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "finished" and metrics["world_size"] == 2
+    assert metrics["distributed"]["weights_in_sync"] and metrics["recipe"]["ema_decay"] == 0.9
+    hist = pd.read_csv(run / "history.csv")
+    assert len(hist) == 3 and list(hist["stage"]) == ["frozen", "unfrozen", "unfrozen"], resumed.stdout[-2000:]
