@@ -132,11 +132,6 @@ def scan_folder(root: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["path", "label"])
 
 
-def find_unreadable(root: str | Path, paths: list[str], workers: int = 4) -> list[tuple[str, str]]:
-    """(path, reason) for every file that does not fully decode to an RGB image."""
-    return [(i.path, i.error) for i in inspect_files(root, paths, workers) if i.error]
-
-
 def stratified_split(df: pd.DataFrame, valid_pct: float = 0.2, seed: int = 42) -> pd.DataFrame:
     """Adds `is_valid`: per class, a seeded random `valid_pct` (at least one image) goes to validation."""
     if not 0 < valid_pct < 1:
