@@ -40,6 +40,24 @@ from .recipes import SHARED, preset
 DROP_PATH_PRETRAINED = 0.1  # stochastic depth when fine-tuning pretrained ConvNeXt weights (none from scratch)
 
 
+def default_run_dir(arch: str) -> Path:
+    """runs/<arch>-<time>: where a run writes when no folder is given (train.py --out, run_dir=)."""
+    return Path("runs") / f"{arch}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def cnn_drop_path(pretrained: bool) -> float:
+    """The ConvNeXt's drop-path rate: DROP_PATH_PRETRAINED when fine-tuning pretrained weights, 0 from scratch
+    (also what --resume rebuilds, so a resumed run regularises as it did)."""
+    return DROP_PATH_PRETRAINED if pretrained else 0.0
+
+
+def check_min_scale(value: float, flag: str) -> float:
+    """RandomResizedCrop's smallest crop must be a fraction of the image area; `flag` names the option."""
+    if not 0 < value <= 1:
+        raise ValueError(f"{flag}{value}: the smallest crop is a fraction of the image area, in (0, 1].")
+    return value
+
+
 def _check_arch(arch: str) -> str:
     if arch not in FAMILIES:
         raise ValueError(f"arch={arch!r}: use 'cnn' (timm ConvNeXt V2) or 'clip' (OpenCLIP image encoder).")
@@ -115,11 +133,9 @@ def flowers_dataloaders(path: str | Path = "data/flowers", arch: str = "cnn", mo
     name = model if isinstance(model, str) else _model_name(model) or defaults["model"]
     prep = factory.preprocess_for(model, img_size) if isinstance(model, nn.Module) else \
         preprocess_by_name(arch, name, img_size, pretrained)
-    run_dir = Path(run_dir) if run_dir is not None else Path("runs") / f"{arch}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(arch)
     run_dir.mkdir(parents=True, exist_ok=True)
-    min_scale = defaults["min_scale"] if min_scale is None else min_scale
-    if not 0 < min_scale <= 1:
-        raise ValueError(f"min_scale={min_scale}: the smallest crop is a fraction of the image area, in (0, 1].")
+    min_scale = check_min_scale(defaults["min_scale"] if min_scale is None else min_scale, "min_scale=")
     if split is None:
         split = prepare_split(path, run_dir, valid_pct, seed, max_per_class, min_size=img_size or AUDIT_MIN_SIZE)
     RGBImage.failure_log = run_dir / "skipped.csv"  # files that break after the check are reported there
@@ -137,8 +153,7 @@ def create_model(arch: str, name: str, pretrained=True, img_size: int | None = N
     image encoder with a linear head (zero-shot init from pretrained weights, random otherwise)."""
     source = _weights_source(arch, pretrained, tag)
     if arch == "cnn":
-        model = factory.create_cnn(name, pretrained=source,
-                                   drop_path_rate=DROP_PATH_PRETRAINED if source is not None else 0.0)
+        model = factory.create_cnn(name, pretrained=source, drop_path_rate=cnn_drop_path(source is not None))
     else:
         if head_init is None:
             head_init = "random" if source is None else "zeroshot"

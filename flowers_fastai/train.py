@@ -31,7 +31,7 @@ from flowers_classifier.payload import FAMILIES, default_model_path
 from flowers_classifier.preprocess import Preprocess
 
 from . import distributed
-from .api import DROP_PATH_PRETRAINED, create_model, flowers_dataloaders, flowers_learner
+from .api import check_min_scale, cnn_drop_path, create_model, default_run_dir, flowers_dataloaders, flowers_learner
 from .api import make_recipe as api_make_recipe
 from .audit import AUDIT_MIN_SIZE
 from .data import DatasetError, prepare_split
@@ -177,10 +177,9 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
             setattr(args, key, value)
     if args.arch == "clip" and args.head_init is None:
         args.head_init = "random" if args.no_pretrained else "zeroshot"
-    if not 0 < args.min_scale <= 1:
-        raise ValueError(f"--min-scale {args.min_scale}: the smallest crop is a fraction of the image area, in (0, 1].")
+    check_min_scale(args.min_scale, "--min-scale ")
     if args.out is None:
-        args.out = Path("runs") / f"{args.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
+        args.out = default_run_dir(args.arch)
     if args.export is None and not args.no_export:
         args.export = default_model_path(args.arch)
     return args
@@ -253,7 +252,7 @@ def build_model(args: argparse.Namespace, spec: dict | None = None) -> torch.nn.
                             args.pretrained_tag, args.grad_checkpointing)
     if args.arch == "cnn":
         model = factory.create_cnn(spec["model_name"], pretrained=None, num_classes=len(spec["classes"]),
-                                   drop_path_rate=DROP_PATH_PRETRAINED if not args.no_pretrained else 0.0)
+                                   drop_path_rate=cnn_drop_path(not args.no_pretrained))
     else:
         model = factory.build_from_spec(spec)
         if args.grad_checkpointing:
