@@ -17,6 +17,9 @@ import tempfile
 from functools import partial
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as `python bench/NAME.py` (not -m): make `bench.common` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from bench.common import machine_info, markdown_table, time_calls  # noqa: E402
 
 # (N, H, W, 4C) at the input of each stage's GRN in convnextv2_tiny at 224 px; batch 1 (serving) and 32 (training)

@@ -31,6 +31,9 @@ import time
 from functools import partial
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as `python bench/NAME.py` (not -m): make `bench.common` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from bench.common import machine_info, markdown_table, require_flowers, verdict, wait_for_quiet  # noqa: E402
 from bench.plain_loop import PlainConfig, train_plain  # noqa: E402
 
