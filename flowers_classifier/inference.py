@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .aot import CpuPackageError, cpu_package_path, load_cpu_package
 from .factory import build_from_spec
 from .model import FlowerClassifier
 from .onnx_model import load_onnx_model
@@ -45,7 +46,7 @@ def _build_with_weights(payload: dict) -> nn.Module:
 
 def load_model(weights_path: str | os.PathLike, family: str | None = None,
                device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
-               compile: bool = False, calibrated: bool = True) -> FlowerClassifier:
+               compile: bool = False, calibrated: bool = True, cpu_package: bool | None = None) -> FlowerClassifier:
     """Build the architecture the payload describes (no download), load its weights, eval mode.
     `family` ("cnn" or "clip") makes a file of the other family an error. Uses CUDA when available.
     On the CPU, Linear layers run as 1x1 convolutions (`_LinearAsConv`), a ConvNeXt runs channels_last and
@@ -55,6 +56,9 @@ def load_model(weights_path: str | os.PathLike, family: str | None = None,
     long-running servers.
     `calibrated=True` serves softmax(logits / T) with the payload's fitted temperature T (1 for a file
     without one); `calibrated=False` serves the raw softmax, for comparison. The argmax is the same.
+    `cpu_package`: on the CPU, serve the compiled `<name>.cpu.pt2` beside the file (`export.py --cpu-package`,
+    see `aot.py`). None (default): when there is one that fits this torch, CPU and weights; one that does
+    not fit is skipped with a warning saying why. True: it must be used (ModelFileError otherwise). False: eager.
     A `.onnx` file (`export.py --onnx`) is served by ONNX Runtime instead: see `load_onnx_model`."""
     if resolve_model_path(weights_path).suffix.lower() == ".onnx":
         return load_onnx_model(weights_path, family, device, calibrated=calibrated)
@@ -63,13 +67,34 @@ def load_model(weights_path: str | os.PathLike, family: str | None = None,
     if family and payload["family"] != family:
         loader = "load_cnn_model" if payload["family"] == "cnn" else "load_vit_model"
         raise ModelFileError(f"{path}: holds a {payload['family']!r} model, not {family!r}; use {loader}().")
-    return model_from_payload(payload, device, dtype, compile, calibrated, path)
+    model = model_from_payload(payload, device, dtype, compile, calibrated, path)
+    if model.device.type == "cpu" and cpu_package is not False and not compile:
+        _attach_cpu_package(model, path, required=bool(cpu_package))
+    return model
+
+
+def _attach_cpu_package(model: FlowerClassifier, payload_path: Path, required: bool) -> None:
+    """Serve `model` through the compiled package beside its payload file when there is one that fits."""
+    package = cpu_package_path(payload_path)
+    rebuild = f"`python export.py {payload_path} --cpu-package`"
+    if not package.is_file():
+        if required:
+            raise ModelFileError(f"{package}: no CPU package beside {payload_path}; write one with {rebuild}.")
+        return
+    try:
+        model.compiled = load_cpu_package(package, payload_path)
+    except (CpuPackageError, ModelFileError) as e:
+        if required:
+            raise ModelFileError(f"{e}; write it again with {rebuild}.") from e
+        warnings.warn(f"{e}; serving the eager model instead (slower). Rebuild the package with {rebuild}, "
+                      f"or delete it.", stacklevel=3)
 
 
 def model_from_payload(payload: dict, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
                        compile: bool = False, calibrated: bool = True,
                        path: str | os.PathLike = "payload") -> FlowerClassifier:
-    """`load_model` for a payload dict already in memory (e.g. one export.py is about to write)."""
+    """`load_model` for a payload dict already in memory (e.g. one export.py is about to write); never
+    looks for a CPU package."""
     try:
         net = _build_with_weights(payload)
     except (RuntimeError, KeyError, ValueError) as e:

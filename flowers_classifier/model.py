@@ -4,6 +4,8 @@ classes and preprocessing it is served with. How they are created lives in `fact
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from timm.layers.grn import GlobalResponseNorm
@@ -54,6 +56,7 @@ class FlowerClassifier(nn.Module):
     channels_last = False  # load_model sets it for ConvNeXt on the CPU: inputs are then fed NHWC
     micro_batch: int | None = None  # load_model sets it on the CPU: a batch runs through the net in chunks
     temperature: float = 1.0  # logits / temperature before the softmax: load_model sets the payload's calibration
+    compiled: Callable[[torch.Tensor], torch.Tensor] | None = None  # load_model sets the CPU package's forward
 
     def __init__(self, net: nn.Module, family: str, model_name: str, classes: tuple[str, ...], prep: Preprocess):
         super().__init__()
@@ -72,7 +75,8 @@ class FlowerClassifier(nn.Module):
         dtype = next(self.net.parameters()).dtype
         memory_format = torch.channels_last if self.channels_last else torch.preserve_format
         chunks = batch.split(self.micro_batch) if self.micro_batch else (batch,)
-        logits = [self.net(c.to(self.device, dtype, memory_format=memory_format)) for c in chunks]
+        forward = self.compiled or self.net  # the compiled package computes what self.net does (aot.py)
+        logits = [forward(c.to(self.device, dtype, memory_format=memory_format)) for c in chunks]
         return torch.cat(logits).float().cpu()
 
     @torch.inference_mode()

@@ -28,6 +28,7 @@ OPTIONAL_KEYS = frozenset({"interpolation", "crop_pct", "quick_gelu", "dtype", T
 FAMILIES = ("cnn", "clip")
 DEFAULT_FILES = {"cnn": "cnn_flowers.pth", "clip": "vit_flowers.pth"}  # what train.py/export.py write
 MODELS_DIR = Path("models")  # where train.py/export.py write, relative to the working directory
+CPU_PACKAGE_SUFFIX = ".cpu.pt2"  # cnn_flowers.pth -> cnn_flowers.cpu.pt2, its compiled CPU form (aot.py)
 
 
 class ModelFileError(ValueError):

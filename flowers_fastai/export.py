@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from flowers_classifier.aot import CpuPackageError, compile_cpu_package
 from flowers_classifier.files import atomic_write
 from flowers_classifier.onnx_model import OnnxExportError, export_onnx
 from flowers_classifier.payload import TEMPERATURE_KEY, ModelFileError, default_model_path, load_payload, make_payload
@@ -155,6 +156,7 @@ CLI_USAGE = """Export a train.py run folder to a plain .pth for flowers_classifi
     python export.py RUN_DIR [--out models/cnn_flowers.pth] [--half | --fp32] [--data DIR] [--no-calibrate]
     python export.py RUN_DIR --wise-ft ALPHA [--out PTH]
     python export.py RUN_DIR|MODEL.pth --onnx OUT.onnx [--out PTH] [--opset N]
+    python export.py RUN_DIR|MODEL.pth --cpu-package [--out PTH]
 
 A run folder's payload is calibrated: one temperature T is fitted on the run's valid split (NLL of
 softmax(logits / T), on the weights written) and stored in it; flowers_classifier divides the logits by T
@@ -168,6 +170,11 @@ calibrated like any other. `python -m flowers_fastai.evaluate RUN_DIR --wise-ft-
 --onnx writes an fp32 ONNX graph (input `image` (N, 3, H, W) with a dynamic batch axis, outputs `logits`
 and `probabilities`; the preprocessing spec as JSON in its metadata) and prints how far ONNX Runtime's
 probabilities are from PyTorch's. With --onnx, a .pth is written only when --out is given too.
+
+--cpu-package compiles the .pth (the one written, or MODEL.pth) for this machine's CPU with AOTInductor
+(torch.export, frozen weights; a C++ compiler and a minute or more) into NAME.cpu.pt2 beside it, which
+flowers_classifier.load_model then serves on the CPU instead of the eager model. It is valid for this torch
+version and this kind of CPU only; elsewhere load_model warns and serves the eager model.
 """
 
 
@@ -176,6 +183,14 @@ def _export_onnx(source: Path, out: Path, opset: int | None, calibrate: bool, da
     check = (f"max |p_onnx - p_torch| = {diff:.2e} on a random batch of 3" if diff is not None
              else "not checked: onnxruntime is not installed (pip install onnxruntime)")
     print(f"exported {path} ({path.stat().st_size / 2**20:.1f} MiB); {check}")
+
+
+def _export_cpu_package(pth: Path) -> None:
+    payload = load_source(pth)
+    print(f"compiling {pth} for this CPU (AOTInductor; a minute or more) ...", flush=True)
+    path, diff = compile_cpu_package(payload, pth)
+    print(f"exported {path} ({path.stat().st_size / 2**20:.1f} MiB); max |p_compiled - p_eager| = {diff:.2e} "
+          f"on a random batch of 3")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="store weights in fp32 (default for cnn)")
     p.add_argument("--onnx", type=Path, metavar="OUT.onnx", help="write an fp32 ONNX graph (dynamic batch axis)")
     p.add_argument("--opset", type=int, help="ONNX opset for --onnx (default: the exporter's)")
+    p.add_argument("--cpu-package", action="store_true",
+                   help="also compile the .pth for this CPU into NAME.cpu.pt2 beside it (AOTInductor; load_model "
+                        "serves it on the CPU); needs a C++ compiler")
     p.add_argument("--data", type=Path, help="where the run's split.csv paths live, for the calibration "
                                              "(default: the folder the run trained on)")
     p.add_argument("--no-calibrate", action="store_true", help="write the payload without a fitted temperature")
@@ -200,20 +218,25 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.wise_ft is not None and not args.run_dir.is_dir():
         p.error(f"--wise-ft interpolates a run folder's weights, and {args.run_dir} is not one")
-    if not args.run_dir.is_dir() and not args.onnx:
-        p.error(f"{args.run_dir} is not a run folder; exporting a .pth file is only meaningful with --onnx OUT.onnx")
+    if not args.run_dir.is_dir() and not (args.onnx or args.cpu_package):
+        p.error(f"{args.run_dir} is not a run folder; exporting a .pth file is only meaningful with --onnx OUT.onnx "
+                f"or --cpu-package")
     if args.out and not args.run_dir.is_dir():
         p.error(f"--out writes a .pth from a run folder, and {args.run_dir} is not one; drop --out")
     try:
         if args.onnx:
             _export_onnx(args.run_dir, args.onnx, args.opset, not args.no_calibrate, args.data)
-        if not args.onnx or (args.out and args.run_dir.is_dir()):
+        if args.run_dir.is_dir() and (not args.onnx or args.out or args.cpu_package):
             payload, record = run_payload(args.run_dir, args.half, args.wise_ft, not args.no_calibrate, args.data)
             out = args.out or default_model_path(payload["family"])
             path = atomic_write(out, lambda tmp: torch.save(payload, tmp))
             wise = f", WiSE-FT alpha {args.wise_ft:g}" if args.wise_ft is not None else ""
             print(f"exported {path} ({path.stat().st_size / 2**20:.1f} MiB{wise}); {calibration_note(record)}")
-    except (ExportError, OnnxExportError) as e:
+            if args.cpu_package:
+                _export_cpu_package(path)
+        elif args.cpu_package:  # an exported .pth: its package beside it
+            _export_cpu_package(args.run_dir)
+    except (ExportError, OnnxExportError, CpuPackageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,0 +1,152 @@
+"""The ahead-of-time compiled CPU form of a payload: `compile_cpu_package` (export time) writes
+`<name>.cpu.pt2` beside `<name>.pth`, and `load_model` serves it on the CPU by default (`load_cpu_package`).
+
+Why: on a CPU, eager PyTorch runs ConvNeXt/ViT as hundreds of separate ops, each with its own dispatch and
+its own pass over memory. AOTInductor (torch.export + Inductor with frozen weights) compiles the network
+once into a shared library: elementwise work fused into the neighbouring kernels, weights prepacked for
+oneDNN, no Python per op. Compiling takes a C++ compiler and a minute or more, so it is done by
+`export.py --cpu-package`, never at load; loading the package takes well under a second.
+
+A package is only valid where it was built: the same weights (the sha256 of the `.pth` it was compiled
+from), the same torch version (AOTInductor's ABI) and the same CPU instruction set (Inductor compiled its
+kernels for it). `load_cpu_package` checks all three before it loads anything and otherwise says which one
+differs; `load_model` then serves the eager model and warns once, naming the command that rebuilds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .factory import build_from_spec
+from .files import atomic_write
+from .payload import CPU_PACKAGE_SUFFIX, ModelFileError
+
+PACKAGE_META = "extra/flowers_fastai.json"  # our entry in the .pt2 archive: what it was built from and for
+PACKAGE_TOLERANCE = 1e-4  # max abs difference of probabilities, compiled vs eager, fp32 (as for ONNX)
+MAX_BATCH = 1024  # the dynamic batch axis of the compiled graph: 1 ... MAX_BATCH images per call
+
+
+class CpuPackageError(ValueError):
+    """A CPU package cannot be built or used. The message says why and what to do."""
+
+
+def cpu_package_path(weights_path: str | os.PathLike) -> Path:
+    """models/cnn_flowers.pth -> models/cnn_flowers.cpu.pt2 (where export writes it and load_model looks)."""
+    path = Path(weights_path)
+    return path.with_name(path.stem + CPU_PACKAGE_SUFFIX)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def build_target() -> dict:
+    """What a package is compiled for: torch version and the CPU's vector instruction set."""
+    return dict(torch=torch.__version__, cpu_capability=torch.backends.cpu.get_cpu_capability())
+
+
+def eager_cpu_net(payload: dict) -> torch.nn.Module:
+    """The payload's network, fp32, eval mode, as the package compiles it (ConvNeXt channels_last)."""
+    net = build_from_spec(payload)
+    net.load_state_dict(payload["state_dict"], strict=True)
+    net = net.float().eval()
+    return net.to(memory_format=torch.channels_last) if payload["family"] == "cnn" else net
+
+
+def _example(payload: dict, n: int) -> torch.Tensor:
+    size = int(payload["image_size"])
+    x = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(0))
+    return x.contiguous(memory_format=torch.channels_last) if payload["family"] == "cnn" else x
+
+
+def compile_cpu_package(payload: dict, payload_path: str | os.PathLike, out: str | os.PathLike | None = None,
+                        ) -> tuple[Path, float]:
+    """Compile the payload written at `payload_path` for this CPU and write it atomically to `out` (default
+    `cpu_package_path(payload_path)`). Returns (path, max abs difference of probabilities vs eager on a
+    batch of 3). Raises CpuPackageError, writing nothing, when compiling fails or the result disagrees."""
+    out = Path(out) if out else cpu_package_path(payload_path)
+    net = eager_cpu_net(payload)
+    # Batch 2, not 1: torch.export would specialise a batch of 1; the batch axis stays dynamic.
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    meta = dict(build_target(), payload_sha256=file_sha256(payload_path), payload_file=Path(payload_path).name,
+                family=payload["family"], model_name=payload["model_name"], image_size=int(payload["image_size"]))
+    diff: list[float] = []
+
+    def write(tmp: str) -> None:
+        try:
+            with torch.no_grad():
+                program = torch.export.export(net, (_example(payload, 2),), dynamic_shapes=({0: batch},))
+                torch._inductor.aoti_compile_and_package(program, package_path=tmp,
+                                                         inductor_configs={"freezing": True})
+        except Exception as e:  # noqa: BLE001 - compiler missing, export unsupported, ...: one user error
+            raise CpuPackageError(f"{out}: compiling the CPU package failed ({type(e).__name__}: {str(e)[:400]}). "
+                                  f"Compiling needs a C++ compiler (gcc/g++) on PATH; nothing was written, and "
+                                  f"the .pth still serves (eager) without the package.") from e
+        with zipfile.ZipFile(tmp, "a") as z:  # inside the archive's one top folder, where the loader looks
+            z.writestr(f"{z.namelist()[0].split('/')[0]}/{PACKAGE_META}", json.dumps(meta))
+        diff.append(_max_prob_diff(_load_runner(tmp), net, payload))
+        if diff[0] > PACKAGE_TOLERANCE:
+            raise CpuPackageError(f"{out}: the compiled model disagrees with PyTorch by {diff[0]:.2e} "
+                                  f"(> {PACKAGE_TOLERANCE}) in probability; nothing was written.")
+
+    return atomic_write(out, write, suffix=".tmp.pt2"), diff[0]  # AOTInductor only writes to *.pt2
+
+
+def _max_prob_diff(runner: Callable, net: torch.nn.Module, payload: dict) -> float:
+    x = _example(payload, 3)  # not the traced batch of 2: proves the batch axis is dynamic
+    with torch.inference_mode():
+        return float((runner(x).softmax(-1) - net(x).softmax(-1)).abs().max())
+
+
+def _load_runner(path: str | os.PathLike) -> Callable[[torch.Tensor], torch.Tensor]:
+    compiled = torch._inductor.aoti_load_package(str(path))
+    return lambda x: compiled(x)
+
+
+def read_package_meta(path: str | os.PathLike) -> dict:
+    """Our metadata from a .cpu.pt2 (without loading its code); ModelFileError if it is not one of ours."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            name = next(n for n in z.namelist() if n.endswith(f"/{PACKAGE_META}"))
+            return json.loads(z.read(name))
+    except (OSError, StopIteration, zipfile.BadZipFile, json.JSONDecodeError) as e:
+        raise ModelFileError(f"{path}: not a CPU package written by `export.py --cpu-package` "
+                             f"({type(e).__name__}: {e})") from e
+
+
+def package_mismatch(meta: dict, payload_path: str | os.PathLike) -> str | None:
+    """Why a package cannot serve the payload at `payload_path` on this machine, or None when it can."""
+    here = build_target()
+    if meta.get("torch") != here["torch"]:
+        return f"it was compiled with torch {meta.get('torch')}, this is torch {here['torch']}"
+    if meta.get("cpu_capability") != here["cpu_capability"]:
+        return (f"it was compiled for {meta.get('cpu_capability')} CPUs, this CPU runs "
+                f"{here['cpu_capability']} kernels")
+    if meta.get("payload_sha256") != file_sha256(payload_path):
+        return f"it was compiled from other weights than {Path(payload_path).name} holds now"
+    return None
+
+
+def load_cpu_package(path: str | os.PathLike, payload_path: str | os.PathLike,
+                     ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The compiled forward (N, 3, H, W) fp32 -> (N, num_classes) logits of the package at `path`, checked
+    against the payload file it must serve; CpuPackageError saying why it cannot be used."""
+    meta = read_package_meta(path)
+    reason = package_mismatch(meta, payload_path)
+    if reason:
+        raise CpuPackageError(f"{path}: {reason}")
+    try:
+        return _load_runner(path)
+    except Exception as e:  # noqa: BLE001 - a damaged archive or library: the eager model still serves
+        raise CpuPackageError(f"{path}: cannot be loaded ({type(e).__name__}: {str(e)[:300]})") from e
