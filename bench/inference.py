@@ -1,16 +1,20 @@
-"""Inference benchmark: flowers_classifier vs the raw torch module vs ONNX Runtime, on this CPU.
+"""Inference benchmark: flowers_classifier vs the raw torch module vs ONNX Runtime, on this CPU, at several
+model sizes in one run.
 
-    python bench/inference.py [--vit] [--runs 30] [--rounds 10] [--threads N] [--no-compile] [--wait-quiet]
-                              [--json OUT]
+    python bench/inference.py [--models atto@64,tiny@224,vit-l14@224] [--runs N] [--rounds 10] [--threads N]
+                              [--batch-sizes 1,8] [--compile] [--no-cpu-package] [--wait-quiet] [--json OUT]
 
-A random-init convnextv2_tiny at 224 px (ViT-L-14 at 224 with --vit) is exported to a .pth payload and to
-ONNX (export_onnx). The contenders:
+Each model (`NAME@SIZE`: atto = convnextv2_atto, tiny = convnextv2_tiny, vit-l14 = open_clip ViT-L-14, or a
+full timm/open_clip name), random init (weights do not change the speed), is exported to a .pth payload, to
+its compiled CPU package (`export.py --cpu-package`: NAME.cpu.pt2 beside the .pth) and to ONNX
+(export_onnx). The contenders:
 
-  ours          flowers_classifier.predict_proba from the JPEG file (decode, resize, crop, normalise, model);
-                default load_model on the CPU: Linear layers as 1x1 convolutions (oneDNN), ConvNeXt
-                channels_last, batches in micro-batches of 2, inference_mode
+  ours          flowers_classifier.predict_proba from the JPEG file (decode, resize, crop, normalise, model),
+                load_model's defaults on the CPU: the compiled CPU package beside the .pth (AOTInductor)
   ours model    FlowerClassifier.probabilities on an already preprocessed tensor
-  ours compiled the same with load_model(compile=True) (torch.compile, inductor freezing; --no-compile skips)
+  ours eager    the same without the package (load_model(cpu_package=False): Linear layers as 1x1
+                convolutions, ConvNeXt channels_last, micro-batches of 2), what a .pth alone gives
+  ours compiled load_model(compile=True) (torch.compile at load, inductor freezing; only with --compile)
   torch eager   the module as timm/open_clip build it, NCHW, under torch.inference_mode: what a plain script does
   ORT           onnxruntime InferenceSession.run on the same preprocessed array (numpy only, no torch)
   ORT e2e       flowers_classifier with the .onnx (same preprocessing as `ours`, ONNX Runtime for the model)
@@ -20,8 +24,9 @@ Each contender lives in its own worker process (class Worker), started one at a 
 a batch of 32) are measured while the others sit idle. Then all are timed in turn over their pipes, --rounds
 rounds of short turns (measure_in_turn), so that a machine whose load drifts (others share these cores)
 slows each of them alike and the ratios hold. Latency: one image, p50/p95 over --runs calls after --warmup.
-Throughput: images/s at batch 1, 8, 32 from the median batch time (e2e rows batch the files through
-iter_probabilities, decoding in threads). Photos: FLOWERS128_DIR (skipped cleanly when absent).
+Throughput: images/s at each batch size from the median batch time (e2e rows batch the files through
+iter_probabilities, decoding in threads). The goals, per size: ours end to end <= 1.10x ORT end to end p50
+latency, >= 0.95x its batch-8 throughput. Photos: FLOWERS128_DIR (skipped cleanly when absent).
 """
 
 from __future__ import annotations
@@ -37,6 +42,9 @@ import time
 from functools import partial
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as `python bench/NAME.py` (not -m): make `bench.common` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from bench.common import (  # noqa: E402
     ROOT,
     latency_ms,
@@ -50,33 +58,62 @@ from bench.common import (  # noqa: E402
     wait_for_quiet,
 )
 
-VARIANTS = ("ours", "ours_compiled", "torch", "ort", "ours_onnx")
+VARIANTS = ("ours", "ours_eager", "ours_compiled", "torch", "ort", "ours_onnx")
 GOAL_LATENCY, GOAL_THROUGHPUT = 1.10, 0.95  # ours/ORT: latency at most 1.10x, throughput at least 0.95x
+GOAL_BATCH = 8  # the batch size the throughput goal is set at
+ALIASES = {"atto": "convnextv2_atto", "tiny": "convnextv2_tiny", "base": "convnextv2_base", "vit-l14": "ViT-L-14",
+           "vit-b16": "ViT-B-16"}
+DEFAULT_MODELS = "atto@64,tiny@224,vit-l14@224"
+
+
+def parse_models(text: str) -> list[tuple[str, int]]:
+    """"atto@64,vit-l14@224" -> [("convnextv2_atto", 64), ("ViT-L-14", 224)]."""
+    models = []
+    for item in filter(None, text.split(",")):
+        name, _, size = item.partition("@")
+        if not size.isdigit():
+            raise ValueError(f"--models {item}: expected NAME@SIZE, e.g. atto@64 or vit-l14@224")
+        models.append((ALIASES.get(name, name), int(size)))
+    return models
+
+
+def is_clip(model_name: str) -> bool:
+    return model_name.startswith("ViT")
 
 
 # --------------------------------------------------------------------------- parent: models + inputs
 
-def make_models(vit: bool, out_dir: Path, files: list[Path], max_bs: int) -> dict:
-    """Random-init payload (.pth), its ONNX export and a stack of preprocessed inputs (.npy)."""
+def make_models(model_name: str, size: int, out_dir: Path, files: list[Path], max_bs: int,
+                cpu_package: bool) -> dict:
+    """Random-init payload (.pth), its compiled CPU package, its ONNX export and a stack of preprocessed
+    inputs (.npy)."""
     import numpy as np
     import torch
 
     from flowers_classifier import factory
+    from flowers_classifier.aot import compile_cpu_package
     from flowers_classifier.classes import CLASSES
     from flowers_classifier.onnx_model import export_onnx
     from flowers_classifier.payload import make_payload
     from flowers_classifier.preprocess import preprocess_image
     torch.manual_seed(0)
-    if vit:
-        net = factory.create_clip("ViT-L-14", pretrained=None, head_init="random")
-        spec = dict(family="clip", model_name="ViT-L-14", quick_gelu=False, **factory.clip_preprocess(net).to_dict())
+    if is_clip(model_name):
+        net = factory.create_clip(model_name, pretrained=None, head_init="random", image_size=size)
+        spec = dict(family="clip", model_name=model_name, quick_gelu=False, **factory.clip_preprocess(net).to_dict())
     else:
-        net = factory.create_cnn("convnextv2_tiny", pretrained=None)
-        spec = dict(family="cnn", model_name="convnextv2_tiny", **factory.cnn_preprocess(net, 224).to_dict())
+        net = factory.create_cnn(model_name, pretrained=None)
+        spec = dict(family="cnn", model_name=model_name, **factory.cnn_preprocess(net, size).to_dict())
     payload = make_payload(dict(spec, classes=list(CLASSES)), net.state_dict())
     del net
+    out_dir.mkdir(parents=True, exist_ok=True)
     pth = out_dir / "model.pth"
     torch.save(payload, pth)
+    package_s = package_diff = None
+    if cpu_package:
+        start = time.perf_counter()
+        package_diff = compile_cpu_package(payload, pth)[1]
+        package_s = time.perf_counter() - start
+        print(f"{model_name}@{size}: CPU package compiled in {package_s:.0f} s", file=sys.stderr, flush=True)
     start = time.perf_counter()
     onnx_path, diff = export_onnx(payload, out_dir / "model.onnx")
     export_s = time.perf_counter() - start
@@ -85,7 +122,8 @@ def make_models(vit: bool, out_dir: Path, files: list[Path], max_bs: int) -> dic
     inputs = torch.stack([preprocess_image(f, prep) for f in files[:max_bs]]).numpy()
     np.save(out_dir / "inputs.npy", inputs)
     return dict(pth=str(pth), onnx=str(onnx_path), inputs=str(out_dir / "inputs.npy"), export_s=export_s,
-                onnx_max_abs_diff=diff, model=spec["model_name"], image_size=spec["image_size"])
+                onnx_max_abs_diff=diff, package_s=package_s, package_max_abs_diff=package_diff,
+                model=spec["model_name"], image_size=spec["image_size"])
 
 
 # --------------------------------------------------------------------------- parent: workers in turn
@@ -124,7 +162,7 @@ class Worker:
             self.proc.wait(timeout=60)
 
 
-def measure_in_turn(workers: list[Worker], args: argparse.Namespace) -> dict:
+def measure_in_turn(workers: list[Worker], args: argparse.Namespace, runs: int, min_images: int) -> dict:
     """Latency and throughput of every contender, in --rounds rounds of short turns. A turn runs alone (the
     others are blocked on their pipe); a short pause after it lets its thread pool stop spinning."""
     times: dict[str, list[float]] = {}
@@ -136,7 +174,7 @@ def measure_in_turn(workers: list[Worker], args: argparse.Namespace) -> dict:
     for w in workers:
         w.ask(op="warmup", runs=args.warmup)
     in_turn = lambda r: workers[r % len(workers):] + workers[:r % len(workers)]  # noqa: E731 - who goes first rotates
-    runs = max(1, -(-args.runs // args.rounds))
+    runs = max(1, -(-runs // args.rounds))
     for r in range(args.rounds):
         for w in in_turn(r):
             turn(w, f"{w.variant}/model", op="model", bs=1, runs=runs)
@@ -145,7 +183,7 @@ def measure_in_turn(workers: list[Worker], args: argparse.Namespace) -> dict:
             if w.variant == "ours":
                 turn(w, "preprocess", op="preprocess", runs=runs)
     for bs in args.batch_sizes:
-        batches = max(2, -(-args.min_images // bs))  # per contender, spread over up to --rounds turns
+        batches = max(2, -(-min_images // bs))  # per contender, spread over up to --rounds turns
         rounds = min(args.rounds, batches)
         for r in range(rounds):
             for w in in_turn(r):
@@ -186,8 +224,11 @@ def load_contender(variant: str, models_info: dict, threads: int):
             with torch.inference_mode():
                 return net(x).softmax(-1)
         return None, probabilities, None
-    model = (fc.load_onnx_model(models_info["onnx"], threads=threads) if variant == "ours_onnx"
-             else fc.load_model(models_info["pth"], device="cpu", compile=variant == "ours_compiled"))
+    if variant == "ours_onnx":
+        model = fc.load_onnx_model(models_info["onnx"], threads=threads)
+    else:  # "ours" takes load_model's defaults: the CPU package beside the .pth when there is one
+        model = fc.load_model(models_info["pth"], device="cpu", compile=variant == "ours_compiled",
+                              cpu_package=False if variant == "ours_eager" else None)
     return (lambda path: fc.predict_proba(model, path)), model.probabilities, model
 
 
@@ -242,6 +283,8 @@ def child_main(args: argparse.Namespace) -> int:
 ROWS = (  # (label, contender/part); cold-start columns come from the contender's own process
     ("ours: fc.predict_proba (file)", "ours/e2e"),
     ("ours: model only (tensor)", "ours/model"),
+    ("ours eager: fc.predict_proba (file)", "ours_eager/e2e"),
+    ("ours eager: model only (tensor)", "ours_eager/model"),
     ("ours compiled: fc.predict_proba (file)", "ours_compiled/e2e"),
     ("ours compiled: model only (tensor)", "ours_compiled/model"),
     ("torch eager module (tensor)", "torch/model"),
@@ -251,6 +294,7 @@ ROWS = (  # (label, contender/part); cold-start columns come from the contender'
 RATIOS = (  # (label, ours, ORT)
     ("ours end to end / ORT e2e (same preprocessing)", "ours/e2e", "ours_onnx/e2e"),
     ("ours model only / ORT session.run", "ours/model", "ort/model"),
+    ("ours eager end to end / ORT e2e", "ours_eager/e2e", "ours_onnx/e2e"),
     ("ours compiled end to end / ORT e2e", "ours_compiled/e2e", "ours_onnx/e2e"),
     ("ours compiled model only / ORT session.run", "ours_compiled/model", "ort/model"),
 )
@@ -272,7 +316,9 @@ def report(cold: dict, speed: dict, meta: dict, batch_sizes: list[int]) -> str:
     lines = [f"model {meta['model']} at {meta['image_size']} px, random init; threads {meta['threads']}; "
              f"{meta['runs']} runs after {meta['warmup']} warm-up, contenders timed in turn; 1-min load at start "
              f"{meta['load_start']}, at end {meta['load_end']}",
-             f"ONNX export {meta['export_s']:.1f} s, max |p_onnx - p_torch| {meta['onnx_max_abs_diff']:.1e}",
+             f"ONNX export {meta['export_s']:.1f} s, max |p_onnx - p_torch| {meta['onnx_max_abs_diff']:.1e}; "
+             + (f"CPU package compiled in {meta['package_s']:.0f} s, max |p_package - p_eager| "
+                f"{meta['package_max_abs_diff']:.1e}" if meta.get("package_s") is not None else "no CPU package"),
              "", markdown_table(header, rows), ""]
     prep_ms = lat["preprocess"]["p50_ms"]
     lines.append(f"preprocessing (decode + resize + crop + normalise) p50 {prep_ms:.1f} ms = "
@@ -287,26 +333,52 @@ def report(cold: dict, speed: dict, meta: dict, batch_sizes: list[int]) -> str:
                         for bs in batch_sizes)
         lines.append(f"- {label}: p50 latency {verdict(lat[a]['p50_ms'] / lat[b]['p50_ms'], GOAL_LATENCY, False)}; "
                      f"throughput {tps}")
-    for name in ("ours", "ours_compiled"):
+    for name in ("ours", "ours_eager", "ours_compiled"):
         if f"{name}/model" in lat:
             ratio = lat[f"{name}/model"]["p50_ms"] / lat["torch/model"]["p50_ms"]
             lines.append(f"- {name} model / torch eager module: p50 latency {ratio:.2f}x")
     return "\n".join(lines)
 
 
+def summary(results: list[dict]) -> str:
+    """One row per model size: ours end to end vs ORT end to end, the two goals."""
+    header = ["model", "ours p50 ms", "ORT p50 ms", "latency ours/ORT", f"ours bs{GOAL_BATCH} img/s",
+              f"ORT bs{GOAL_BATCH} img/s", f"bs{GOAL_BATCH} throughput ours/ORT", "ours eager p50 ms",
+              f"ours eager bs{GOAL_BATCH} img/s"]
+    rows, verdicts = [], []
+    for r in results:
+        lat, tp = r["speed"]["latency"], r["speed"]["throughput"]
+        name = f"{r['meta']['model']}@{r['meta']['image_size']}"
+        ours_tp, ort_tp = tp["ours/e2e"].get(str(GOAL_BATCH)), tp["ours_onnx/e2e"].get(str(GOAL_BATCH))
+        eager_lat = lat.get("ours_eager/e2e", {}).get("p50_ms")
+        eager_tp = tp.get("ours_eager/e2e", {}).get(str(GOAL_BATCH))
+        lat_ratio = lat["ours/e2e"]["p50_ms"] / lat["ours_onnx/e2e"]["p50_ms"]
+        tp_ratio = ours_tp / ort_tp if ours_tp and ort_tp else None
+        rows.append([name, lat["ours/e2e"]["p50_ms"], lat["ours_onnx/e2e"]["p50_ms"], f"{lat_ratio:.2f}x", ours_tp,
+                     ort_tp, f"{tp_ratio:.2f}x" if tp_ratio else "–", eager_lat, eager_tp])
+        verdicts.append(f"- {name}: p50 latency {verdict(lat_ratio, GOAL_LATENCY, False)}; bs{GOAL_BATCH} throughput "
+                        + (verdict(tp_ratio, GOAL_THROUGHPUT, True) if tp_ratio else f"not measured (--batch-sizes "
+                                                                                    f"without {GOAL_BATCH})"))
+    return "\n".join(["## Summary: ours (load_model defaults) vs ONNX Runtime, both end to end from the JPEG file",
+                      "", markdown_table(header, rows), "", *verdicts])
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench/inference.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vit", action="store_true", help="ViT-L-14 (open_clip, 224 px) instead of convnextv2_tiny")
-    p.add_argument("--runs", type=int, help="timed single-image calls per variant (default 30; 8 with --vit)")
+    p.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated NAME@SIZE (default {DEFAULT_MODELS}; "
+                                                             f"aliases: {', '.join(ALIASES)})")
+    p.add_argument("--runs", type=int, help="timed single-image calls per variant (default 30; 8 for ViT-L/14)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls first (default 3)")
-    p.add_argument("--min-images", type=int, help="images timed per batch size (default 64; 16 with --vit)")
-    p.add_argument("--batch-sizes", type=lambda s: [int(v) for v in s.split(",")], default=[1, 8, 32],
-                   help="comma-separated (default 1,8,32)")
+    p.add_argument("--min-images", type=int, help="images timed per batch size (default 64; 16 for ViT-L/14)")
+    p.add_argument("--batch-sizes", type=lambda s: [int(v) for v in s.split(",")], default=[1, GOAL_BATCH],
+                   help=f"comma-separated (default 1,{GOAL_BATCH})")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="intra-op threads for torch and ORT alike "
                                                                        "(default: all cores)")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant (it compiles for "
-                                                              "about a minute per batch-size range on 2 cores)")
+    p.add_argument("--compile", action="store_true", help="also time load_model(compile=True) (torch.compile at "
+                                                         "load; about a minute per batch-size range on 2 cores)")
+    p.add_argument("--no-cpu-package", action="store_true",
+                   help="do not compile the CPU package: 'ours' is then the eager model")
     p.add_argument("--wait-quiet", action="store_true", help="first wait (<= 15 min) for a 1-min load below 0.7")
     p.add_argument("--json", type=Path, help="also write every measurement to this JSON file")
     p.add_argument("--rounds", type=int, default=10,
@@ -315,11 +387,42 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--child-models", help=argparse.SUPPRESS)
     p.add_argument("--files", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    args.runs = args.runs or (8 if args.vit else 30)
-    args.min_images = args.min_images or (16 if args.vit else 64)
-    if args.runs < 2 or args.rounds < 1 or args.threads < 1 or min(args.batch_sizes) < 1:
+    try:
+        args.models = parse_models(args.models)
+    except ValueError as e:
+        p.error(str(e))
+    if (args.runs is not None and args.runs < 2) or args.rounds < 1 or args.threads < 1 or min(args.batch_sizes) < 1:
         p.error("--runs must be >= 2, --rounds and --threads >= 1 and every --batch-sizes entry >= 1")
     return args
+
+
+def run_model(model_name: str, size: int, files: list[Path], args: argparse.Namespace, tmp: Path) -> dict:
+    """Export one model, start its contenders one at a time (clean cold starts), time them in turn."""
+    large = model_name == "ViT-L-14"  # ~1 s per image on 2 cores: fewer calls
+    runs, min_images = args.runs or (8 if large else 30), args.min_images or (16 if large else 64)
+    info = make_models(model_name, size, tmp / f"{model_name}-{size}", files, max(args.batch_sizes),
+                       cpu_package=not args.no_cpu_package)
+    variants = [v for v in VARIANTS if (v != "ours_compiled" or args.compile)
+                and (v != "ours_eager" or not args.no_cpu_package)]
+    workers = []
+    try:
+        for variant in variants:
+            start = time.perf_counter()
+            workers.append(Worker(variant, info, files, args, tmp))
+            print(f"{model_name}@{size}: started {variant} in {time.perf_counter() - start:.0f} s", file=sys.stderr,
+                  flush=True)
+        start = time.perf_counter()
+        speed = measure_in_turn(workers, args, runs, min_images)
+        print(f"{model_name}@{size}: timed all, in turn, in {time.perf_counter() - start:.0f} s", file=sys.stderr,
+              flush=True)
+    finally:
+        for w in workers:
+            w.close()
+    meta = dict(model=info["model"], image_size=info["image_size"], threads=args.threads, runs=runs,
+                warmup=args.warmup, export_s=info["export_s"], onnx_max_abs_diff=info["onnx_max_abs_diff"],
+                package_s=info["package_s"], package_max_abs_diff=info["package_max_abs_diff"],
+                load_start=round(os.getloadavg()[0], 2))
+    return dict(meta=meta, cold={w.variant: w.cold for w in workers}, speed=speed)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -329,30 +432,18 @@ def main(argv: list[str] | None = None) -> int:
     root = require_flowers("bench/inference.py")
     files = sample_photos(root, max(64, max(args.batch_sizes)))
     load_start = wait_for_quiet() if args.wait_quiet else round(os.getloadavg()[0], 2)
+    results = []
     with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
-        info = make_models(args.vit, Path(tmp), files, max(args.batch_sizes))
-        workers = []
-        try:
-            for variant in [v for v in VARIANTS if not (args.no_compile and v == "ours_compiled")]:
-                start = time.perf_counter()
-                workers.append(Worker(variant, info, files, args, Path(tmp)))  # one at a time: clean cold starts
-                print(f"started {variant} in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-            start = time.perf_counter()
-            speed = measure_in_turn(workers, args)
-            print(f"timed all, in turn, in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-        finally:
-            for w in workers:
-                w.close()
-        cold = {w.variant: w.cold for w in workers}
-    meta = dict(machine_info(), model=info["model"], image_size=info["image_size"], threads=args.threads,
-                runs=args.runs, warmup=args.warmup, export_s=info["export_s"],
-                onnx_max_abs_diff=info["onnx_max_abs_diff"], load_start=load_start,
-                load_end=round(os.getloadavg()[0], 2))
-    facts = {k: meta.get(k) for k in ("date", "cpu", "cores", "torch", "onnxruntime")}
-    print(f"# bench/inference.py {' '.join(sys.argv[1:])}\n{json.dumps(facts)}")
-    print(report(cold, speed, meta, args.batch_sizes))
+        for model_name, size in args.models:
+            results.append(run_model(model_name, size, files, args, Path(tmp)))
+            results[-1]["meta"]["load_end"] = round(os.getloadavg()[0], 2)
+    facts = {k: machine_info().get(k) for k in ("date", "cpu", "cores", "torch", "onnxruntime")}
+    print(f"# bench/inference.py {' '.join(sys.argv[1:])}\n{json.dumps(facts)}\n1-min load at start {load_start}\n")
+    for r in results:
+        print(report(r["cold"], r["speed"], r["meta"], args.batch_sizes) + "\n")
+    print(summary(results))
     if args.json:
-        args.json.write_text(json.dumps(dict(meta=meta, cold=cold, speed=speed), indent=2))
+        args.json.write_text(json.dumps(dict(machine=machine_info(), results=results), indent=2))
     return 0
 
 
