@@ -14,9 +14,10 @@ this pip fetches whole wheels for their metadata):
    that build/ and *.egg-info stay out of it).
 2. Every name the target already has (`--exclude`, default torch, torchvision, torchaudio) gets *stub* wheels:
    empty wheels with no dependencies, one per version the index offers for the target (`pip index versions`)
-   or only the version given as `name==version`. Their local version label (+9999.wheelhouse.stub) sorts
-   above any real build of the same version, so pip's resolver takes the stub: torch's dependencies (the
-   nvidia-*, cuda-* and triton wheels) never enter the resolution and nothing of torch is downloaded.
+   or only the version given as `name==version` (then also a constraint). Their local version label
+   (+9999.wheelhouse.stub) sorts above any real build of the same version, so pip's resolver takes the stub:
+   torch's dependencies (the nvidia-*, cuda-* and triton wheels) never enter the resolution and nothing of
+   torch is downloaded (a real wheel of an excluded name in the download is an error).
 3. `pip download --only-binary=:all:` with the target's --python-version/--platform resolves and downloads
    the project wheel with its extras, stubs in --find-links, into a staging folder.
 4. pip evaluates environment markers for the interpreter it runs under, not the target's. So the closure is
@@ -345,11 +346,15 @@ def resolve(project: Path, extras: list[str], exclusions: list[Exclusion], pytho
         if not exclusion.is_pattern:
             for version in stub_versions(exclusion, target):
                 make_stub(exclusion.name, version, stubs)
+    # A stub only outranks a real wheel of its own version: a pinned name must not resolve to a newer real one.
+    pins = work / "excluded-versions.txt"
+    pins.write_text("".join(f"{e.name}=={e.version}\n" for e in exclusions if e.version))
     wanted = f"{PROJECT}[{','.join(extras)}]" if extras else PROJECT
     roots = [(Requirement(f"{wanted} @ {project.resolve().as_uri()}"), "the wheelhouse")]
     for _ in range(MAX_PASSES):
-        pip(["download", *target, "--find-links", str(stubs), "--dest", str(stage), "--progress-bar", "off",
-             *[str(req) for req, _ in roots]], "resolving and downloading the wheels (pip download)")
+        pip(["download", *target, "--find-links", str(stubs), "-c", str(pins), "--dest", str(stage),
+             "--progress-bar", "off", *[str(req) for req, _ in roots]],
+            "resolving and downloading the wheels (pip download)")
         wheels = {w.name: w for w in map(read_wheel, sorted(stage.glob("*.whl")))}
         fake = sorted(n for n, w in wheels.items() if is_excluded(n, exclusions) and not w.is_stub
                       and not any(fnmatch.fnmatchcase(n, p) for p in CUDA_PATTERNS))
