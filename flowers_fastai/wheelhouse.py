@@ -364,17 +364,22 @@ def resolve(project: Path, extras: list[str], exclusions: list[Exclusion], pytho
         kept, unmet = closure(roots, wheels, exclusions, env)
         if not unmet:
             return kept, {n: w for n, w in wheels.items() if n not in kept and not w.is_stub}
-        # Requirements only the target's markers ask for: pip resolved for this interpreter. Resolve them too.
+        # Requirements only the target's markers ask for: pip resolved for this interpreter. Resolve them too,
+        # as roots without their marker (already evaluated, for the target).
         known = {str(r) for r, _ in roots}
-        new = [(Requirement(f"{r.name}{'[' + ','.join(sorted(r.extras)) + ']' if r.extras else ''}{r.specifier}"), by)
-               for r, by in unmet]
-        new = [(r, by) for r, by in new if str(r) not in known]
+        new = [(r, by) for r, by in ((without_marker(r), by) for r, by in unmet) if str(r) not in known]
         if not new:
             break
         roots += new
     listed = "; ".join(f"{r} (required by {by})" for r, by in unmet)
     raise WheelhouseError(f"no downloaded wheel satisfies {listed}: the requirements of the target conflict with "
                           f"what pip resolved; try another --python-version/--platform or report this")
+
+
+def without_marker(req: Requirement) -> Requirement:
+    copy = Requirement(str(req))
+    copy.marker = None
+    return copy
 
 
 def check_output_dir(out: Path) -> None:

@@ -144,6 +144,13 @@ def test_closure_reports_what_no_wheel_satisfies():
     kept, unmet = wh.closure([(Requirement("flowers-fastai[train]"), "x")], index, [Exclusion("torch")],
                              wh.target_environment("3.12", []))
     assert sorted((r.name, by) for r, by in unmet) == [("fastcore", "fastai"), ("huggingface-hub", "timm")]
+    # A requirement only the target's markers ask for (pip ran under another Python): unmet, and resolved
+    # again as a plain root.
+    index = fake_index()
+    index["fastai"] = fake_wheel("fastai==2.8", 'exceptiongroup[x]>=1; python_version >= "3.12"')
+    _, unmet = wh.closure([(Requirement("flowers-fastai[train]"), "x")], index, [Exclusion("torch")],
+                          wh.target_environment("3.12", []))
+    assert [(str(wh.without_marker(r)), by) for r, by in unmet] == [("exceptiongroup[x]>=1", "fastai")]
 
 
 def test_stub_wheel_has_no_dependencies_and_sorts_above_real_builds(tmp_path):
