@@ -277,8 +277,9 @@ def pip(args: list[str], what: str) -> str:
 
 
 def target_args(python_version: str | None, platforms: list[str]) -> list[str]:
-    """pip's options for the target interpreter: binary wheels only (nothing can be built offline... or here for
-    another interpreter), CPython of that version, those platforms (none: this machine's)."""
+    """pip's options for the target interpreter: wheels only (pip cannot build an sdist for another interpreter,
+    and the offline machine should build nothing), CPython of that version, those platforms (none: this
+    machine's)."""
     args = ["--only-binary=:all:"]
     if python_version:
         args += ["--python-version", python_version, "--implementation", "cp"]
