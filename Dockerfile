@@ -1,4 +1,4 @@
-# GPU image: a CUDA PyTorch base plus this project (pyproject.toml, extras train + demo).
+# GPU image: a CUDA PyTorch base plus this project (pyproject.toml, extras train + tensorboard + demo).
 #   docker build -t flowers-fastai .
 #   docker run --gpus all -v $PWD/cache:/cache -v $PWD/models:/app/models -v $PWD/data:/app/data \
 #     flowers-fastai python train.py --arch clip          # weights cached in ./cache across runs
@@ -9,11 +9,11 @@ WORKDIR /app
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HOME=/cache/huggingface TORCH_HOME=/cache/torch XDG_CACHE_HOME=/cache
 
-# The project with its training and demo extras (the base image's torch satisfies the range).
+# The project with its training (+ --tensorboard) and demo extras (the base image's torch satisfies the range).
 COPY pyproject.toml README.md ./
 COPY flowers_classifier/ flowers_classifier/
 COPY flowers_fastai/ flowers_fastai/
-RUN pip install ".[train,demo]"
+RUN pip install ".[train,tensorboard,demo]"
 COPY train.py export.py app.py ./
 
 # Pretrained-weight cache, datasets, runs and exported models live outside the image.

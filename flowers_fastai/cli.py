@@ -1,5 +1,5 @@
 """Console entry points (`flowers-train`, `flowers-export`, `flowers-demo`, `flowers-data`, `flowers-evaluate`,
-`flowers-experiments`; train.py, export.py and app.py call them too).
+`flowers-experiments`, `flowers-wheelhouse`; train.py, export.py and app.py call them too).
 
 Each keeps third-party deprecation noise out of the output *before* importing its command: importing
 fastai itself warns, so the filter must come first. Only `flowers_classifier` is imported up front."""
@@ -23,5 +23,5 @@ def _command(module: str) -> Callable[[list[str] | None], int]:
     return run
 
 
-COMMANDS = ("train", "export", "demo", "data", "evaluate", "experiments")
-train, export, demo, data, evaluate, experiments = map(_command, COMMANDS)
+COMMANDS = ("train", "export", "demo", "data", "evaluate", "experiments", "wheelhouse")
+train, export, demo, data, evaluate, experiments, wheelhouse = map(_command, COMMANDS)

@@ -9,6 +9,7 @@ schedules, MixedPrecision on CUDA, and discriminative learning rates through the
 from __future__ import annotations
 
 import csv
+import functools
 import os
 import random
 import sys
@@ -24,7 +25,6 @@ from fastai.callback.channelslast import ChannelsLast
 from fastai.callback.core import Callback
 from fastai.callback.mixup import CutMix, MixHandler, MixUp
 from fastai.callback.progress import ProgressCallback
-from fastai.callback.tensorboard import TensorBoardCallback
 from fastai.callback.tracker import EarlyStoppingCallback, SaveModelCallback, TrackerCallback
 from fastai.learner import Learner, Recorder
 from fastai.losses import LabelSmoothingCrossEntropyFlat
@@ -282,11 +282,12 @@ class HistoryCallback(OnTrainedEpochs):
                   f"accuracy {acc:.6f} lr {row[5]} ({row[6]}s)", flush=True)
 
 
-class TensorBoard(OnTrainedEpochs, TensorBoardCallback):
-    """fastai's TensorBoardCallback (a SummaryWriter per fit, into `log_dir`), stepped by the run's own count of
-    training batches: fastai's train_iter restarts at 0 with each fit (two stages, --resume), and its after_batch
-    would log validation batches too. Per step: smoothed train_loss and the head group's lr; per trained epoch:
-    train_loss_epoch, valid_loss and accuracy. No graph trace and no prediction images (fp16, speed)."""
+class TensorBoardLogging(OnTrainedEpochs):
+    """What our TensorBoard callback adds to fastai's TensorBoardCallback (a SummaryWriter per fit, into
+    `log_dir`): steps counted by the run's own count of training batches (fastai's train_iter restarts at 0 with
+    each fit: two stages, --resume; and its after_batch would log validation batches too). Per step: smoothed
+    train_loss and the head group's lr; per trained epoch: train_loss_epoch, valid_loss and accuracy. No graph
+    trace and no prediction images (fp16, speed). Combined with fastai's class by `tensorboard_callback`."""
 
     order = Recorder.order + 1  # after the Recorder has logged the epoch; before HistoryCallback counts it
 
@@ -309,6 +310,24 @@ class TensorBoard(OnTrainedEpochs, TensorBoardCallback):
         for name, value in (("train_loss_epoch", train_loss), ("valid_loss", valid_loss), ("accuracy", acc)):
             self.writer.add_scalar(name, value, step)
         self.writer.flush()  # an interrupted run keeps its curves
+
+
+@functools.cache
+def tensorboard_callback() -> type[Callback]:
+    """The TensorBoard callback class: TensorBoardLogging over fastai's TensorBoardCallback. Built on first use,
+    not at import: fastai's module imports the `tensorboard` package (the [tensorboard] extra, about 20 MB of
+    wheels with grpcio and protobuf), which training without `--tensorboard` never needs (an offline wheelhouse
+    leaves it out, flowers_fastai/wheelhouse.py)."""
+    try:
+        from fastai.callback.tensorboard import TensorBoardCallback
+    except ModuleNotFoundError as e:
+        raise ValueError(f"--tensorboard (tensorboard=True) needs the tensorboard package, which is not installed "
+                         f"({e}): pip install 'flowers-fastai[tensorboard]', or train without it") from e
+
+    class TensorBoard(TensorBoardLogging, TensorBoardCallback):
+        pass
+
+    return TensorBoard
 
 
 class EarlyStopping(OnTrainedEpochs, EarlyStoppingCallback):
@@ -344,7 +363,7 @@ def build_learner(dls, model: torch.nn.Module, recipe: Recipe, run_dir: str | Pa
     cbs = [AtomicSaveModelCallback(monitor="accuracy", fname=BEST_NAME, reset_on_fit=False), LastCheckpointCallback(),
            HistoryCallback(run_dir / "history.csv", quiet=sys.stdout.isatty())]
     if tensorboard and is_main():
-        cbs.append(TensorBoard(run_dir / TENSORBOARD_DIR))
+        cbs.append(tensorboard_callback()(run_dir / TENSORBOARD_DIR))
     if recipe.patience:
         cbs.append(EarlyStopping(monitor="accuracy", patience=recipe.patience))
     if recipe.mixup > 0 or recipe.cutmix > 0:
@@ -388,7 +407,7 @@ def fit_only_callbacks(learn: Learner) -> list[Callback]:
     """Callbacks that only make sense inside a fit: the trackers (early stopping, best checkpoint), the
     history writer and the EMA swap. validate() fires epoch events too, and the trackers would read it as
     an epoch of a fit (and crash before the first one)."""
-    fit_only = (TrackerCallback, HistoryCallback, EmaCallback, LastCheckpointCallback, TensorBoard)
+    fit_only = (TrackerCallback, HistoryCallback, EmaCallback, LastCheckpointCallback, TensorBoardLogging)
     return [cb for cb in learn.cbs if isinstance(cb, fit_only)]
 
 

@@ -1,18 +1,20 @@
 """The Learner and recipe: freeze/unfreeze, discriminative LRs, MixUp/CutMix, EMA, history, checkpoints."""
 
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY_CNN, make_image_folder
+from conftest import ROOT, TINY_CNN, make_image_folder
 from fastai.callback.core import Callback
 from fastai.callback.mixup import MixHandler
 from fastai.losses import LabelSmoothingCrossEntropyFlat
 
 from flowers_classifier import factory
 from flowers_classifier.preprocess import Preprocess
-from flowers_fastai import data
+from flowers_fastai import data, learner
 from flowers_fastai.learner import EarlyStopping, EmaCallback, MixUpOrCutMix, Recipe, build_learner, fine_tune
 
 QUIET = dict(patience=None, grad_clip=1.0)
@@ -227,3 +229,20 @@ def test_mixup_and_cutmix_mix_the_training_loss_of_a_real_fit_and_not_validation
     learn.add_cbs([kept, check])
     fine_tune(learn, recipe)
     assert check.mixed == len(tiny_dls.train) and check.validated == len(tiny_dls.valid)
+
+
+def test_training_never_imports_tensorboard_and_asking_without_it_says_what_to_install(tiny_dls, tmp_path,
+                                                                                      monkeypatch):
+    """fastai's TensorBoardCallback module imports the `tensorboard` package: only `tensorboard=True` loads it,
+    so [train] alone (an offline wheelhouse) trains; without the package, the flag's error names the extra."""
+    code = "import sys, flowers_fastai.train, flowers_fastai.api; print([m for m in sys.modules if 'tensorb' in m])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert out.strip() == "[]", f"importing the trainer imported {out.strip()}"
+    monkeypatch.setitem(sys.modules, "fastai.callback.tensorboard", None)  # as if tensorboard were not installed
+    learner.tensorboard_callback.cache_clear()
+    try:
+        with pytest.raises(ValueError, match=r"--tensorboard .*pip install 'flowers-fastai\[tensorboard\]'"):
+            build_learner(tiny_dls, factory.create_cnn(TINY_CNN, pretrained=None), Recipe(**QUIET), tmp_path,
+                          tensorboard=True)
+    finally:
+        learner.tensorboard_callback.cache_clear()
