@@ -1,0 +1,157 @@
+"""The compiled CPU package (`export.py --cpu-package`, flowers_classifier/aot.py): written beside the .pth,
+served by load_model's defaults with the eager model's probabilities, and refused with a warning (eager
+serving goes on) when it does not fit the weights, the torch version or the CPU, or is damaged."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+import zipfile
+
+import pytest
+import torch
+from conftest import TINY_CLIP, TINY_SIZE, require
+
+import flowers_classifier as fc
+from flowers_classifier import aot
+from flowers_classifier.payload import load_payload
+from flowers_fastai import export
+
+pytestmark = pytest.mark.slow  # each package is a real AOTInductor compile (about a minute on 2 cores)
+
+
+@pytest.fixture(scope="module")
+def packaged_cnn(tiny_cnn_pth, tmp_path_factory):
+    """A copy of the tiny CNN payload with its CPU package beside it, written through export.py's CLI."""
+    require(shutil.which("g++") is not None or shutil.which("c++") is not None,
+            "compiling a CPU package needs a C++ compiler (apt-get install g++)")
+    pth = tmp_path_factory.mktemp("pkg") / "cnn_flowers.pth"
+    shutil.copy(tiny_cnn_pth, pth)
+    assert export.main([str(pth), "--cpu-package"]) == 0
+    return pth
+
+
+def _images(n: int, size: int = TINY_SIZE) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def test_export_writes_the_package_beside_the_pth_and_nothing_else(packaged_cnn, capsys):
+    package = aot.cpu_package_path(packaged_cnn)
+    assert package.name == "cnn_flowers.cpu.pt2" and package.is_file()
+    assert sorted(p.name for p in packaged_cnn.parent.iterdir()) == ["cnn_flowers.cpu.pt2", "cnn_flowers.pth"]
+    meta = aot.read_package_meta(package)
+    assert meta["payload_sha256"] == aot.file_sha256(packaged_cnn)
+    assert (meta["torch"], meta["cpu_capability"]) == (torch.__version__, torch.backends.cpu.get_cpu_capability())
+    load_payload(packaged_cnn)  # the .pth itself is untouched and still loads weights_only
+
+
+def test_load_model_serves_the_package_with_the_eager_probabilities(packaged_cnn, real_photos):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fitting package loads without a word
+        compiled = fc.load_model(packaged_cnn, device="cpu")
+    eager = fc.load_model(packaged_cnn, device="cpu", cpu_package=False)
+    assert compiled.compiled is not None and eager.compiled is None
+    for n in (1, 2, 5):  # the batch axis is dynamic, micro-batches or not
+        x = _images(n)
+        assert torch.allclose(compiled.probabilities(x), eager.probabilities(x), atol=1e-4)
+    photo = real_photos["rose"][0]
+    p_compiled, p_eager = fc.predict_proba(compiled, photo), fc.predict_proba(eager, photo)
+    assert max(abs(p_compiled[c] - p_eager[c]) for c in fc.CLASSES) < 1e-4
+    calls = []
+    compiled.compiled = (lambda f: lambda x: calls.append(x.shape) or f(x))(compiled.compiled)
+    fc.predict(compiled, photo)
+    assert calls, "predict did not go through the compiled package"
+
+
+def _rewrite_meta(package, **changes) -> None:
+    """The same package with some of our metadata changed (as if built elsewhere)."""
+    with zipfile.ZipFile(package) as z:
+        entries = {n: z.read(n) for n in z.namelist()}
+    with zipfile.ZipFile(package, "w") as z:
+        for name, data in entries.items():
+            if name.endswith(aot.PACKAGE_META):
+                data = json.dumps({**json.loads(data), **changes}).encode()
+            z.writestr(name, data)
+
+
+@pytest.mark.parametrize("change, reason", [
+    (dict(torch="2.0.0"), "compiled with torch 2.0.0"),
+    (dict(cpu_capability="NO AVX"), "compiled for NO AVX CPUs"),
+    (dict(payload_sha256="0" * 64), "other weights than cnn_flowers.pth"),
+])
+def test_a_package_that_does_not_fit_is_skipped_with_a_warning(packaged_cnn, tmp_path, change, reason):
+    pth = tmp_path / "cnn_flowers.pth"
+    shutil.copy(packaged_cnn, pth)
+    shutil.copy(aot.cpu_package_path(packaged_cnn), aot.cpu_package_path(pth))
+    _rewrite_meta(aot.cpu_package_path(pth), **change)
+    with pytest.warns(UserWarning, match=reason) as record:
+        model = fc.load_model(pth, device="cpu")
+    assert model.compiled is None  # eager, and it still predicts
+    assert "export.py" in str(record[0].message) and "--cpu-package" in str(record[0].message)
+    assert model.probabilities(_images(1)).shape == (1, 5)
+    with pytest.raises(fc.ModelFileError, match=reason):
+        fc.load_model(pth, device="cpu", cpu_package=True)
+
+
+def test_new_weights_in_the_pth_make_the_old_package_stale(packaged_cnn, tmp_path, tiny_cnn_pth):
+    pth = tmp_path / "cnn_flowers.pth"
+    shutil.copy(aot.cpu_package_path(packaged_cnn), aot.cpu_package_path(pth))
+    payload = load_payload(tiny_cnn_pth)
+    payload["state_dict"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
+    torch.save(payload, pth)
+    with pytest.warns(UserWarning, match="other weights"):
+        assert fc.load_model(pth, device="cpu").compiled is None
+
+
+def test_a_damaged_package_is_skipped_with_a_warning(packaged_cnn, tmp_path):
+    pth = tmp_path / "cnn_flowers.pth"
+    shutil.copy(packaged_cnn, pth)
+    aot.cpu_package_path(pth).write_bytes(b"not a zip archive")
+    with pytest.warns(UserWarning, match="not a CPU package"):
+        assert fc.load_model(pth, device="cpu").compiled is None
+
+
+def test_cpu_package_true_without_a_package_names_the_command(tiny_cnn_pth, tmp_path):
+    pth = tmp_path / "cnn_flowers.pth"
+    shutil.copy(tiny_cnn_pth, pth)
+    with pytest.raises(fc.ModelFileError, match=r"export\.py .*--cpu-package"):
+        fc.load_model(pth, device="cpu", cpu_package=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no package, default: eager, silently (nothing was asked for)
+        assert fc.load_model(pth, device="cpu").compiled is None
+
+
+def test_a_failed_compile_writes_nothing_and_says_why(tiny_cnn_pth, tmp_path, monkeypatch, capsys):
+    pth = tmp_path / "cnn_flowers.pth"
+    shutil.copy(tiny_cnn_pth, pth)
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Compiler not found: g++")
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", no_compiler)
+    assert export.main([str(pth), "--cpu-package"]) == 2
+    err = capsys.readouterr().err
+    assert "compiling the CPU package failed" in err and "g++" in err and "C++ compiler" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn_flowers.pth"]  # no package, no temp file
+
+
+def test_a_package_that_disagrees_with_pytorch_is_not_written(tiny_cnn_pth, tmp_path, monkeypatch):
+    pth = tmp_path / "cnn_flowers.pth"
+    shutil.copy(tiny_cnn_pth, pth)
+    monkeypatch.setattr(aot, "_max_prob_diff", lambda *args: 0.5)
+    with pytest.raises(aot.CpuPackageError, match="disagrees with PyTorch"):
+        aot.compile_cpu_package(load_payload(pth), pth)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn_flowers.pth"]
+
+
+def test_the_clip_family_compiles_and_serves_too(tiny_vit_pth, tmp_path):
+    require(shutil.which("g++") is not None or shutil.which("c++") is not None,
+            "compiling a CPU package needs a C++ compiler (apt-get install g++)")
+    pth = tmp_path / "vit_flowers.pth"
+    shutil.copy(tiny_vit_pth, pth)
+    _, diff = aot.compile_cpu_package(load_payload(pth), pth)
+    assert diff < aot.PACKAGE_TOLERANCE
+    compiled, eager = fc.load_vit_model(pth, device="cpu"), fc.load_model(pth, device="cpu", cpu_package=False)
+    assert compiled.compiled is not None and compiled.model_name == TINY_CLIP
+    x = _images(3)
+    assert torch.allclose(compiled.probabilities(x), eager.probabilities(x), atol=1e-4)
