@@ -76,7 +76,7 @@ class Sizes:
     cnn_model: str = "convnextv2_tiny"
     cnn_img: int = 224
     photo_px: int = 256          # synthetic photos' side (RandomResizedCrop takes 224 px crops of them)
-    per_class: int = 400         # synthetic photos per class; with --data, at most this many per class
+    per_class: int = 500         # synthetic photos per class; with --data, at most this many per class
     cnn_bs: int = 64
     freeze_epochs: int = 1       # stage 1 (head only), then `epochs` unfrozen: the recipe's fine_tune
     epochs: int = 2
@@ -178,17 +178,25 @@ def count_training_flops(model: torch.nn.Module, example: torch.Tensor, input_re
 def synthetic_photos(root: Path, per_class: int, size: int, seed: int = 0) -> Path:
     """<root>/<class>/<n>.jpg: a learnable task. Each class has its own hue (5 hues around the wheel), and
     every photo its own blotchy light/shade pattern and pixel noise, so that no two photos are alike."""
-    rng = np.random.default_rng(seed)
+    from concurrent.futures import ThreadPoolExecutor
+
     from PIL import Image
-    for i, label in enumerate(CLASS_NAMES):
-        (root / label).mkdir(parents=True, exist_ok=True)
-        base = np.array(colorsys.hsv_to_rgb(i / len(CLASS_NAMES), 0.7, 0.8)) * 255
+
+    def one_class(i: int) -> None:
+        rng = np.random.default_rng([seed, i])
+        folder = root / CLASS_NAMES[i]
+        folder.mkdir(parents=True, exist_ok=True)
+        base = np.array(colorsys.hsv_to_rgb(i / len(CLASS_NAMES), 0.7, 0.8), dtype=np.float32) * 255
         for n in range(per_class):
-            blotches = rng.normal(0, 45, size=(max(2, size // 32),) * 2 + (3,))
-            blotches = np.asarray(Image.fromarray(np.uint8(np.clip(blotches + 128, 0, 255))).resize(
-                (size, size), Image.Resampling.BILINEAR), dtype=np.float64) - 128
-            pixels = base + blotches + rng.normal(0, 12, size=(size, size, 3))
-            Image.fromarray(np.uint8(np.clip(pixels, 0, 255))).save(root / label / f"{n:04d}.jpg", quality=90)
+            blotches = rng.normal(128, 45, size=(max(2, size // 32),) * 2 + (3,))
+            blotches = Image.fromarray(np.uint8(np.clip(blotches, 0, 255))).resize((size, size),
+                                                                                  Image.Resampling.BILINEAR)
+            pixels = base - 128 + np.asarray(blotches, dtype=np.float32)
+            pixels += rng.standard_normal((size, size, 3), dtype=np.float32) * 12
+            Image.fromarray(np.uint8(np.clip(pixels, 0, 255))).save(folder / f"{n:04d}.jpg", quality=90)
+
+    with ThreadPoolExecutor(len(CLASS_NAMES)) as pool:  # PIL's resize and JPEG encoding release the GIL
+        list(pool.map(one_class, range(len(CLASS_NAMES))))
     return root
 
 
@@ -227,10 +235,10 @@ def step_recorder(device: torch.device, skip: int):
         order = 100  # after everything that acts on a batch
 
         def __init__(self):
-            self.losses, self.epochs = [], []
+            self.losses, self.records = [], []
 
         def before_train(self):
-            self.step, self.steady_start, self.steady_images = 0, None, 0
+            self.n_steps, self.steady_start, self.steady_images = 0, None, 0
             if skip == 0:
                 synchronize(device)
                 self.steady_start = time.perf_counter()
@@ -239,18 +247,18 @@ def step_recorder(device: torch.device, skip: int):
             if not self.training:
                 return
             self.losses.append(self.learn.loss.detach().float())
-            self.step += 1
-            if self.step == skip:
+            self.n_steps += 1
+            if self.n_steps == skip:
                 synchronize(device)
                 self.steady_start = time.perf_counter()
-            elif self.step > skip:
+            elif self.n_steps > skip:
                 self.steady_images += len(self.learn.yb[0])
 
         def after_train(self):
             synchronize(device)
             steady_s = time.perf_counter() - self.steady_start if self.steady_start and self.steady_images else None
             stage = getattr(getattr(self.learn, "history", None), "stage", "")
-            self.epochs.append(dict(stage=stage, steps=self.step, steady_s=steady_s,
+            self.records.append(dict(stage=stage, steps=self.n_steps, steady_s=steady_s,
                                     steady_images=self.steady_images))
 
     return StepRecorder()
@@ -275,11 +283,11 @@ def train_ours(device: torch.device, root: Path, split, work: Path, sizes: Sizes
         fine_tune_recipe(learn)
     learn.remove_cb(recorder)
     losses = torch.stack(recorder.losses).cpu().tolist() if recorder.losses else []
-    by_stage = {s: [e for e in recorder.epochs if e["stage"] == s] for s in ("frozen", "unfrozen")}
+    by_stage = {s: [e for e in recorder.records if e["stage"] == s] for s in ("frozen", "unfrozen")}
     row = dict(loop="ours", model=sizes.cnn_model, img=sizes.cnn_img, precision=precision,
                channels_last=channels_last, bs=sizes.cnn_bs, images_per_s=steady_rate(by_stage["unfrozen"]),
                frozen_images_per_s=steady_rate(by_stage["frozen"]), peak_gib=peak_gib(device),
-               epochs=recorder.epochs, losses=losses, **loss_summary(losses))
+               epochs=recorder.records, losses=losses, **loss_summary(losses))
     return row, learn
 
 
@@ -345,11 +353,19 @@ def oom_safe(step: Callable[[int], object], cleanup: Callable[[], None]) -> Call
         try:
             step(bs)
             ok = True
-        except torch.cuda.OutOfMemoryError:
-            pass
+        except RuntimeError as e:  # torch.cuda.OutOfMemoryError is one
+            if not is_oom(e):
+                raise
         cleanup()
         return ok
     return fits
+
+
+def is_oom(e: BaseException) -> bool:
+    """The caching allocator's OutOfMemoryError, or a library's own allocation failure (cuBLAS, cuDNN) worded
+    as a RuntimeError."""
+    text = str(e).lower()
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in text or "alloc_failed" in text
 
 
 def find_max_batch(fits: Callable[[int], bool], start: int, cap: int, budget_s: float, multiple: int = 8,
@@ -434,8 +450,9 @@ def time_with_fallback(steps: ClipSteps, bs: int, sizes: Sizes, multiple: int = 
     for _ in range(3):
         try:
             return timed_steps(steps, bs, sizes.timed_steps, sizes.timed_s)
-        except torch.cuda.OutOfMemoryError:
-            pass
+        except RuntimeError as e:
+            if not is_oom(e):
+                raise
         steps.cleanup()
         log(f"  out of memory at batch {bs} when timing; retrying at 7/8 of it")
         bs = max(multiple, bs * 7 // 8 // multiple * multiple) if bs > multiple else max(1, bs // 2)
@@ -811,7 +828,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench/gpu_check.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, help="<class>/<images> photo folder (default: synthetic photos)")
-    p.add_argument("--per-class", type=int, help="photos per class (default 400; with --data: at most)")
+    p.add_argument("--per-class", type=int, help="photos per class (default 500; with --data: at most)")
     p.add_argument("--json", type=Path, help="also write every measurement to this JSON file")
     p.add_argument("--skip", default="", help="comma-separated stages to leave out: cnn, clip")
     p.add_argument("--estimate-memory", action="store_true",
