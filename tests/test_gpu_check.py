@@ -174,3 +174,59 @@ def test_batch_for_capacity():
     est = dict(no_ckpt=dict(fixed=4 * gc.GIB, per_image=gc.GIB // 2),
                ckpt=dict(fixed=4 * gc.GIB, per_image=gc.GIB // 8))
     assert gc.estimate_table(est, (24,)) == [["24 GB", math.floor((24 * 0.9 - 4) * 2), math.floor((24 * 0.9 - 4) * 8)]]
+
+
+# --------------------------------------------------------------------------- GPU-only paths, with fakes
+
+def test_timing_steps_back_off_when_the_found_batch_no_longer_fits():
+    class Steps:  # ClipSteps' interface; 'fragmentation' makes 1000 fail although the search found it
+        device, cleanups = torch.device("cpu"), 0
+
+        def step(self, bs):
+            if bs > 900:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (fake)")
+            return torch.tensor(1.0)
+
+        def cleanup(self):
+            self.cleanups += 1
+    steps = Steps()
+    sizes = gc.Sizes.cpu_smoke()
+    row = gc.time_with_fallback(steps, 1000, sizes)
+    assert row["bs"] == 872 and steps.cleanups == 1 and row["timed_steps"] == sizes.timed_steps  # 1000 * 7/8 -> 872
+
+    class NeverFits(Steps):
+        def step(self, bs):
+            return super().step(10 ** 6)
+    with pytest.raises(RuntimeError, match="three times"):
+        gc.time_with_fallback(NeverFits(), 1000, sizes)
+
+
+def test_fp16_steps_use_a_grad_scaler():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 5))
+    steps = gc.ClipSteps(model, torch.device("cpu"), "fp16", image_size=8)
+    losses = [float(steps.step(4)) for _ in range(3)]
+    assert steps.scaler.is_enabled() and all(map(math.isfinite, losses))
+    assert not gc.ClipSteps(model, torch.device("cpu"), "bf16", 8).scaler.is_enabled()
+    assert all(p.grad is None for p in model.parameters())  # freed after every step, as a training loop does
+
+
+def test_report_formats_a_gpu_run(capsys):
+    run = gc.Run(None, dict(device="cuda", gpu="NVIDIA H100 80GB HBM3", sizes=gc.asdict(gc.Sizes.gpu()),
+                            data="synthetic", bf16_matmul_tflops=700.0, mode="cuda",
+                            clip_flops_per_image=dict(forward=8e10, backward=1.6e11, training=2.4e11)))
+    cnn = dict(model="convnextv2_tiny", img=224, bs=64, steps=90, finite=True, loss_first=1.6, loss_last=0.2,
+               loss_down=True, peak_gib=5.25)
+    run.cnn = [dict(cnn, loop="ours", precision="bf16", channels_last=True, images_per_s=2100.0,
+                    parity_max_abs_diff=3e-6, parity_ok=True),
+               dict(cnn, loop="plain", precision="bf16", channels_last=True, images_per_s=2000.0)]
+    run.clip = [dict(model="ViT-L-14", img=224, precision="bf16", grad_checkpointing=False, bs=288, timed_steps=8,
+                     images_per_s=1300.0, peak_gib=58.1, finite=True, loss_first=1.7, loss_last=1.6, loss_down=True,
+                     mfu=gc.mfu(2.4e11, 1300.0, 700.0), estimated_max_bs=301)]
+    gc.print_report(run, ["--json", "x.json"])
+    out = capsys.readouterr().out
+    assert "| cnn ours | convnextv2_tiny | 224 | bf16 | on | – | 64 | 90 | 2100.0 | 5.25 | yes |" in out
+    assert "| 288 (est. 301) |" in out and "44.6%" in out and "3.0e-06 ok" in out
+    assert "ours / plain img/s, bf16, channels_last on: 1.05x (goal >= 1.0x: met)" in out
+    assert "ViT-L-14 bf16 MFU, best of grad checkpointing off/on: 44.6% (goal >= 40% on an H100: met)" in out
+    assert all(gc.checks(run).values())
