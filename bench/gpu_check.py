@@ -1,6 +1,6 @@
 """The one-command GPU check: does training work and how fast is it on a CUDA GPU, measured in one run.
 
-    python bench/gpu_check.py [--data DIR] [--json OUT]      # on a CUDA machine (about 6-8 min on an H100)
+    python bench/gpu_check.py [--data DIR] [--json OUT]      # on a CUDA machine (sized for 6-8 min on an H100)
     python bench/gpu_check.py --estimate-memory              # ViT-L/14 batch sizes per GPU size, computed (CPU)
     python bench/gpu_check.py --cpu-smoke [--json OUT]       # dev: the same stages, tiny, on the CPU (tests)
 
