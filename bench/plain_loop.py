@@ -5,6 +5,10 @@ linear warmup then cosine decay, cross-entropy). No fastai and nothing from flow
 Augmentation does the same kind of work as ours: RandomResizedCrop (scale 0.35-1), horizontal flip, a
 small rotation + zoom (p 0.75, like fastai's p_affine) and brightness/contrast jitter 0.2 (p 0.75, like
 p_lighting). Validation: resize the short side to size / crop_pct, center crop: the serving transform.
+
+On CUDA (`device="cuda"`, bench/gpu_check.py) it runs the usual GPU way: pinned host memory and non-blocking
+copies, torch.autocast for fp16/bf16 and a GradScaler for fp16, channels_last model and batches if asked.
+The CPU defaults (fp32, no scaler) train exactly as before.
 """
 
 from __future__ import annotations
@@ -34,6 +38,12 @@ class PlainConfig:
     workers: int = 2
     channels_last: bool = False
     seed: int = 0
+    device: str = "cpu"          # "cuda": model and batches on the GPU
+    precision: str = "fp32"      # fp16 (autocast + GradScaler), bf16 (autocast) or fp32
+    skip_steps: int = 0          # per epoch, steps left out of the steady-state timing (worker start-up, autotuning)
+
+
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
 
 
 class FrameDataset(Dataset):
@@ -78,49 +88,80 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_pct
 def loaders(df: pd.DataFrame, root: Path, classes: tuple[str, ...], cfg: PlainConfig, mean, std, crop_pct: float):
     train_ds = FrameDataset(df[~df.is_valid], root, classes, train_transform(cfg.img_size, mean, std))
     valid_ds = FrameDataset(df[df.is_valid], root, classes, valid_transform(cfg.img_size, crop_pct, mean, std))
-    kw = dict(batch_size=cfg.bs, num_workers=cfg.workers, persistent_workers=cfg.workers > 0)
+    kw = dict(batch_size=cfg.bs, num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
+              pin_memory=torch.device(cfg.device).type == "cuda")
     return (DataLoader(train_ds, shuffle=True, drop_last=True, **kw), DataLoader(valid_ds, shuffle=False, **kw))
 
 
+def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_last: bool):
+    x = x.to(device, non_blocking=True)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y.to(device, non_blocking=True)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work: a wall-clock reading must not end before the steps it times."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, channels_last: bool) -> float:
+def evaluate(model: nn.Module, loader: DataLoader, channels_last: bool, device: torch.device | str = "cpu",
+             amp_dtype: torch.dtype | None = None) -> float:
     model.eval()
+    device = torch.device(device)
     correct = total = 0
     for x, y in loader:
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        correct += int((model(x).argmax(1) == y).sum())
+        x, y = to_device(x, y, device, channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            correct += int((model(x).argmax(1) == y).sum())
         total += len(y)
     return correct / total
 
 
 def train_plain(df: pd.DataFrame, root: Path, classes: tuple[str, ...], cfg: PlainConfig) -> dict:
-    """Train from random init; returns per-epoch train seconds, train images, valid accuracy and epoch seconds."""
+    """Train from random init; returns per epoch: train seconds, train images, valid accuracy, epoch seconds,
+    every step's loss, and the steady-state seconds/images (after cfg.skip_steps steps of that epoch)."""
     import timm
     torch.manual_seed(cfg.seed)
-    model = timm.create_model(cfg.model, pretrained=False, num_classes=len(classes))
+    device, amp_dtype = torch.device(cfg.device), AMP_DTYPES[cfg.precision]
+    model = timm.create_model(cfg.model, pretrained=False, num_classes=len(classes)).to(device)
     data_cfg = model.pretrained_cfg
     train_dl, valid_dl = loaders(df, root, classes, cfg, data_cfg["mean"], data_cfg["std"], data_cfg["crop_pct"])
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.wd)
     sched = warmup_cosine(opt, cfg.epochs * len(train_dl), cfg.warmup_pct)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")  # disabled: plain backward + step
     loss_fn = nn.CrossEntropyLoss()
     history = []
     for _ in range(cfg.epochs):
         model.train()
-        start, seen = time.perf_counter(), 0
-        for x, y in train_dl:
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            loss = loss_fn(model(x), y)
+        start, seen, losses = time.perf_counter(), 0, []
+        steady_start, steady_seen = (start if cfg.skip_steps == 0 else None), 0
+        for i, (x, y) in enumerate(train_dl):
+            x, y = to_device(x, y, device, cfg.channels_last)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss = loss_fn(model(x), y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
+            losses.append(loss.detach())  # read once per epoch: no host-device sync per step
             seen += len(y)
-        train_s = time.perf_counter() - start
-        acc = evaluate(model, valid_dl, cfg.channels_last)
-        history.append(dict(train_s=train_s, train_images=seen, accuracy=acc,
-                            epoch_s=time.perf_counter() - start))
+            if i + 1 == cfg.skip_steps:
+                synchronize(device)
+                steady_start = time.perf_counter()
+            elif i + 1 > cfg.skip_steps:
+                steady_seen += len(y)
+        synchronize(device)
+        end = time.perf_counter()
+        acc = evaluate(model, valid_dl, cfg.channels_last, device, amp_dtype)
+        history.append(dict(train_s=end - start, train_images=seen, accuracy=acc,
+                            epoch_s=time.perf_counter() - start,
+                            losses=torch.stack(losses).float().cpu().tolist() if losses else [],
+                            steady_s=None if steady_start is None else end - steady_start,
+                            steady_images=steady_seen))
     return dict(history=history, accuracy=history[-1]["accuracy"])

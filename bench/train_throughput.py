@@ -15,8 +15,8 @@ plain: bench/plain_loop.py (timm's model as built, torchvision transforms in Dat
 Both run --repeats times per --workers value (DataLoader worker processes; train.py uses 0 on a CPU), in
 ABBA order (ours, plain, plain, ours) so that a drifting machine load favours neither. Reported, pooled:
 train-phase images/s (data loading included, validation excluded) and the whole epoch (+ validation).
-CPU only: the plain loop never moves to CUDA, so a GPU comparison (ours there: fp16 MixedPrecision,
-channels_last, batch augmentation on the GPU) needs that added first; no GPU was lent to measure it.
+This script compares on the CPU; the GPU comparison (ours there: fp16/bf16 MixedPrecision, channels_last,
+batch augmentation on the GPU; the plain loop with autocast, PlainConfig.device) is bench/gpu_check.py's.
 Photos: FLOWERS128_DIR (skipped cleanly when absent).
 """
 
