@@ -1,12 +1,26 @@
-"""Mixed precision without a GPU: ConvNeXt V2's Global Response Norm stays finite in fp16."""
+"""Mixed precision without a GPU: ConvNeXt V2's Global Response Norm stays finite in fp16, and bf16 training runs
+on the CPU through the code path CUDA uses (flowers_learner's MixedPrecision callback, fine_tune_recipe, train.py),
+so the CUDA-only branch cannot rot unseen."""
 
 from __future__ import annotations
 
+import json
+import math
+import warnings
+
+import pandas as pd
 import pytest
 import torch
+from conftest import TINY_CNN
+from fastai.callback.core import Callback
+from fastai.callback.fp16 import AMPMode, MixedPrecision
 from timm.layers.grn import GlobalResponseNorm
 
 from flowers_classifier.model import FastGlobalResponseNorm
+from flowers_fastai import flowers_dataloaders, flowers_learner
+from flowers_fastai.api import fine_tune_recipe
+from flowers_fastai.learner import DeviceMixedPrecision, fit_only_callbacks, resolve_precision
+from flowers_fastai.train import build_parser, main
 
 # --------------------------------------------------------------------------- GRN in fp16
 
@@ -90,3 +104,132 @@ def test_grn_under_fp16_autocast(cls, safe):
     finite = [out.isfinite().all(), x.grad.isfinite().all(), fc1.weight.grad.isfinite().all(),
               grn.weight.grad.isfinite().all()]
     assert all(finite) == safe
+
+
+# --------------------------------------------------------------------------- bf16 training on the CPU
+
+class RecordPrecision(Callback):
+    """What a fit really did: per training batch the loss, the dtype of the weights after the step, and
+    whether a Linear and a conv ran under autocast (forward hooks: autocast state and output dtype)."""
+
+    order = 100  # after MixedPrecision (10): its autocast is entered in before_batch
+
+    def __init__(self):
+        self.losses, self.weight_dtypes, self.forward, self.after_training = [], set(), set(), None
+        self.hooks = []
+
+    def before_fit(self):
+        if self.hooks:  # fine_tune runs two fits: hook and snapshot once
+            return
+        self.initial = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        probes = {"stem conv": self.model.stem[0], "block fc1": self.model.stages[3].blocks[-1].mlp.fc1,
+                  "head fc": self.model.head.fc}
+        self.hooks = [m.register_forward_hook(self._hook(name)) for name, m in probes.items()]
+
+    def _hook(self, name):
+        def hook(module, args, out):
+            if module.training:
+                self.forward.add((name, torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"),
+                                  out.dtype))
+        return hook
+
+    def after_loss(self):
+        if self.training:
+            self.losses.append(float(self.loss.detach()))
+
+    def after_step(self):
+        self.weight_dtypes |= {p.dtype for p in self.model.parameters()}
+
+    def after_train(self):  # before validation, and before the checkpoint callback loads the best weights back
+        self.after_training = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def bf16_learner(real_flowers, tmp_path_factory):
+    if torch.cuda.is_available():
+        pytest.skip("tests CPU autocast; on CUDA the same callback autocasts on the GPU")
+    dls = flowers_dataloaders(real_flowers, model=TINY_CNN, img_size=32, bs=16, pretrained=False,
+                              run_dir=tmp_path_factory.mktemp("bf16-run"))
+    learn = flowers_learner(dls, pretrained=False, precision="bf16", freeze_epochs=1, epochs=1, patience=None)
+    return learn
+
+
+def test_bf16_fine_tune_on_the_cpu_autocasts_and_trains(bf16_learner):
+    learn = bf16_learner
+    mp = [cb for cb in learn.cbs if isinstance(cb, MixedPrecision)]
+    assert len(mp) == 1 and isinstance(mp[0], DeviceMixedPrecision) and mp[0].amp_mode == AMPMode.BF16
+    record = RecordPrecision()
+    learn.add_cb(record)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*Disabling")  # autocast/GradScaler('cuda') on a CPU
+            fine_tune_recipe(learn)  # both stages: the head alone, then everything
+    finally:
+        learn.remove_cb(record)
+        for hook in record.hooks:
+            hook.remove()
+    # every training forward of a Linear and a conv ran under bf16 autocast and produced bf16
+    assert record.forward == {(name, True, torch.bfloat16, torch.bfloat16)
+                              for name in ("stem conv", "block fc1", "head fc")}
+    assert len(record.losses) == 2 * len(learn.dls.train) and all(map(math.isfinite, record.losses))
+    assert record.weight_dtypes == {torch.float32}  # master weights stay fp32; only activations are bf16
+    assert all(p.dtype == torch.float32 for p in learn.model.parameters())
+    for name in ("stem.0.weight", "stages.3.blocks.1.mlp.fc1.weight", "head.fc.weight"):
+        assert not torch.equal(record.after_training[name], record.initial[name]), f"{name} did not train"
+    hist = pd.read_csv(learn.path / "history.csv")
+    assert len(hist) == 2 and hist[["train_loss", "valid_loss"]].notna().all().all()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="shows fastai's own callback on a machine without CUDA")
+def test_fastais_own_mixed_precision_would_run_fp32_on_the_cpu(bf16_learner):
+    """Why DeviceMixedPrecision exists: fastai 2.8's MixedPrecision autocasts on 'cuda' only. If this fails,
+    fastai autocasts on the model's device now and DeviceMixedPrecision can go."""
+    learn, dtypes = bf16_learner, []
+    hook = learn.model.head.fc.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    try:
+        mp = [cb for cb in learn.cbs if isinstance(cb, MixedPrecision)]
+        with learn.removed_cbs(fit_only_callbacks(learn) + mp):
+            with learn.added_cbs(DeviceMixedPrecision(AMPMode.BF16)):
+                learn.validate()
+            ours, dtypes[:] = set(dtypes), []
+            with warnings.catch_warnings(record=True) as caught, learn.added_cbs(MixedPrecision(AMPMode.BF16)):
+                warnings.simplefilter("always")
+                learn.validate()
+    finally:
+        hook.remove()
+    assert ours == {torch.bfloat16}
+    assert set(dtypes) == {torch.float32}
+    assert any("Disabling autocast" in str(w.message) for w in caught)
+
+
+def test_precision_choices_on_the_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert [resolve_precision(p) for p in ("auto", "bf16", "fp32")] == ["fp32", "bf16", "fp32"]
+    with pytest.raises(ValueError, match="--precision fp16 .* CUDA GPU.* --precision bf16"):
+        resolve_precision("fp16")
+    with pytest.raises(ValueError, match="unknown precision"):
+        resolve_precision("fp8")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert [resolve_precision(p) for p in ("auto", "fp16", "bf16")] == ["fp16", "fp16", "bf16"]
+
+
+def test_train_cli_runs_bf16_on_the_cpu(real_flowers, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("tests the CPU")
+    assert build_parser().parse_args(["--bf16"]).precision == "bf16"
+    run_dir = tmp_path / "run"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*Disabling")
+        code = main(["--model", TINY_CNN, "--no-pretrained", "--data", str(real_flowers), "--img-size", "32",
+                     "--bs", "16", "--freeze-epochs", "0", "--epochs", "1", "--patience", "0", "--bf16",
+                     "--out", str(run_dir), "--no-export"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "device: cpu, precision bf16" in out.out
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "finished" and metrics["recipe"]["precision"] == "bf16"
+    assert pd.read_csv(run_dir / "history.csv")["train_loss"].notna().all()
+    # fp16 stays refused on the CPU, before the data scan
+    assert main(["--model", TINY_CNN, "--no-pretrained", "--precision", "fp16", "--data", str(tmp_path / "none"),
+                 "--out", str(tmp_path / "fp16")]) == 2
+    assert "--precision fp16 (mixed precision) needs a CUDA GPU" in capsys.readouterr().err
