@@ -129,7 +129,8 @@ class RecordPrecision(Callback):
     def _hook(self, name):
         def hook(module, args, out):
             if module.training:
-                self.forward.add((name, torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"),
+                device = out.device.type  # cpu here; cuda where there is a GPU: the same test, CUDA's path
+                self.forward.add((name, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device),
                                   out.dtype))
         return hook
 
@@ -146,15 +147,13 @@ class RecordPrecision(Callback):
 
 @pytest.fixture(scope="module")
 def bf16_learner(real_flowers, tmp_path_factory):
-    if torch.cuda.is_available():
-        pytest.skip("tests CPU autocast; on CUDA the same callback autocasts on the GPU")
     dls = flowers_dataloaders(real_flowers, model=TINY_CNN, img_size=32, bs=16, pretrained=False,
                               run_dir=tmp_path_factory.mktemp("bf16-run"))
     learn = flowers_learner(dls, pretrained=False, precision="bf16", freeze_epochs=1, epochs=1, patience=None)
     return learn
 
 
-def test_bf16_fine_tune_on_the_cpu_autocasts_and_trains(bf16_learner):
+def test_bf16_fine_tune_autocasts_keeps_fp32_weights_and_trains(bf16_learner):
     learn = bf16_learner
     mp = [cb for cb in learn.cbs if isinstance(cb, MixedPrecision)]
     assert len(mp) == 1 and isinstance(mp[0], DeviceMixedPrecision) and mp[0].amp_mode == AMPMode.BF16
@@ -213,22 +212,31 @@ def test_precision_choices_on_the_cpu(monkeypatch):
     assert [resolve_precision(p) for p in ("auto", "fp16", "bf16")] == ["fp16", "fp16", "bf16"]
 
 
-def test_train_cli_runs_bf16_on_the_cpu(real_flowers, tmp_path, capsys):
-    if torch.cuda.is_available():
-        pytest.skip("tests the CPU")
+def test_train_cli_runs_bf16(real_flowers, tmp_path, capsys):
     assert build_parser().parse_args(["--bf16"]).precision == "bf16"
-    run_dir = tmp_path / "run"
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=".*Disabling")
-        code = main(["--model", TINY_CNN, "--no-pretrained", "--data", str(real_flowers), "--img-size", "32",
-                     "--bs", "16", "--freeze-epochs", "0", "--epochs", "1", "--patience", "0", "--bf16",
-                     "--out", str(run_dir), "--no-export"])
+    run_dir, trained = tmp_path / "run", set()
+
+    def hook(module, args, out):  # every module of the process: the Linears and convs that train
+        if module.training and isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            trained.add((torch.is_autocast_enabled(out.device.type), out.dtype))
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*Disabling")
+            code = main(["--model", TINY_CNN, "--no-pretrained", "--data", str(real_flowers), "--img-size", "32",
+                         "--bs", "16", "--freeze-epochs", "0", "--epochs", "1", "--patience", "0", "--bf16",
+                         "--out", str(run_dir), "--no-export"])
+    finally:
+        handle.remove()
     out = capsys.readouterr()
     assert code == 0, out.err
-    assert "device: cpu, precision bf16" in out.out
+    assert trained == {(True, torch.bfloat16)}  # training ran under bf16 autocast, and only so
+    assert ("precision bf16" if torch.cuda.is_available() else "device: cpu, precision bf16") in out.out
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "finished" and metrics["recipe"]["precision"] == "bf16"
     assert pd.read_csv(run_dir / "history.csv")["train_loss"].notna().all()
+    if torch.cuda.is_available():
+        return
     # fp16 stays refused on the CPU, before the data scan
     assert main(["--model", TINY_CNN, "--no-pretrained", "--precision", "fp16", "--data", str(tmp_path / "none"),
                  "--out", str(tmp_path / "fp16")]) == 2
