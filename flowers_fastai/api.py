@@ -193,7 +193,8 @@ def flowers_learner(dls: DataLoaders, arch: str | None = None, model: str | nn.M
                     grad_checkpointing: bool = False, **overrides) -> Learner:
     """A fastai Learner on `dls` (from flowers_dataloaders) with our model, splitter (one group per ConvNeXt
     stage / CLIP block), label-smoothed loss, AdamW, accuracy and callbacks (best checkpoint, history.csv,
-    early stopping, MixUp/CutMix, gradient clipping, EMA, mixed precision on CUDA), writing to dls' run folder.
+    early stopping, MixUp/CutMix, gradient clipping, EMA, mixed precision: precision='bf16' on CUDA or the
+    CPU, 'fp16' on CUDA), writing to dls' run folder.
 
     model: a name (default: the one dls was built for) or a built model. pretrained: True (the hub / open_clip
     `tag`), False (random init, the CLI's --no-pretrained, with the from-scratch preset) or a weights file.

@@ -2,8 +2,8 @@
 
 The recipe is fastai's own machinery: AdamW (decoupled weight decay) + label smoothing, MixUp/CutMix,
 GradientClip, EarlyStopping, best-checkpoint saving on valid accuracy, one-cycle (cosine with warmup)
-schedules, MixedPrecision on CUDA, and discriminative learning rates through the splitter from
-`splitters.param_groups`. The only loop here is fastai's.
+schedules, MixedPrecision (fp16/bf16 on CUDA, bf16 on the CPU), and discriminative learning rates
+through the splitter from `splitters.param_groups`. The only loop here is fastai's.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 from fastai.callback import schedule  # noqa: F401 - adds lr_find and fit_one_cycle to Learner
 from fastai.callback.channelslast import ChannelsLast
 from fastai.callback.core import Callback
+from fastai.callback.fp16 import AMPMode, MixedPrecision
 from fastai.callback.mixup import CutMix, MixHandler, MixUp
 from fastai.callback.progress import ProgressCallback
 from fastai.callback.tracker import EarlyStoppingCallback, SaveModelCallback, TrackerCallback
@@ -70,7 +71,7 @@ class Recipe:
     grad_clip: float | None = _CNN["grad_clip"]
     patience: int | None = _CNN["patience"]     # early stopping on valid accuracy, per stage
     ema_decay: float | None = _CNN["ema"] or None  # timm ModelEmaV3 decay, None disables
-    precision: str = _CNN["precision"]          # auto (fp16 on CUDA, fp32 on CPU), fp16, bf16, fp32
+    precision: str = _CNN["precision"]          # auto (fp16 on CUDA, fp32 on CPU), fp16 (CUDA), bf16, fp32
     channels_last: bool | None = None           # None: on CUDA for the ConvNeXt (tensor cores want NHWC), off on CPU
     seed: int = _CNN["seed"]
 
@@ -83,16 +84,35 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_precision(precision: str) -> str:
+    """auto: fp16 on CUDA, fp32 on the CPU. bf16 runs on either (CPU autocast is bf16 autocast). fp16 needs
+    CUDA: CPUs without AVX512-FP16 have no fast fp16 kernels, and its GradScaler would only add work there."""
+    if precision not in ("auto", "fp16", "bf16", "fp32"):
+        raise ValueError(f"unknown precision {precision!r}")
     if precision == "auto":
         return "fp16" if torch.cuda.is_available() else "fp32"
-    if precision in ("fp16", "bf16") and not torch.cuda.is_available():
-        raise ValueError(f"--{precision} mixed precision needs a CUDA GPU; on CPU training runs in fp32.")
-    if precision not in ("fp16", "bf16", "fp32"):
-        raise ValueError(f"unknown precision {precision!r}")
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("--precision fp16 (mixed precision) needs a CUDA GPU; on the CPU use --precision bf16 "
+                         "(--bf16, bf16 autocast) or --precision fp32.")
     return precision
 
 
 # --------------------------------------------------------------------------- callbacks
+
+class DeviceMixedPrecision(MixedPrecision):
+    """fastai's MixedPrecision (autocast around forward and loss, fp32 weights, GradScaler for fp16) on the
+    device the model sits on. fastai 2.8 hard-codes autocast('cuda') and GradScaler('cuda'): on the CPU they
+    only warn and disable themselves, so a CPU run would train in fp32 while claiming bf16. Only before_fit
+    differs; on CUDA it builds what fastai's does."""
+
+    def before_fit(self):
+        dtype = torch.bfloat16 if self.amp_mode == AMPMode.BF16 else torch.float16
+        device = next(self.model.parameters()).device.type  # TrainEvalCallback (order -10) has moved it
+        if device == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            raise ValueError("--precision bf16: this GPU does not support bfloat16; use --precision fp16.")
+        self.kwargs["enabled"] = dtype == torch.float16  # bf16 has fp32's range: no loss scaling
+        self.autocast, self.learn.scaler, self.scales = (torch.autocast(device, dtype=dtype),
+                                                         torch.amp.GradScaler(device, **self.kwargs), L())
+
 
 class MixUpOrCutMix(MixHandler):
     """MixUp and CutMix in one run, timm-style: a batch is mixed with probability `prob`, by CutMix
@@ -383,10 +403,8 @@ def build_learner(dls, model: torch.nn.Module, recipe: Recipe, run_dir: str | Pa
     if use_channels_last(recipe, model):
         learn.add_cb(ChannelsLast())
     precision = resolve_precision(recipe.precision)
-    if precision == "fp16":
-        learn.to_fp16()
-    elif precision == "bf16":
-        learn.to_bf16()
+    if precision in ("fp16", "bf16"):
+        learn.add_cb(DeviceMixedPrecision(AMPMode(precision)))  # what learn.to_fp16() / to_bf16() add, any device
     return learn
 
 

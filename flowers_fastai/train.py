@@ -126,9 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--ema", type=float, default=SHARED["ema"], help="timm ModelEmaV3 decay (e.g. 0.999), 0 disables")
     o.add_argument("--seed", type=int, default=SHARED["seed"], help="seed for split, init, augmentation and order")
     o.add_argument("--precision", choices=("auto", "fp16", "bf16", "fp32"), default=SHARED["precision"],
-                   help="auto = fp16 mixed precision on CUDA, fp32 on CPU")
+                   help="auto = fp16 mixed precision on CUDA, fp32 on CPU; bf16 mixed precision (autocast, "
+                        "fp32 weights) runs on CUDA and on the CPU; fp16 needs CUDA")
     o.add_argument("--bf16", action="store_const", const="bf16", dest="precision",
-                   help="shortcut for --precision bf16 (CUDA)")
+                   help="shortcut for --precision bf16 (CUDA or CPU)")
     o.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                    help="train in channels_last memory format (default: on for cnn on CUDA, off otherwise)")
     e = p.add_argument_group("explore (instead of training: report into the run folder, then stop)")
@@ -178,6 +179,7 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.arch == "clip" and args.head_init is None:
         args.head_init = "random" if args.no_pretrained else "zeroshot"
     check_min_scale(args.min_scale, "--min-scale ")
+    resolve_precision(args.precision)  # --precision fp16 without CUDA fails here, before the data scan
     if args.out is None:
         args.out = default_run_dir(args.arch)
     if args.export is None and not args.no_export:
