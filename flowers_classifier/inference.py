@@ -23,7 +23,13 @@ from .onnx_model import load_onnx_model
 from .payload import DEFAULT_FILES, ModelFileError, load_payload, payload_temperature, resolve_model_path
 from .preprocess import IMAGE_SUFFIXES, InvalidImageError, Preprocess, preprocess_image, tta_views
 
-CPU_MICRO_BATCH = 2  # images per forward pass on the CPU (see load_model)
+CPU_MICRO_BATCH = 2  # images per eager forward pass on the CPU at 224 px; more at smaller sizes (cpu_micro_batch)
+
+
+def cpu_micro_batch(image_size: int) -> int:
+    """Images per eager forward pass on the CPU: as many pixels as CPU_MICRO_BATCH images of 224 px (2 at 224,
+    24 at 64), so that each pass's activations stay cache-sized without splitting small inputs for nothing."""
+    return max(1, round(CPU_MICRO_BATCH * (224 / image_size) ** 2))
 
 
 def _build_with_weights(payload: dict) -> nn.Module:
@@ -50,7 +56,7 @@ def load_model(weights_path: str | os.PathLike, family: str | None = None,
     """Build the architecture the payload describes (no download), load its weights, eval mode.
     `family` ("cnn" or "clip") makes a file of the other family an error. Uses CUDA when available.
     On the CPU, Linear layers run as 1x1 convolutions (`_LinearAsConv`), a ConvNeXt runs channels_last and
-    batches go through the network CPU_MICRO_BATCH images at a time.
+    batches go through the network in cache-sized chunks (`cpu_micro_batch`).
     `compile=True` adds torch.compile (see `_compile`): faster still on the CPU, mostly at batch sizes
     above 1, but the first call at each new batch-size range compiles (seconds to a minute); for
     long-running servers.
@@ -82,7 +88,9 @@ def _attach_cpu_package(model: FlowerClassifier, payload_path: Path, required: b
             raise ModelFileError(f"{package}: no CPU package beside {payload_path}; write one with {rebuild}.")
         return
     try:
-        model.compiled = load_cpu_package(package, payload_path)
+        # Its kernels fuse the elementwise work the eager micro-batches keep in cache: one call per batch is
+        # faster (convnextv2_atto at 64 px, batch 8: 12 ms vs 27 ms in chunks of 2, measured here).
+        model.compiled, model.micro_batch = load_cpu_package(package, payload_path), None
     except (CpuPackageError, ModelFileError) as e:
         if required:
             raise ModelFileError(f"{e}; write it again with {rebuild}.") from e
@@ -109,8 +117,8 @@ def model_from_payload(payload: dict, device: str | torch.device | None = None, 
     if device.type == "cpu":
         # Activations of a couple of images stay in the CPU's caches; those of 32 do not, and then the
         # elementwise ops between the convolutions (GELU, GRN, LayerNorm) run at memory speed: chunks of 2
-        # are ~2x faster per image than one pass of 32 (bench/cpu_kernels.py, bench/RESULTS.md).
-        model.micro_batch = CPU_MICRO_BATCH
+        # are ~2x faster per image than one pass of 32 at 224 px (bench/cpu_kernels.py, bench/RESULTS.md).
+        model.micro_batch = cpu_micro_batch(prep.image_size)
         _linears_as_convs(model.net)
         if model.family == "cnn":
             # oneDNN's convolutions are fastest on NHWC, and ConvNeXt's MLP permutes to NHWC anyway: no copies.

@@ -126,7 +126,9 @@ def test_transparent_pixels_become_white(tmp_path):
 
 def test_cpu_micro_batches_give_the_whole_batch_result_in_order(tiny_cnn_pth):
     model = fc.load_model(tiny_cnn_pth, device="cpu")
-    assert model.micro_batch == inference.CPU_MICRO_BATCH
+    assert model.micro_batch == inference.cpu_micro_batch(model.prep.image_size) == 24  # 64 px: 2 x (224/64)^2
+    assert inference.cpu_micro_batch(224) == inference.CPU_MICRO_BATCH and inference.cpu_micro_batch(336) == 1
+    model.micro_batch = inference.CPU_MICRO_BATCH
     x = torch.randn(2 * inference.CPU_MICRO_BATCH + 1, 3, model.prep.image_size, model.prep.image_size)
     chunked = model.probabilities(x)
     model.micro_batch = None

@@ -52,6 +52,7 @@ def test_load_model_serves_the_package_with_the_eager_probabilities(packaged_cnn
         compiled = fc.load_model(packaged_cnn, device="cpu")
     eager = fc.load_model(packaged_cnn, device="cpu", cpu_package=False)
     assert compiled.compiled is not None and eager.compiled is None
+    assert compiled.micro_batch is None  # one call per batch: the compiled kernels need no cache-sized chunks
     for n in (1, 2, 5):  # the batch axis is dynamic, micro-batches or not
         x = _images(n)
         assert torch.allclose(compiled.probabilities(x), eager.probabilities(x), atol=1e-4)
