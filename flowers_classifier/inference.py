@@ -19,8 +19,17 @@ from torch import nn
 from .factory import build_from_spec
 from .model import FlowerClassifier
 from .onnx_model import load_onnx_model
-from .payload import DEFAULT_FILES, ModelFileError, load_payload, payload_temperature, resolve_model_path
+from .payload import (
+    DEFAULT_FILES,
+    QUANTIZE_KEY,
+    ModelFileError,
+    load_payload,
+    payload_int8,
+    payload_temperature,
+    resolve_model_path,
+)
 from .preprocess import IMAGE_SUFFIXES, InvalidImageError, Preprocess, preprocess_image, tta_views
+from .quantize import quantize_int8
 
 CPU_MICRO_BATCH = 2  # images per forward pass on the CPU (see load_model)
 
@@ -45,7 +54,7 @@ def _build_with_weights(payload: dict) -> nn.Module:
 
 def load_model(weights_path: str | os.PathLike, family: str | None = None,
                device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
-               compile: bool = False, calibrated: bool = True) -> FlowerClassifier:
+               compile: bool = False, calibrated: bool = True, int8: bool | None = None) -> FlowerClassifier:
     """Build the architecture the payload describes (no download), load its weights, eval mode.
     `family` ("cnn" or "clip") makes a file of the other family an error. Uses CUDA when available.
     On the CPU, Linear layers run as 1x1 convolutions (`_LinearAsConv`), a ConvNeXt runs channels_last and
@@ -55,6 +64,9 @@ def load_model(weights_path: str | os.PathLike, family: str | None = None,
     long-running servers.
     `calibrated=True` serves softmax(logits / T) with the payload's fitted temperature T (1 for a file
     without one); `calibrated=False` serves the raw softmax, for comparison. The argmax is the same.
+    `int8=True` serves int8 on the CPU (quantize.py: the Linear layers, attention's projections and 1x1
+    convolutions as dynamically quantised int8 Linear layers, quantised here at load time); `int8=False`
+    serves fp32; None (default) does what the file asks (`export.py --int8` writes {"quantize": "int8"}).
     A `.onnx` file (`export.py --onnx`) is served by ONNX Runtime instead: see `load_onnx_model`."""
     if resolve_model_path(weights_path).suffix.lower() == ".onnx":
         return load_onnx_model(weights_path, family, device, calibrated=calibrated)
@@ -63,18 +75,19 @@ def load_model(weights_path: str | os.PathLike, family: str | None = None,
     if family and payload["family"] != family:
         loader = "load_cnn_model" if payload["family"] == "cnn" else "load_vit_model"
         raise ModelFileError(f"{path}: holds a {payload['family']!r} model, not {family!r}; use {loader}().")
-    return model_from_payload(payload, device, dtype, compile, calibrated, path)
+    return model_from_payload(payload, device, dtype, compile, calibrated, path, int8)
 
 
 def model_from_payload(payload: dict, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
                        compile: bool = False, calibrated: bool = True,
-                       path: str | os.PathLike = "payload") -> FlowerClassifier:
+                       path: str | os.PathLike = "payload", int8: bool | None = None) -> FlowerClassifier:
     """`load_model` for a payload dict already in memory (e.g. one export.py is about to write)."""
     try:
         net = _build_with_weights(payload)
     except (RuntimeError, KeyError, ValueError) as e:
         raise ModelFileError(f"{path}: weights do not fit {payload['model_name']} ({e})") from e
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    int8 = _int8_on(device, payload, path, int8)
     if device.type == "cpu":
         dtype = torch.float32  # half precision on CPU is slower and less exact
     prep = Preprocess.from_dict(payload)
@@ -86,11 +99,28 @@ def model_from_payload(payload: dict, device: str | torch.device | None = None, 
         # elementwise ops between the convolutions (GELU, GRN, LayerNorm) run at memory speed: chunks of 2
         # are ~2x faster per image than one pass of 32 (bench/cpu_kernels.py, bench/RESULTS.md).
         model.micro_batch = CPU_MICRO_BATCH
+        if int8:
+            quantize_int8(model.net)  # before the swap below: only the classifier head is left a plain nn.Linear
         _linears_as_convs(model.net)
         if model.family == "cnn":
             # oneDNN's convolutions are fastest on NHWC, and ConvNeXt's MLP permutes to NHWC anyway: no copies.
             model.net, model.channels_last = model.net.to(memory_format=torch.channels_last), True
     return _compile(model) if compile else model
+
+
+def _int8_on(device: torch.device, payload: dict, path: str | os.PathLike, int8: bool | None) -> bool:
+    """Whether to serve int8: `int8` when given, else what the payload asks. int8 is a CPU path (torch's
+    dynamically quantised kernels have no CUDA version): asked for explicitly on a GPU it is an error; asked
+    for by the file it is a warning and the GPU serves the weights as usual, faster than int8 on a CPU would."""
+    asked = payload_int8(payload, path) if int8 is None else int8
+    if not asked or device.type == "cpu":
+        return asked
+    if int8:
+        raise ValueError(f"load_model(int8=True): int8 runs on the CPU only, and this model would be served on "
+                         f"{device}; pass device='cpu', or int8=False.")
+    warnings.warn(f"{path}: asks for int8 ({QUANTIZE_KEY!r} key), a CPU-only path; serving it on {device} "
+                  f"unquantised.", stacklevel=3)
+    return False
 
 
 class _LinearAsConv(nn.Module):
