@@ -148,3 +148,14 @@ def test_onnx_int8_export(tiny_vit_pth, tmp_path, real_photos):
     served, fp32 = fc.load_model(path), fc.load_model(tiny_vit_pth, device="cpu", int8=False)
     batch = _photos_batch(real_photos, fp32.prep)
     assert (served.probabilities(batch) - fp32.probabilities(batch)).abs().max() < INT8_PROB_TOLERANCE
+
+
+def test_cli_int8_and_fp32_flags(tiny_vit_pth, real_photos, monkeypatch, capsys):
+    from flowers_classifier import cli
+    seen = []
+    load = cli.load_model
+    monkeypatch.setattr(cli, "load_model", lambda *a, **kw: seen.append(kw["int8"]) or load(*a, **kw))
+    photo = str(real_photos["rose"][0])
+    for flags in (["--int8"], ["--fp32"], []):
+        assert cli.main([photo, "--model", str(tiny_vit_pth), *flags]) == 0
+    assert seen == [True, False, None] and capsys.readouterr().out.count(photo) == 3
