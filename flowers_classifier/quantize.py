@@ -22,10 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# The quantised engine packing the weights. On the AMD EPYC (AVX-512 VNNI) of bench/RESULTS.md, "x86" (torch's
-# default: it picks fbgemm or oneDNN per layer shape), "fbgemm" and "onednn" ran a ViT-L MLP pair within each
-# other's noise on the shared 2-core machine (`python bench/int8.py --engines fbgemm,x86,onednn` times each);
-# none won consistently, so the default stays. The packed weights remember their engine: it only matters here.
+# The quantised engine packing the weights. On the AMD EPYC (AVX-512 VNNI) of bench/RESULTS.md, a ViT-L-sized
+# MLP pair (1024 -> 4096 -> 1024 over 257 tokens, int8 per channel) timed in turn, batch 1 / batch 8, p50 ms:
+# "x86" 116 / 900, "fbgemm" 148 / 812, "onednn" 152 / 777 on the shared, noisy 2-core machine: no engine won
+# both, and the differences were within that machine's noise. So torch's default, "x86" (it picks fbgemm or
+# oneDNN per layer), stays; `python bench/int8.py --engines fbgemm,onednn` times the whole model with others.
+# The packed weights remember their engine: it only matters while quantising.
 ENGINE = "x86"
 
 
