@@ -20,8 +20,17 @@ from .aot import CpuPackageError, cpu_package_path, load_cpu_package
 from .factory import build_from_spec
 from .model import FlowerClassifier
 from .onnx_model import load_onnx_model
-from .payload import DEFAULT_FILES, ModelFileError, load_payload, payload_temperature, resolve_model_path
+from .payload import (
+    DEFAULT_FILES,
+    QUANTIZE_KEY,
+    ModelFileError,
+    load_payload,
+    payload_int8,
+    payload_temperature,
+    resolve_model_path,
+)
 from .preprocess import IMAGE_SUFFIXES, InvalidImageError, Preprocess, preprocess_image, tta_views
+from .quantize import quantize_int8
 
 CPU_MICRO_BATCH = 2  # images per eager forward pass on the CPU at 224 px; more at smaller sizes (cpu_micro_batch)
 
@@ -52,7 +61,8 @@ def _build_with_weights(payload: dict) -> nn.Module:
 
 def load_model(weights_path: str | os.PathLike, family: str | None = None,
                device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
-               compile: bool = False, calibrated: bool = True, cpu_package: bool | None = None) -> FlowerClassifier:
+               compile: bool = False, calibrated: bool = True, cpu_package: bool | None = None,
+               int8: bool | None = None) -> FlowerClassifier:
     """Build the architecture the payload describes (no download), load its weights, eval mode.
     `family` ("cnn" or "clip") makes a file of the other family an error. Uses CUDA when available.
     On the CPU, Linear layers run as 1x1 convolutions (`_LinearAsConv`), a ConvNeXt runs channels_last and
@@ -65,6 +75,9 @@ def load_model(weights_path: str | os.PathLike, family: str | None = None,
     `cpu_package`: on the CPU, serve the compiled `<name>.cpu.pt2` beside the file (`export.py --cpu-package`,
     see `aot.py`). None (default): when there is one that fits this torch, CPU and weights; one that does
     not fit is skipped with a warning saying why. True: it must be used (ModelFileError otherwise). False: eager.
+    `int8=True` serves int8 on the CPU (quantize.py: the Linear layers, attention's projections and 1x1
+    convolutions as dynamically quantised int8 Linear layers, quantised here at load time); `int8=False`
+    serves fp32; None (default) does what the file asks (`export.py --int8` writes {"quantize": "int8"}).
     A `.onnx` file (`export.py --onnx`) is served by ONNX Runtime instead: see `load_onnx_model`."""
     if resolve_model_path(weights_path).suffix.lower() == ".onnx":
         return load_onnx_model(weights_path, family, device, calibrated=calibrated)
@@ -73,8 +86,8 @@ def load_model(weights_path: str | os.PathLike, family: str | None = None,
     if family and payload["family"] != family:
         loader = "load_cnn_model" if payload["family"] == "cnn" else "load_vit_model"
         raise ModelFileError(f"{path}: holds a {payload['family']!r} model, not {family!r}; use {loader}().")
-    model = model_from_payload(payload, device, dtype, compile, calibrated, path)
-    if model.device.type == "cpu" and cpu_package is not False and not compile:
+    model = model_from_payload(payload, device, dtype, compile, calibrated, path, int8)
+    if model.device.type == "cpu" and cpu_package is not False and not compile and not model.int8:  # fp32 package
         _attach_cpu_package(model, path, required=bool(cpu_package))
     return model
 
@@ -100,7 +113,7 @@ def _attach_cpu_package(model: FlowerClassifier, payload_path: Path, required: b
 
 def model_from_payload(payload: dict, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
                        compile: bool = False, calibrated: bool = True,
-                       path: str | os.PathLike = "payload") -> FlowerClassifier:
+                       path: str | os.PathLike = "payload", int8: bool | None = None) -> FlowerClassifier:
     """`load_model` for a payload dict already in memory (e.g. one export.py is about to write); never
     looks for a CPU package."""
     try:
@@ -108,6 +121,7 @@ def model_from_payload(payload: dict, device: str | torch.device | None = None, 
     except (RuntimeError, KeyError, ValueError) as e:
         raise ModelFileError(f"{path}: weights do not fit {payload['model_name']} ({e})") from e
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    int8 = _int8_on(device, payload, path, int8)
     if device.type == "cpu":
         dtype = torch.float32  # half precision on CPU is slower and less exact
     prep = Preprocess.from_dict(payload)
@@ -119,11 +133,29 @@ def model_from_payload(payload: dict, device: str | torch.device | None = None, 
         # elementwise ops between the convolutions (GELU, GRN, LayerNorm) run at memory speed: chunks of 2
         # are ~2x faster per image than one pass of 32 at 224 px (bench/cpu_kernels.py, bench/RESULTS.md).
         model.micro_batch = cpu_micro_batch(prep.image_size)
+        if int8:
+            quantize_int8(model.net)  # before the swap below: only the classifier head is left a plain nn.Linear
+            model.int8 = True
         _linears_as_convs(model.net)
         if model.family == "cnn":
             # oneDNN's convolutions are fastest on NHWC, and ConvNeXt's MLP permutes to NHWC anyway: no copies.
             model.net, model.channels_last = model.net.to(memory_format=torch.channels_last), True
     return _compile(model) if compile else model
+
+
+def _int8_on(device: torch.device, payload: dict, path: str | os.PathLike, int8: bool | None) -> bool:
+    """Whether to serve int8: `int8` when given, else what the payload asks. int8 is a CPU path (torch's
+    dynamically quantised kernels have no CUDA version): asked for explicitly on a GPU it is an error; asked
+    for by the file it is a warning and the GPU serves the weights as usual, faster than int8 on a CPU would."""
+    asked = payload_int8(payload, path) if int8 is None else int8
+    if not asked or device.type == "cpu":
+        return asked
+    if int8:
+        raise ValueError(f"load_model(int8=True): int8 runs on the CPU only, and this model would be served on "
+                         f"{device}; pass device='cpu', or int8=False.")
+    warnings.warn(f"{path}: asks for int8 ({QUANTIZE_KEY!r} key), a CPU-only path; serving it on {device} "
+                  f"unquantised.", stacklevel=3)
+    return False
 
 
 class _LinearAsConv(nn.Module):

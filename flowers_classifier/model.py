@@ -57,6 +57,7 @@ class FlowerClassifier(nn.Module):
     micro_batch: int | None = None  # load_model sets it on the CPU: a batch runs through the net in chunks
     temperature: float = 1.0  # logits / temperature before the softmax: load_model sets the payload's calibration
     compiled: Callable[[torch.Tensor], torch.Tensor] | None = None  # load_model sets the CPU package's forward
+    int8: bool = False  # load_model sets it when it quantised the net (quantize.py)
 
     def __init__(self, net: nn.Module, family: str, model_name: str, classes: tuple[str, ...], prep: Preprocess):
         super().__init__()

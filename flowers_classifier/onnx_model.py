@@ -5,6 +5,7 @@ The graph takes `image` (N, 3, H, W) with a dynamic batch axis and returns `logi
 the payload's metadata (format version, classes, preprocessing, calibration temperature) rides along as
 JSON in its metadata_props (the graph's `probabilities` are the raw softmax; serving divides `logits` by the
 temperature), and is checked against PyTorch with ONNX Runtime before the file is written.
+`int8=True` writes ONNX Runtime's own dynamic int8 quantisation of that graph instead (`quantize_onnx_int8`).
 Needs the `onnx` extra (onnx, onnxscript, onnxruntime).
 """
 
@@ -21,12 +22,16 @@ from .classes import CLASSES
 from .factory import build_from_spec
 from .files import atomic_write
 from .model import FlowerClassifier, calibrated_softmax
-from .payload import ModelFileError, check_spec, payload_temperature, resolve_model_path
+from .payload import QUANTIZE_KEY, ModelFileError, check_spec, payload_temperature, resolve_model_path
 from .preprocess import Preprocess
 
 ONNX_METADATA_KEY = "flowers_fastai"  # metadata_props key holding the payload spec as JSON
 ONNX_INPUT, ONNX_OUTPUTS = "image", ("logits", "probabilities")
 ONNX_TOLERANCE = 1e-4  # max abs difference of probabilities, ONNX Runtime vs PyTorch, fp32
+# ORT's dynamic quantisation: int8 weights per output channel (as torch's path, quantize.py), activations
+# quantised per call; MatMul and Gemm only (Linear layers, attention; convolutions stay fp32: ORT's
+# ConvInteger is a slow reference kernel on the CPU).
+ONNX_INT8_OPS = ("MatMul", "Gemm")
 
 
 class OnnxExportError(ValueError):
@@ -46,8 +51,9 @@ class _LogitsAndProbabilities(nn.Module):
 
 
 def onnx_spec(payload: dict) -> dict:
-    """The payload's metadata as stored in the ONNX file: everything but the weights, dtype float32."""
-    return {k: v for k, v in payload.items() if k != "state_dict"} | {"dtype": "float32"}
+    """The payload's metadata as stored in the ONNX file: everything but the weights and the int8 request of
+    the `.pth` (torch's int8 path; an ONNX graph is quantised or not in itself), dtype float32."""
+    return {k: v for k, v in payload.items() if k not in ("state_dict", QUANTIZE_KEY)} | {"dtype": "float32"}
 
 
 def _fp32_module(payload: dict) -> nn.Module:
@@ -71,10 +77,28 @@ def _check_onnx(path: str, module: nn.Module, size: int) -> float | None:
     return float((torch.from_numpy(got) - expected).abs().max())
 
 
-def export_onnx(payload: dict, out: str | Path, opset: int | None = None) -> tuple[Path, float | None]:
+def quantize_onnx_int8(src: str | Path, dst: str | Path) -> None:
+    """ONNX Runtime's dynamic int8 quantisation of the fp32 graph `src`, written to `dst` (metadata kept)."""
+    try:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError as e:
+        raise OnnxExportError(f"{dst}: an int8 ONNX graph is ONNX Runtime's quantisation, and onnxruntime is not "
+                              f"installed; `pip install onnxruntime`, or export without --int8.") from e
+
+    from .factory import _drop_log_records
+    # ORT suggests its shape-inference pre-pass; the exporter's graph already carries the shapes.
+    with _drop_log_records("Please consider to run pre-processing"):
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=list(ONNX_INT8_OPS))
+
+
+def export_onnx(payload: dict, out: str | Path, opset: int | None = None,
+                int8: bool = False) -> tuple[Path, float | None]:
     """Write `payload` (a `.pth` payload dict) as an fp32 ONNX graph to `out`, atomically, and return
     (path, max abs difference of probabilities vs PyTorch, None when onnxruntime is not installed).
-    Raises OnnxExportError, and writes nothing, when the difference exceeds ONNX_TOLERANCE."""
+    Raises OnnxExportError, and writes nothing, when the fp32 graph's difference exceeds ONNX_TOLERANCE.
+    `int8=True` then writes ONNX Runtime's int8 quantisation of that graph, and the difference returned is
+    the int8 graph's from fp32 PyTorch (reported, not bounded: int8 is an approximation)."""
     import onnx
     module = _fp32_module(payload)
     size = int(payload["image_size"])
@@ -93,6 +117,14 @@ def export_onnx(payload: dict, out: str | Path, opset: int | None = None) -> tup
         if diff[0] is not None and diff[0] > ONNX_TOLERANCE:
             raise OnnxExportError(f"{out}: the ONNX graph disagrees with PyTorch by {diff[0]:.2e} "
                                   f"(> {ONNX_TOLERANCE}) in probability; nothing was written. Try another --opset.")
+        if int8:
+            fp32 = f"{tmp}.fp32"
+            os.replace(tmp, fp32)
+            try:
+                quantize_onnx_int8(fp32, tmp)
+            finally:
+                Path(fp32).unlink(missing_ok=True)
+            diff[0] = _check_onnx(tmp, module, size)
 
     return atomic_write(out, write), diff[0]
 

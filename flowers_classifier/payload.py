@@ -3,9 +3,10 @@ read and validated.
 
 A payload is a dict of tensors and plain metadata, loadable with `torch.load(weights_only=True)`:
 format_version, family, model_name, classes, image_size, mean, std, state_dict, and optionally
-interpolation, crop_pct, quick_gelu (clip), dtype and temperature (the calibration fitted at export: logits
-are divided by it before the softmax; a file without it serves T = 1). No pickled classes, so loading one
-never runs code.
+interpolation, crop_pct, quick_gelu (clip), dtype, temperature (the calibration fitted at export: logits
+are divided by it before the softmax; a file without it serves T = 1) and quantize ("int8": `load_model`
+quantises the Linear layers to int8 when it serves on the CPU, see quantize.py; the weights stored are the
+usual fp32/fp16 ones). No pickled classes, so loading one never runs code.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ SUPPORTED_FORMATS = (1,)
 REQUIRED_KEYS = frozenset({"format_version", "family", "model_name", "classes", "image_size", "mean", "std",
                            "state_dict"})
 TEMPERATURE_KEY = "temperature"  # optional: version-1 files written before calibration load as T = 1
-OPTIONAL_KEYS = frozenset({"interpolation", "crop_pct", "quick_gelu", "dtype", TEMPERATURE_KEY})
+QUANTIZE_KEY, INT8 = "quantize", "int8"  # optional: {"quantize": "int8"} serves int8 on the CPU
+OPTIONAL_KEYS = frozenset({"interpolation", "crop_pct", "quick_gelu", "dtype", TEMPERATURE_KEY, QUANTIZE_KEY})
 FAMILIES = ("cnn", "clip")
 DEFAULT_FILES = {"cnn": "cnn_flowers.pth", "clip": "vit_flowers.pth"}  # what train.py/export.py write
 MODELS_DIR = Path("models")  # where train.py/export.py write, relative to the working directory
@@ -49,16 +51,27 @@ def resolve_model_path(weights_path: str | os.PathLike) -> Path:
 
 
 def make_payload(spec: dict, state_dict: dict[str, torch.Tensor], half: bool = False,
-                 temperature: float | None = None) -> dict:
+                 temperature: float | None = None, int8: bool = False) -> dict:
     """The payload of `spec` (family, model_name, classes, preprocessing) and weights, fp16 storage if `half`,
-    with the calibration `temperature` when one was fitted."""
+    with the calibration `temperature` when one was fitted, asking for int8 serving on the CPU if `int8`."""
     dtype = torch.float16 if half else torch.float32
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state_dict.items()}
-    spec = {k: v for k, v in spec.items() if k != TEMPERATURE_KEY}
+    spec = {k: v for k, v in spec.items() if k not in (TEMPERATURE_KEY, QUANTIZE_KEY)}
     payload = dict(format_version=FORMAT_VERSION, **spec, dtype=str(dtype).removeprefix("torch."), state_dict=tensors)
     if temperature is not None:
         payload[TEMPERATURE_KEY] = float(temperature)
+    if int8:
+        payload[QUANTIZE_KEY] = INT8
     return payload
+
+
+def payload_int8(spec: dict, path: str | os.PathLike = "payload") -> bool:
+    """Whether a payload asks to be served int8 on the CPU; ModelFileError for a quantize value we do not know."""
+    value = spec.get(QUANTIZE_KEY)
+    if value not in (None, INT8):
+        raise ModelFileError(f"{path}: unknown quantize mode {value!r} (this code knows {INT8!r}); export it again "
+                             f"with export.py (--int8 or without).")
+    return value == INT8
 
 
 def payload_temperature(spec: dict, path: str | os.PathLike = "payload") -> float:
@@ -112,4 +125,5 @@ def load_payload(weights_path: str | os.PathLike) -> dict:
                              f"unexpected keys {sorted(extra)}); export it with export.py.")
     check_spec(payload, path)
     payload_temperature(payload, path)
+    payload_int8(payload, path)
     return payload

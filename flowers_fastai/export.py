@@ -16,7 +16,15 @@ import torch
 from flowers_classifier.aot import CpuPackageError, compile_cpu_package
 from flowers_classifier.files import atomic_write
 from flowers_classifier.onnx_model import OnnxExportError, export_onnx
-from flowers_classifier.payload import TEMPERATURE_KEY, ModelFileError, default_model_path, load_payload, make_payload
+from flowers_classifier.payload import (
+    INT8,
+    QUANTIZE_KEY,
+    TEMPERATURE_KEY,
+    ModelFileError,
+    default_model_path,
+    load_payload,
+    make_payload,
+)
 
 from .calibration import EvaluationError, fit_payload_temperature, run_valid_images
 
@@ -92,23 +100,31 @@ def run_weights(run_dir: str | Path, wise_ft: float | None = None) -> tuple[dict
 # --------------------------------------------------------------------------- calibrated export
 
 def run_payload(run_dir: str | Path, half: bool | None = None, wise_ft: float | None = None,
-                calibrate: bool = True, data: str | Path | None = None, bs: int = 32) -> tuple[dict, dict]:
+                calibrate: bool = True, data: str | Path | None = None, bs: int = 32,
+                int8: bool = False) -> tuple[dict, dict]:
     """(payload, calibration record) of a run folder. With `calibrate`, T is fitted on the run's valid split
     (read from `data` or the run's own data folder) through flowers_classifier, on the weights as they are
     written; the record then holds temperature and NLL before/after. Without the images the payload has
-    no temperature (serves T = 1) and the record says why (`skipped`)."""
+    no temperature (serves T = 1) and the record says why (`skipped`). `int8` asks for int8 serving on the
+    CPU (flowers_classifier.quantize); T is fitted unquantised, as every device can serve the file."""
     spec, state_dict = run_weights(run_dir, wise_ft)
     half = spec["family"] == "clip" if half is None else half
     payload = make_payload(spec, state_dict, half)
-    if not calibrate:
-        return payload, dict(skipped="--no-calibrate")
+    record = _calibrate(payload, run_dir, data, bs) if calibrate else dict(skipped="--no-calibrate")
+    if int8:
+        payload[QUANTIZE_KEY] = INT8
+    return payload, record
+
+
+def _calibrate(payload: dict, run_dir: str | Path, data: str | Path | None, bs: int) -> dict:
+    """Fit and store the payload's temperature; the record, or why it was skipped."""
     try:
         root, df = run_valid_images(Path(run_dir), data)
     except EvaluationError as e:
-        return payload, dict(skipped=f"{e} Calibrate with `python export.py {run_dir} --data DIR`.")
+        return dict(skipped=f"{e} Calibrate with `python export.py {run_dir} --data DIR`.")
     record = fit_payload_temperature(payload, root, df, bs)
     payload[TEMPERATURE_KEY] = record["temperature"]
-    return payload, record
+    return record
 
 
 def calibration_note(record: dict) -> str:
@@ -121,16 +137,17 @@ def calibration_note(record: dict) -> str:
 
 def export_run(run_dir: str | Path, out: str | Path | None = None, half: bool | None = None,
                calibrate: bool = True, data: str | Path | None = None, wise_ft: float | None = None,
-               temperature: float | None = None) -> Path:
+               temperature: float | None = None, int8: bool = False) -> Path:
     """Write the payload of `run_dir` atomically to `out`. fp16 storage by default for CLIP. Calibrated
     on the run's valid split unless `calibrate` is False or a `temperature` (already fitted on these
-    weights) is given; when the images are not there, a note on stderr says how to calibrate."""
+    weights) is given; when the images are not there, a note on stderr says how to calibrate. `int8`: the
+    payload asks to be served int8 on the CPU."""
     if temperature is not None:
         spec, state_dict = run_weights(run_dir, wise_ft)
         half = spec["family"] == "clip" if half is None else half
-        payload = make_payload(spec, state_dict, half, temperature)
+        payload = make_payload(spec, state_dict, half, temperature, int8)
     else:
-        payload, record = run_payload(run_dir, half, wise_ft, calibrate, data)
+        payload, record = run_payload(run_dir, half, wise_ft, calibrate, data, int8=int8)
         if "skipped" in record and calibrate:
             print(f"note: {calibration_note(record)}", file=sys.stderr)
     out = Path(out) if out else default_model_path(payload["family"])
@@ -157,6 +174,7 @@ CLI_USAGE = """Export a train.py run folder to a plain .pth for flowers_classifi
     python export.py RUN_DIR --wise-ft ALPHA [--out PTH]
     python export.py RUN_DIR|MODEL.pth --onnx OUT.onnx [--out PTH] [--opset N]
     python export.py RUN_DIR|MODEL.pth --cpu-package [--out PTH]
+    python export.py RUN_DIR|MODEL.pth --int8 [--out PTH] [--onnx OUT.onnx]
 
 A run folder's payload is calibrated: one temperature T is fitted on the run's valid split (NLL of
 softmax(logits / T), on the weights written) and stored in it; flowers_classifier divides the logits by T
@@ -175,12 +193,21 @@ probabilities are from PyTorch's. With --onnx, a .pth is written only when --out
 (torch.export, frozen weights; a C++ compiler and a minute or more) into NAME.cpu.pt2 beside it, which
 flowers_classifier.load_model then serves on the CPU instead of the eager model. It is valid for this torch
 version and this kind of CPU only; elsewhere load_model warns and serves the eager model.
+
+--int8 (CPU serving): the .pth asks flowers_classifier to serve it int8 on the CPU: its Linear layers
+(attention's projections and 1x1 convolutions included) are quantised to int8 when it is loaded; the file
+still holds the usual weights, and load_model(..., int8=False) serves it fp32. From an exported MODEL.pth,
+--int8 --out NEW.pth writes a copy that asks for int8. With --onnx, --int8 writes ONNX Runtime's dynamic
+int8 quantisation of the fp32 graph instead.
 """
 
 
-def _export_onnx(source: Path, out: Path, opset: int | None, calibrate: bool, data: Path | None) -> None:
-    path, diff = export_onnx(load_source(source, calibrate, data), out, opset)  # a run folder's payload: calibrated
-    check = (f"max |p_onnx - p_torch| = {diff:.2e} on a random batch of 3" if diff is not None
+def _export_onnx(source: Path, out: Path, opset: int | None, calibrate: bool, data: Path | None,
+                 int8: bool = False) -> None:
+    payload = load_source(source, calibrate, data)  # a run folder's payload: calibrated
+    path, diff = export_onnx(payload, out, opset, int8=int8)
+    what = "int8 ONNX vs fp32 torch" if int8 else "p_onnx - p_torch"
+    check = (f"max |{what}| = {diff:.2e} in probability on a random batch of 3" if diff is not None
              else "not checked: onnxruntime is not installed (pip install onnxruntime)")
     print(f"exported {path} ({path.stat().st_size / 2**20:.1f} MiB); {check}")
 
@@ -191,6 +218,15 @@ def _export_cpu_package(pth: Path) -> None:
     path, diff = compile_cpu_package(payload, pth)
     print(f"exported {path} ({path.stat().st_size / 2**20:.1f} MiB); max |p_compiled - p_eager| = {diff:.2e} "
           f"on a random batch of 3")
+
+
+def _int8_copy(source: Path, out: Path) -> None:
+    """An exported payload, unchanged but for the int8 request."""
+    payload = load_source(source)
+    payload[QUANTIZE_KEY] = INT8
+    path = atomic_write(out, lambda tmp: torch.save(payload, tmp))
+    print(f"exported {path} ({path.stat().st_size / 2**20:.1f} MiB, served int8 on the CPU; weights, "
+          f"temperature and preprocessing as in {source})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu-package", action="store_true",
                    help="also compile the .pth for this CPU into NAME.cpu.pt2 beside it (AOTInductor; load_model "
                         "serves it on the CPU); needs a C++ compiler")
+    p.add_argument("--int8", action="store_true",
+                   help="the .pth asks to be served int8 on the CPU (quantised at load time; weights stored as "
+                        "usual); with --onnx: ONNX Runtime's int8 quantisation of the graph")
     p.add_argument("--data", type=Path, help="where the run's split.csv paths live, for the calibration "
                                              "(default: the folder the run trained on)")
     p.add_argument("--no-calibrate", action="store_true", help="write the payload without a fitted temperature")
@@ -218,19 +257,30 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.wise_ft is not None and not args.run_dir.is_dir():
         p.error(f"--wise-ft interpolates a run folder's weights, and {args.run_dir} is not one")
-    if not args.run_dir.is_dir() and not (args.onnx or args.cpu_package):
+    if args.int8 and args.cpu_package:
+        p.error("--cpu-package compiles the fp32 model and an --int8 file is served quantised, not compiled: "
+                "choose one (bench/RESULTS.md compares them)")
+    from_pth = not args.run_dir.is_dir()
+    int8_copy = from_pth and args.int8 and args.out and not args.onnx  # MODEL.pth --int8 --out NEW.pth
+    if from_pth and not (args.onnx or int8_copy or args.cpu_package):
         p.error(f"{args.run_dir} is not a run folder; exporting a .pth file is only meaningful with --onnx OUT.onnx "
-                f"or --cpu-package")
-    if args.out and not args.run_dir.is_dir():
-        p.error(f"--out writes a .pth from a run folder, and {args.run_dir} is not one; drop --out")
+                f"or --int8 --out NEW.pth, or --cpu-package")
+    if args.out and from_pth and not int8_copy:
+        p.error(f"--out writes a .pth from a run folder (or with --int8 alone), and {args.run_dir} is not one; "
+                f"drop --out")
     try:
+        if int8_copy:
+            _int8_copy(args.run_dir, args.out)
+            return 0
         if args.onnx:
-            _export_onnx(args.run_dir, args.onnx, args.opset, not args.no_calibrate, args.data)
+            _export_onnx(args.run_dir, args.onnx, args.opset, not args.no_calibrate, args.data, args.int8)
         if args.run_dir.is_dir() and (not args.onnx or args.out or args.cpu_package):
-            payload, record = run_payload(args.run_dir, args.half, args.wise_ft, not args.no_calibrate, args.data)
+            payload, record = run_payload(args.run_dir, args.half, args.wise_ft, not args.no_calibrate, args.data,
+                                          int8=args.int8)
             out = args.out or default_model_path(payload["family"])
             path = atomic_write(out, lambda tmp: torch.save(payload, tmp))
             wise = f", WiSE-FT alpha {args.wise_ft:g}" if args.wise_ft is not None else ""
+            wise += ", served int8 on the CPU" if args.int8 else ""
             print(f"exported {path} ({path.stat().st_size / 2**20:.1f} MiB{wise}); {calibration_note(record)}")
             if args.cpu_package:
                 _export_cpu_package(path)

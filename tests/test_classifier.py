@@ -19,9 +19,10 @@ from flowers_classifier.preprocess import Preprocess, load_rgb, preprocess_image
 
 def test_payload_is_plain_data_loadable_with_weights_only(tiny_cnn_pth):
     payload = torch.load(tiny_cnn_pth, weights_only=True)
-    # quick_gelu is clip only; the fixture is written uncalibrated, without a temperature (tests/test_calibration.py)
+    # quick_gelu is clip only; the fixture is written uncalibrated, without a temperature (tests/test_calibration.py),
+    # and without the int8 request (tests/test_int8.py)
     assert set(payload) == (payload_format.REQUIRED_KEYS | payload_format.OPTIONAL_KEYS) - {
-        "quick_gelu", payload_format.TEMPERATURE_KEY}
+        "quick_gelu", payload_format.TEMPERATURE_KEY, payload_format.QUANTIZE_KEY}
     assert payload["family"] == "cnn" and payload["classes"] == list(CLASSES)
     assert all(isinstance(v, torch.Tensor) for v in payload["state_dict"].values())
 
