@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import zipfile
 from collections.abc import Callable
@@ -110,7 +111,15 @@ def _max_prob_diff(runner: Callable, net: torch.nn.Module, payload: dict) -> flo
 
 
 def _load_runner(path: str | os.PathLike) -> Callable[[torch.Tensor], torch.Tensor]:
-    compiled = torch._inductor.aoti_load_package(str(path))
+    # torch's C++-extension module logs "No CUDA runtime is found" when it is imported on a machine without
+    # CUDA: noise for a user who serves on the CPU, so that one logger is quiet while the loader imports it.
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        compiled = torch._inductor.aoti_load_package(str(path))
+    finally:
+        log.setLevel(level)
     return lambda x: compiled(x)
 
 

@@ -10,6 +10,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -86,61 +87,77 @@ def load_model(weights_path: str | os.PathLike, family: str | None = None,
     if family and payload["family"] != family:
         loader = "load_cnn_model" if payload["family"] == "cnn" else "load_vit_model"
         raise ModelFileError(f"{path}: holds a {payload['family']!r} model, not {family!r}; use {loader}().")
-    model = model_from_payload(payload, device, dtype, compile, calibrated, path, int8)
-    if model.device.type == "cpu" and cpu_package is not False and not compile and not model.int8:  # fp32 package
-        _attach_cpu_package(model, path, required=bool(cpu_package))
-    return model
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    serves_fp32_on_cpu = device.type == "cpu" and not compile and not _int8_on(device, payload, path, int8)
+    package = _fitting_cpu_package(path, cpu_package) if serves_fp32_on_cpu and cpu_package is not False else None
+    return model_from_payload(payload, device, dtype, compile, calibrated, path, int8, package)
 
 
-def _attach_cpu_package(model: FlowerClassifier, payload_path: Path, required: bool) -> None:
-    """Serve `model` through the compiled package beside its payload file when there is one that fits."""
+def _fitting_cpu_package(payload_path: Path, required: bool | None) -> Callable | None:
+    """The compiled forward of the package beside the payload file when there is one that fits (see aot.py);
+    None when there is none, or (with a warning saying why) when it does not fit. `required`: an error instead."""
     package = cpu_package_path(payload_path)
     rebuild = f"`python export.py {payload_path} --cpu-package`"
     if not package.is_file():
         if required:
             raise ModelFileError(f"{package}: no CPU package beside {payload_path}; write one with {rebuild}.")
-        return
+        return None
     try:
-        # Its kernels fuse the elementwise work the eager micro-batches keep in cache: one call per batch is
-        # faster (convnextv2_atto at 64 px, batch 8: 12 ms vs 27 ms in chunks of 2, measured here).
-        model.compiled, model.micro_batch = load_cpu_package(package, payload_path), None
+        return load_cpu_package(package, payload_path)
     except (CpuPackageError, ModelFileError) as e:
         if required:
             raise ModelFileError(f"{e}; write it again with {rebuild}.") from e
         warnings.warn(f"{e}; serving the eager model instead (slower). Rebuild the package with {rebuild}, "
-                      f"or delete it.", stacklevel=3)
+                      f"or delete it.", stacklevel=4)
+        return None
 
 
 def model_from_payload(payload: dict, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
-                       compile: bool = False, calibrated: bool = True,
-                       path: str | os.PathLike = "payload", int8: bool | None = None) -> FlowerClassifier:
+                       compile: bool = False, calibrated: bool = True, path: str | os.PathLike = "payload",
+                       int8: bool | None = None, compiled: Callable | None = None) -> FlowerClassifier:
     """`load_model` for a payload dict already in memory (e.g. one export.py is about to write); never
-    looks for a CPU package."""
-    try:
-        net = _build_with_weights(payload)
-    except (RuntimeError, KeyError, ValueError) as e:
-        raise ModelFileError(f"{path}: weights do not fit {payload['model_name']} ({e})") from e
+    looks for a CPU package. `compiled`: the CPU package's forward, which then serves, and the eager network
+    is only built when something asks for it (Grad-CAM), which saves its build time and memory at load."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     int8 = _int8_on(device, payload, path, int8)
     if device.type == "cpu":
         dtype = torch.float32  # half precision on CPU is slower and less exact
-    prep = Preprocess.from_dict(payload)
-    model = FlowerClassifier(net.to(device, dtype).eval(), payload["family"], payload["model_name"],
-                             tuple(payload["classes"]), prep)
+    if compiled:  # the eager network waits for its first use, reading the file again then: no payload held
+        build = lambda: _eager_net(load_payload(path), device, dtype, int8, path)  # noqa: E731
+    else:
+        build = partial(_eager_net, payload, device, dtype, int8, path)
+    model = FlowerClassifier(None if compiled else build(), payload["family"], payload["model_name"],
+                             tuple(payload["classes"]), Preprocess.from_dict(payload),
+                             build_net=build if compiled else None)
     model.temperature = payload_temperature(payload, path) if calibrated else 1.0
+    model.int8 = int8 and device.type == "cpu"
     if device.type == "cpu":
+        model.channels_last = model.family == "cnn"  # the eager ConvNeXt and the package both take NHWC
         # Activations of a couple of images stay in the CPU's caches; those of 32 do not, and then the
         # elementwise ops between the convolutions (GELU, GRN, LayerNorm) run at memory speed: chunks of 2
         # are ~2x faster per image than one pass of 32 at 224 px (bench/cpu_kernels.py, bench/RESULTS.md).
-        model.micro_batch = cpu_micro_batch(prep.image_size)
-        if int8:
-            quantize_int8(model.net)  # before the swap below: only the classifier head is left a plain nn.Linear
-            model.int8 = True
-        _linears_as_convs(model.net)
-        if model.family == "cnn":
-            # oneDNN's convolutions are fastest on NHWC, and ConvNeXt's MLP permutes to NHWC anyway: no copies.
-            model.net, model.channels_last = model.net.to(memory_format=torch.channels_last), True
+        # The package's kernels fuse that work: one call per batch is faster (convnextv2_atto at 64 px,
+        # batch 8: 12 ms vs 27 ms in chunks of 2, measured here).
+        model.micro_batch = None if compiled else cpu_micro_batch(model.prep.image_size)
+    model.compiled = compiled
     return _compile(model) if compile else model
+
+
+def _eager_net(payload: dict, device: torch.device, dtype: torch.dtype, int8: bool,
+               path: str | os.PathLike) -> nn.Module:
+    """The payload's network in eval mode on `device`, with the CPU's fast paths (int8 when asked; Linear
+    layers as 1x1 convolutions; the ConvNeXt channels_last)."""
+    try:
+        net = _build_with_weights(payload).to(device, dtype).eval()
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise ModelFileError(f"{path}: weights do not fit {payload['model_name']} ({e})") from e
+    if device.type != "cpu":
+        return net
+    if int8:
+        quantize_int8(net)  # before the swap below: only the classifier head is left a plain nn.Linear
+    _linears_as_convs(net)
+    # oneDNN's convolutions are fastest on NHWC, and ConvNeXt's MLP permutes to NHWC anyway: no copies.
+    return net.to(memory_format=torch.channels_last) if payload["family"] == "cnn" else net
 
 
 def _int8_on(device: torch.device, payload: dict, path: str | os.PathLike, int8: bool | None) -> bool:

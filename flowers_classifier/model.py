@@ -59,13 +59,25 @@ class FlowerClassifier(nn.Module):
     compiled: Callable[[torch.Tensor], torch.Tensor] | None = None  # load_model sets the CPU package's forward
     int8: bool = False  # load_model sets it when it quantised the net (quantize.py)
 
-    def __init__(self, net: nn.Module, family: str, model_name: str, classes: tuple[str, ...], prep: Preprocess):
+    def __init__(self, net: nn.Module | None, family: str, model_name: str, classes: tuple[str, ...],
+                 prep: Preprocess, build_net: Callable[[], nn.Module] | None = None):
+        """`net` None: built by `build_net()` on first use (load_model defers it when a compiled CPU package
+        serves: Grad-CAM still gets the eager network, and a plain prediction never pays for it)."""
         super().__init__()
-        self.net, self.family, self.model_name, self.classes, self.prep = net, family, model_name, classes, prep
+        self.family, self.model_name, self.classes, self.prep = family, model_name, classes, prep
+        self._build_net = build_net
+        if net is not None:
+            self.net = net
+
+    def __getattr__(self, name: str):
+        # nn.Module keeps modules in _modules, so this runs on every `.net`: build only the first time.
+        if name == "net" and "net" not in self._modules and self.__dict__.get("_build_net") is not None:
+            self.net = self._build_net()
+        return super().__getattr__(name)
 
     @property
     def device(self) -> torch.device:
-        return next(self.net.parameters()).device
+        return torch.device("cpu") if self.compiled is not None else next(self.net.parameters()).device
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -73,7 +85,7 @@ class FlowerClassifier(nn.Module):
     @torch.inference_mode()
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) normalised images -> (N, num_classes) fp32 logits on the CPU, before any temperature."""
-        dtype = next(self.net.parameters()).dtype
+        dtype = torch.float32 if self.compiled is not None else next(self.net.parameters()).dtype
         memory_format = torch.channels_last if self.channels_last else torch.preserve_format
         chunks = batch.split(self.micro_batch) if self.micro_batch else (batch,)
         forward = self.compiled or self.net  # the compiled package computes what self.net does (aot.py)

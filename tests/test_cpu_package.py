@@ -156,3 +156,14 @@ def test_the_clip_family_compiles_and_serves_too(tiny_vit_pth, tmp_path):
     assert compiled.compiled is not None and compiled.model_name == TINY_CLIP
     x = _images(3)
     assert torch.allclose(compiled.probabilities(x), eager.probabilities(x), atol=1e-4)
+
+
+def test_the_eager_network_is_built_only_when_grad_cam_asks(packaged_cnn, real_photos):
+    from flowers_classifier.explain import grad_cam
+    model = fc.load_model(packaged_cnn, device="cpu")
+    fc.predict(model, real_photos["tulip"][0])
+    assert "net" not in model._modules  # predicting never built (nor held) the eager model
+    eager_heat = grad_cam(fc.load_model(packaged_cnn, device="cpu", cpu_package=False), real_photos["tulip"][0])
+    heat = grad_cam(model, real_photos["tulip"][0])
+    assert "net" in model._modules and model.compiled is not None  # built for Grad-CAM; the package still serves
+    assert heat.shape == eager_heat.shape and abs(heat - eager_heat).max() < 1e-4
