@@ -28,6 +28,7 @@ import torch
 from .factory import build_from_spec
 from .files import atomic_write
 from .payload import CPU_PACKAGE_SUFFIX, ModelFileError
+from .quantize import as_linears
 
 PACKAGE_META = "extra/flowers_fastai.json"  # our entry in the .pt2 archive: what it was built from and for
 PACKAGE_TOLERANCE = 1e-4  # max abs difference of probabilities, compiled vs eager, fp32 (as for ONNX)
@@ -58,9 +59,13 @@ def build_target() -> dict:
 
 
 def eager_cpu_net(payload: dict) -> torch.nn.Module:
-    """The payload's network, fp32, eval mode, as the package compiles it (ConvNeXt channels_last)."""
+    """The payload's network, fp32, eval mode, as the package compiles it: ConvNeXt channels_last, and 1x1
+    convolutions as the Linear layers they are (the small ConvNeXt V2s, atto to nano, build their MLPs as 1x1
+    convolutions: Inductor then packs them as matmuls instead of calling oneDNN's convolution for each, which
+    made convnextv2_atto at 64 px about 1.6x faster at batch 1, measured here A/B on the two packages)."""
     net = build_from_spec(payload)
     net.load_state_dict(payload["state_dict"], strict=True)
+    as_linears(net, attention=False)
     net = net.float().eval()
     return net.to(memory_format=torch.channels_last) if payload["family"] == "cnn" else net
 

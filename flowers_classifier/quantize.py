@@ -105,13 +105,13 @@ def is_pointwise(conv: nn.Module) -> bool:
             and conv.groups == 1 and conv.dilation == (1, 1) and conv.padding in ((0, 0), "valid"))
 
 
-def as_linears(net: nn.Module) -> int:
-    """Replace, in place, every self-attention nn.MultiheadAttention of `net` by SelfAttention and every 1x1
-    convolution by Conv1x1AsLinear; returns how many modules were replaced."""
+def as_linears(net: nn.Module, attention: bool = True) -> int:
+    """Replace, in place, every self-attention nn.MultiheadAttention of `net` by SelfAttention (unless
+    `attention` is False) and every 1x1 convolution by Conv1x1AsLinear; returns how many were replaced."""
     swapped = 0
     for module in list(net.modules()):
         for name, child in list(module.named_children()):
-            if can_swap(child) or is_pointwise(child):
+            if (attention and can_swap(child)) or is_pointwise(child):
                 setattr(module, name, SelfAttention(child) if can_swap(child) else Conv1x1AsLinear(child))
                 swapped += 1
     return swapped
