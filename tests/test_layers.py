@@ -14,7 +14,6 @@ from __future__ import annotations
 import ast
 import importlib.metadata as md
 import os
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -28,6 +27,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from flowers_classifier.classes import CLASSES
+from flowers_fastai.wheelhouse import copy_source  # what a build of the project reads, copied (no build/ in the repo)
 
 PACKAGES = ("flowers_classifier", "flowers_fastai")
 # What only the [train]/[demo] extras bring: the runtime must install and work without any of them.
@@ -242,19 +242,6 @@ def run(cmd: list, what: str, **kwargs) -> subprocess.CompletedProcess:
     assert proc.returncode == 0, (f"{what} failed (exit {proc.returncode}): {' '.join(map(str, cmd))}\n"
                                   f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")
     return proc
-
-
-def copy_source(dest: Path) -> Path:
-    """What a build reads: pyproject.toml, the top-level files (README.md, licence) and the packages it lists.
-    Building a copy keeps pip's build/ and *.egg-info out of the repo."""
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    dest.mkdir()
-    for item in ROOT.iterdir():
-        if item.is_file():
-            shutil.copy2(item, dest / item.name)
-    for pkg in pyproject["tool"]["setuptools"]["packages"]:
-        shutil.copytree(ROOT / pkg, dest / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    return dest
 
 
 def runtime_imports(pyproject: dict) -> list[str]:
