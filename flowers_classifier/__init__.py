@@ -9,13 +9,14 @@ torch, timm, open_clip and PIL only: no fastai, no network.
     model = fc.load_model("cnn_flowers.onnx")       # ONNX Runtime instead of torch (`export.py --onnx`)
     model = fc.load_model("cnn_flowers.pth", calibrated=False)  # raw softmax, ignoring the fitted temperature
     model = fc.load_model("vit_flowers.pth", int8=True)  # int8 Linear layers on the CPU (`export.py --int8`)
+    # On the CPU, the compiled cnn_flowers.cpu.pt2 beside the .pth serves when it fits (`export.py --cpu-package`)
 
     python -m flowers_classifier PATH... [--model models/cnn_flowers.pth] [--top-k 3] [--json OUT] [--bs N]
 
 Payloads are read with `torch.load(weights_only=True)`: a file holding pickled objects is refused
 without running anything. Modules: `classes`, `preprocess` (decoding, eval crop), `model` (modules),
 `factory` (building models, pretrained weights), `payload` (the .pth format), `inference` (load +
-predict), `onnx_model` (ONNX export and serving), `quantize` (int8 on the CPU), `cli`.
+predict), `onnx_model` (ONNX export and serving), `aot` (the compiled CPU package), `quantize` (int8 on the CPU), `cli`.
 """
 
 from .classes import CLASSES
