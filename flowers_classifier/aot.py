@@ -122,10 +122,9 @@ def _load_runner(path: str | os.PathLike) -> Callable[[torch.Tensor], torch.Tens
     level = log.level
     log.setLevel(logging.ERROR)
     try:
-        compiled = torch._inductor.aoti_load_package(str(path))
+        return torch._inductor.aoti_load_package(str(path))  # callable: (N, 3, H, W) -> logits
     finally:
         log.setLevel(level)
-    return lambda x: compiled(x)
 
 
 def read_package_meta(path: str | os.PathLike) -> dict:
