@@ -5,7 +5,15 @@ Why: on a CPU, eager PyTorch runs ConvNeXt/ViT as hundreds of separate ops, each
 its own pass over memory. AOTInductor (torch.export + Inductor with frozen weights) compiles the network
 once into a shared library: elementwise work fused into the neighbouring kernels, weights prepacked for
 oneDNN, no Python per op. Compiling takes a C++ compiler and a minute or more, so it is done by
-`export.py --cpu-package`, never at load; loading the package takes well under a second.
+`export.py --cpu-package`, never at load; loading the package takes a few seconds at most.
+
+Two graphs for a ConvNeXt. The main graph takes any batch (1..MAX_BATCH). Inductor prepacks Linear weights
+for it, but a convolution's weights only for a static input shape: with a dynamic batch axis, each
+depthwise convolution reorders its weights at every call, which is most of a small model's time at batch 1
+(convnextv2_atto at 64 px: 1.3x faster at batch 1 with a static graph, measured A/B here). So a network that
+keeps convolutions after `eager_cpu_net`'s rewrites also gets a graph compiled for one image (BATCH1_GRAPH),
+and single images, a demo's and an API's usual call, go through it. A ViT keeps no convolution (its patch
+embedding becomes a Linear) and gets one graph: a second copy of ViT-L/14's 1.2 GB would buy nothing.
 
 A package is only valid where it was built: the same weights (the sha256 of the `.pth` it was compiled
 from), the same torch version (AOTInductor's ABI) and the same CPU instruction set (Inductor compiled its
@@ -33,6 +41,7 @@ from .quantize import as_linears
 PACKAGE_META = "extra/flowers_fastai.json"  # our entry in the .pt2 archive: what it was built from and for
 PACKAGE_TOLERANCE = 1e-4  # max abs difference of probabilities, compiled vs eager, fp32 (as for ONNX)
 MAX_BATCH = 1024  # the dynamic batch axis of the compiled graph: 1 ... MAX_BATCH images per call
+MAIN_GRAPH, BATCH1_GRAPH = "model", "batch1"  # the graphs' names in the archive (AOTInductor's default first)
 
 
 class CpuPackageError(ValueError):
@@ -59,13 +68,14 @@ def build_target() -> dict:
 
 
 def eager_cpu_net(payload: dict) -> torch.nn.Module:
-    """The payload's network, fp32, eval mode, as the package compiles it: ConvNeXt channels_last, and 1x1
-    convolutions as the Linear layers they are (the small ConvNeXt V2s, atto to nano, build their MLPs as 1x1
-    convolutions: Inductor then packs them as matmuls instead of calling oneDNN's convolution for each, which
-    made convnextv2_atto at 64 px about 1.6x faster at batch 1, measured here A/B on the two packages)."""
+    """The payload's network, fp32, eval mode, as the package compiles it: ConvNeXt channels_last, and 1x1 and
+    patchify convolutions as the Linear layers they are (the small ConvNeXt V2s, atto to nano, build their MLPs
+    as 1x1 convolutions: Inductor then packs them as matmuls instead of calling oneDNN's convolution for each,
+    which made convnextv2_atto at 64 px about 1.6x faster at batch 1, measured here A/B on the two packages;
+    stems, downsampling layers and a ViT's patch embedding then need no weight reorder per call either)."""
     net = build_from_spec(payload)
     net.load_state_dict(payload["state_dict"], strict=True)
-    as_linears(net, attention=False)
+    as_linears(net, attention=False, patches=True)
     net = net.float().eval()
     return net.to(memory_format=torch.channels_last) if payload["family"] == "cnn" else net
 
@@ -79,29 +89,29 @@ def _example(payload: dict, n: int) -> torch.Tensor:
 def compile_cpu_package(payload: dict, payload_path: str | os.PathLike, out: str | os.PathLike | None = None,
                         ) -> tuple[Path, float]:
     """Compile the payload written at `payload_path` for this CPU and write it atomically to `out` (default
-    `cpu_package_path(payload_path)`). Returns (path, max abs difference of probabilities vs eager on a
-    batch of 3). Raises CpuPackageError, writing nothing, when compiling fails or the result disagrees."""
+    `cpu_package_path(payload_path)`). Returns (path, max abs difference of probabilities vs eager on
+    batches of 3 and 1). Raises CpuPackageError, writing nothing, when compiling fails or the result disagrees."""
     out = Path(out) if out else cpu_package_path(payload_path)
     net = eager_cpu_net(payload)
-    # Batch 2, not 1: torch.export would specialise a batch of 1; the batch axis stays dynamic.
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    graphs = [MAIN_GRAPH] + ([BATCH1_GRAPH] if has_convolutions(net) else [])
     meta = dict(build_target(), payload_sha256=file_sha256(payload_path), payload_file=Path(payload_path).name,
-                family=payload["family"], model_name=payload["model_name"], image_size=int(payload["image_size"]))
+                family=payload["family"], model_name=payload["model_name"], image_size=int(payload["image_size"]),
+                graphs=graphs)
     diff: list[float] = []
 
     def write(tmp: str) -> None:
         try:
             with torch.no_grad():
-                program = torch.export.export(net, (_example(payload, 2),), dynamic_shapes=({0: batch},))
-                torch._inductor.aoti_compile_and_package(program, package_path=tmp,
-                                                         inductor_configs={"freezing": True})
+                files = {name: _aot_compile(net, payload, name) for name in graphs}
+            from torch._inductor.package import package_aoti
+            package_aoti(tmp, files)
         except Exception as e:  # noqa: BLE001 - compiler missing, export unsupported, ...: one user error
             raise CpuPackageError(f"{out}: compiling the CPU package failed ({type(e).__name__}: {str(e)[:400]}). "
                                   f"Compiling needs a C++ compiler (gcc/g++) on PATH; nothing was written, and "
                                   f"the .pth still serves (eager) without the package.") from e
         with zipfile.ZipFile(tmp, "a") as z:  # inside the archive's one top folder, where the loader looks
             z.writestr(f"{z.namelist()[0].split('/')[0]}/{PACKAGE_META}", json.dumps(meta))
-        diff.append(_max_prob_diff(_load_runner(tmp), net, payload))
+        diff.append(_max_prob_diff(_load_runner(tmp, graphs), net, payload))
         if diff[0] > PACKAGE_TOLERANCE:
             raise CpuPackageError(f"{out}: the compiled model disagrees with PyTorch by {diff[0]:.2e} "
                                   f"(> {PACKAGE_TOLERANCE}) in probability; nothing was written.")
@@ -109,22 +119,57 @@ def compile_cpu_package(payload: dict, payload_path: str | os.PathLike, out: str
     return atomic_write(out, write, suffix=".tmp.pt2"), diff[0]  # AOTInductor only writes to *.pt2
 
 
+def has_convolutions(net: torch.nn.Module) -> bool:
+    """Whether `net` still runs convolutions, whose weights a dynamic-batch graph packs at every call."""
+    return any(isinstance(m, torch.nn.Conv2d) for m in net.modules())
+
+
+def _aot_compile(net: torch.nn.Module, payload: dict, graph: str) -> list:
+    """AOTInductor's files for one graph of the package: the main graph with a dynamic batch axis (traced on
+    2 images: torch.export would specialise a batch of 1), the batch-1 graph static."""
+    if graph == MAIN_GRAPH:
+        batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+        program = torch.export.export(net, (_example(payload, 2),), dynamic_shapes=({0: batch},))
+    else:
+        program = torch.export.export(net, (_example(payload, 1),))
+    args, kwargs = program.example_inputs
+    from torch._inductor import aot_compile
+    return aot_compile(program.module(check_guards=False), args, kwargs,
+                       options={"aot_inductor.package": True, "freezing": True})
+
+
 def _max_prob_diff(runner: Callable, net: torch.nn.Module, payload: dict) -> float:
-    x = _example(payload, 3)  # not the traced batch of 2: proves the batch axis is dynamic
+    # 3: not the traced batch of 2, so the batch axis is proven dynamic; 1: the batch-1 graph where there is one
+    diffs = []
     with torch.inference_mode():
-        return float((runner(x).softmax(-1) - net(x).softmax(-1)).abs().max())
+        for x in (_example(payload, 3), _example(payload, 1)):
+            diffs.append(float((runner(x).softmax(-1) - net(x).softmax(-1)).abs().max()))
+    return max(diffs)
 
 
-def _load_runner(path: str | os.PathLike) -> Callable[[torch.Tensor], torch.Tensor]:
+class PackageForward:
+    """The compiled forward of a package: (N, 3, H, W) fp32 -> (N, num_classes) logits, one image through the
+    batch-1 graph where the package has one, any other batch through the main graph."""
+
+    def __init__(self, main: Callable, batch1: Callable | None = None):
+        self.main, self.batch1 = main, batch1
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.batch1(x) if self.batch1 is not None and x.shape[0] == 1 else self.main(x)
+
+
+def _load_runner(path: str | os.PathLike, graphs: list[str]) -> PackageForward:
     # torch's C++-extension module logs "No CUDA runtime is found" when it is imported on a machine without
     # CUDA: noise for a user who serves on the CPU, so that one logger is quiet while the loader imports it.
     log = logging.getLogger("torch.utils.cpp_extension")
     level = log.level
     log.setLevel(logging.ERROR)
     try:
-        return torch._inductor.aoti_load_package(str(path))  # callable: (N, 3, H, W) -> logits
+        from torch._inductor.package import load_package
+        loaded = {name: load_package(str(path), model_name=name) for name in graphs}
     finally:
         log.setLevel(level)
+    return PackageForward(loaded[MAIN_GRAPH], loaded.get(BATCH1_GRAPH))
 
 
 def read_package_meta(path: str | os.PathLike) -> dict:
@@ -151,8 +196,7 @@ def package_mismatch(meta: dict, payload_path: str | os.PathLike) -> str | None:
     return None
 
 
-def load_cpu_package(path: str | os.PathLike, payload_path: str | os.PathLike,
-                     ) -> Callable[[torch.Tensor], torch.Tensor]:
+def load_cpu_package(path: str | os.PathLike, payload_path: str | os.PathLike) -> PackageForward:
     """The compiled forward (N, 3, H, W) fp32 -> (N, num_classes) logits of the package at `path`, checked
     against the payload file it must serve; CpuPackageError saying why it cannot be used."""
     meta = read_package_meta(path)
@@ -160,6 +204,6 @@ def load_cpu_package(path: str | os.PathLike, payload_path: str | os.PathLike,
     if reason:
         raise CpuPackageError(f"{path}: {reason}")
     try:
-        return _load_runner(path)
+        return _load_runner(path, meta.get("graphs", [MAIN_GRAPH]))
     except Exception as e:  # noqa: BLE001 - a damaged archive or library: the eager model still serves
         raise CpuPackageError(f"{path}: cannot be loaded ({type(e).__name__}: {str(e)[:300]})") from e

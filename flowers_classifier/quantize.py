@@ -105,15 +105,56 @@ def is_pointwise(conv: nn.Module) -> bool:
             and conv.groups == 1 and conv.dilation == (1, 1) and conv.padding in ((0, 0), "valid"))
 
 
-def as_linears(net: nn.Module, attention: bool = True) -> int:
+class PatchConvAsLinear(nn.Module):
+    """A patchify convolution (kernel = stride, no padding, one group: a ViT's patch embedding, a ConvNeXt's
+    stem and downsampling layers) as the nn.Linear over each flattened kh x kw x C patch that it is: the
+    same weights (reordered), outputs equal up to fp32 rounding. Why: AOTInductor can prepack a Linear's
+    weights for a dynamic batch axis, but packs a convolution's at every call (aot.py)."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        if not is_patchify(conv):
+            raise ValueError(f"PatchConvAsLinear replaces a convolution whose kernel equals its stride, with no "
+                             f"padding and one group, not {conv}")
+        out_channels, in_channels, kh, kw = conv.weight.shape
+        self.kernel_size = (kh, kw)
+        self.linear = nn.Linear(kh * kw * in_channels, out_channels, bias=conv.bias is not None)
+        with torch.no_grad():  # (O, C, kh, kw) -> (O, kh * kw * C): the order of an NHWC patch, flattened
+            self.linear.weight.copy_(conv.weight.permute(0, 2, 3, 1).reshape(out_channels, -1))
+            if conv.bias is not None:
+                self.linear.bias.copy_(conv.bias)
+        self.to(conv.weight.device, conv.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        (kh, kw), (rows, cols) = self.kernel_size, (h // self.kernel_size[0], w // self.kernel_size[1])
+        # Rows and columns past the last whole patch are dropped, as the convolution drops them.
+        patches = x[:, :, :rows * kh, :cols * kw].permute(0, 2, 3, 1).reshape(n, rows, kh, cols, kw, c)
+        patches = patches.permute(0, 1, 3, 2, 4, 5).reshape(n, rows, cols, kh * kw * c)
+        return self.linear(patches).permute(0, 3, 1, 2)
+
+
+def is_patchify(conv: nn.Module) -> bool:
+    return (type(conv) is nn.Conv2d and conv.kernel_size == conv.stride and conv.groups == 1
+            and conv.dilation == (1, 1) and conv.padding in ((0, 0), "valid") and conv.padding_mode == "zeros")
+
+
+def as_linears(net: nn.Module, attention: bool = True, patches: bool = False) -> int:
     """Replace, in place, every self-attention nn.MultiheadAttention of `net` by SelfAttention (unless
-    `attention` is False) and every 1x1 convolution by Conv1x1AsLinear; returns how many were replaced."""
+    `attention` is False), every 1x1 convolution by Conv1x1AsLinear and, with `patches`, every other
+    patchify convolution by PatchConvAsLinear; returns how many were replaced."""
     swapped = 0
     for module in list(net.modules()):
         for name, child in list(module.named_children()):
-            if (attention and can_swap(child)) or is_pointwise(child):
-                setattr(module, name, SelfAttention(child) if can_swap(child) else Conv1x1AsLinear(child))
-                swapped += 1
+            if attention and can_swap(child):
+                setattr(module, name, SelfAttention(child))
+            elif is_pointwise(child):
+                setattr(module, name, Conv1x1AsLinear(child))
+            elif patches and is_patchify(child):
+                setattr(module, name, PatchConvAsLinear(child))
+            else:
+                continue
+            swapped += 1
     return swapped
 
 

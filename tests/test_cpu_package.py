@@ -65,14 +65,46 @@ def test_load_model_serves_the_package_with_the_eager_probabilities(packaged_cnn
     assert calls, "predict did not go through the compiled package"
 
 
+def test_a_convnext_package_serves_single_images_through_its_batch1_graph(packaged_cnn):
+    """Inductor prepacks convolution weights only for a static shape (aot.py): the ConvNeXt package holds a
+    batch-1 graph beside the dynamic one, each batch goes to the right one, and both give eager's numbers."""
+    assert aot.read_package_meta(aot.cpu_package_path(packaged_cnn))["graphs"] == [aot.MAIN_GRAPH, aot.BATCH1_GRAPH]
+    model = fc.load_model(packaged_cnn, device="cpu")
+    eager = fc.load_model(packaged_cnn, device="cpu", cpu_package=False)
+    forward = model.compiled
+    assert isinstance(forward, aot.PackageForward) and forward.batch1 is not None
+    calls = []
+    spy = lambda name, graph: lambda x: calls.append((name, x.shape[0])) or graph(x)  # noqa: E731
+    forward.main, forward.batch1 = spy("main", forward.main), spy("batch1", forward.batch1)
+    for n in (1, 4, 1):
+        x = _images(n)
+        assert torch.allclose(model.probabilities(x), eager.probabilities(x), atol=1e-4)
+    assert calls == [("batch1", 1), ("main", 4), ("batch1", 1)]
+
+
+def test_a_package_from_before_the_batch1_graph_still_serves(packaged_cnn, tmp_path):
+    """A package whose metadata names no graphs (written before there were two) is served by its main graph."""
+    pth = tmp_path / "cnn_flowers.pth"
+    shutil.copy(packaged_cnn, pth)
+    shutil.copy(aot.cpu_package_path(packaged_cnn), aot.cpu_package_path(pth))
+    _rewrite_meta(aot.cpu_package_path(pth), graphs=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = fc.load_model(pth, device="cpu")
+    assert model.compiled.batch1 is None
+    x = _images(1)
+    assert torch.allclose(model.probabilities(x), fc.load_model(pth, cpu_package=False).probabilities(x), atol=1e-4)
+
+
 def _rewrite_meta(package, **changes) -> None:
     """The same package with some of our metadata changed (as if built elsewhere)."""
     with zipfile.ZipFile(package) as z:
         entries = {n: z.read(n) for n in z.namelist()}
     with zipfile.ZipFile(package, "w") as z:
         for name, data in entries.items():
-            if name.endswith(aot.PACKAGE_META):
-                data = json.dumps({**json.loads(data), **changes}).encode()
+            if name.endswith(aot.PACKAGE_META):  # a change to None removes the key
+                meta = {k: v for k, v in {**json.loads(data), **changes}.items() if v is not None}
+                data = json.dumps(meta).encode()
             z.writestr(name, data)
 
 
@@ -129,7 +161,7 @@ def test_a_failed_compile_writes_nothing_and_says_why(tiny_cnn_pth, tmp_path, mo
 
     def no_compiler(*args, **kwargs):
         raise RuntimeError("Compiler not found: g++")
-    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", no_compiler)
+    monkeypatch.setattr(torch._inductor, "aot_compile", no_compiler)
     assert export.main([str(pth), "--cpu-package"]) == 2
     err = capsys.readouterr().err
     assert "compiling the CPU package failed" in err and "g++" in err and "C++ compiler" in err
@@ -154,8 +186,12 @@ def test_the_clip_family_compiles_and_serves_too(tiny_vit_pth, tmp_path):
     assert diff < aot.PACKAGE_TOLERANCE
     compiled, eager = fc.load_vit_model(pth, device="cpu"), fc.load_model(pth, device="cpu", cpu_package=False)
     assert compiled.compiled is not None and compiled.model_name == TINY_CLIP
-    x = _images(3)
-    assert torch.allclose(compiled.probabilities(x), eager.probabilities(x), atol=1e-4)
+    # its patch embedding compiles as a Linear: no convolution left, so one graph serves every batch size
+    assert aot.read_package_meta(aot.cpu_package_path(pth))["graphs"] == [aot.MAIN_GRAPH]
+    assert compiled.compiled.batch1 is None
+    for n in (3, 1):
+        x = _images(n)
+        assert torch.allclose(compiled.probabilities(x), eager.probabilities(x), atol=1e-4)
 
 
 def test_the_eager_network_is_built_only_when_grad_cam_asks(packaged_cnn, real_photos):

@@ -17,7 +17,14 @@ from flowers_classifier import factory, onnx_model
 from flowers_classifier.inference import _int8_on
 from flowers_classifier.payload import INT8, QUANTIZE_KEY
 from flowers_classifier.preprocess import preprocess_image
-from flowers_classifier.quantize import Conv1x1AsLinear, SelfAttention, as_linears, int8_layers, quantize_int8
+from flowers_classifier.quantize import (
+    Conv1x1AsLinear,
+    PatchConvAsLinear,
+    SelfAttention,
+    as_linears,
+    int8_layers,
+    quantize_int8,
+)
 from flowers_fastai.export import main as export_main
 
 # Max abs difference of probabilities, int8 vs fp32, on the tiny random-init models. Measured: ~2e-4 (ViT-S-32)
@@ -62,6 +69,26 @@ def test_the_rewritten_vit_and_convnext_equal_the_originals():
     channels_last = cnn.to(memory_format=torch.channels_last)  # how load_model feeds a ConvNeXt on the CPU
     with torch.inference_mode():
         assert torch.allclose(channels_last(x.contiguous(memory_format=torch.channels_last)), expected, atol=1e-5)
+    assert not any(isinstance(m, PatchConvAsLinear) for m in cnn.modules())  # only asked for (the CPU package)
+
+
+@pytest.mark.parametrize("in_channels, kernel, size, bias", [(3, 4, 64, True), (40, 2, 7, True), (3, 14, 30, False)])
+def test_a_patchify_convolution_equals_its_linear(in_channels, kernel, size, bias):
+    """A stem (4x4/4 on RGB), a downsampling layer (2x2/2, an odd map: the last row and column are dropped, as
+    the convolution drops them) and a ViT patch embedding (14x14/14, no bias, 30 px: 2 patches and a rest)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(in_channels, 24, kernel, stride=kernel, bias=bias).eval()
+    x = torch.randn(2, in_channels, size, size)
+    with torch.inference_mode():
+        expected = conv(x)
+        for memory_format in (torch.contiguous_format, torch.channels_last):
+            got = PatchConvAsLinear(conv)(x.contiguous(memory_format=memory_format))
+            assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-5)
+    net = nn.Sequential(conv, nn.Conv2d(24, 24, 7, padding=3, groups=24), nn.Conv2d(24, 8, 1))
+    assert as_linears(net, patches=True) == 2  # the 7x7 depthwise convolution is no patchify and stays
+    assert [type(m) for m in net] == [PatchConvAsLinear, nn.Conv2d, Conv1x1AsLinear]
+    with pytest.raises(ValueError, match="kernel equals its stride"):
+        PatchConvAsLinear(nn.Conv2d(3, 8, 3, stride=2))
 
 
 @pytest.mark.parametrize("which", ["vit", "cnn"])
