@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import zipfile
 from collections.abc import Callable
@@ -149,27 +148,22 @@ def _max_prob_diff(runner: Callable, net: torch.nn.Module, payload: dict) -> flo
 
 class PackageForward:
     """The compiled forward of a package: (N, 3, H, W) fp32 -> (N, num_classes) logits, one image through the
-    batch-1 graph where the package has one, any other batch through the main graph."""
+    batch-1 graph where the package has one, any other batch through the main graph. Each graph is AOTInductor's
+    C++ runner, called with the one input tensor it was exported with. (torch's Python wrapper,
+    `torch._inductor.package.load_package`, adds a pytree round trip per call and the import of Inductor at
+    load, seconds; it also loads every graph of the archive for each one asked for.)"""
 
-    def __init__(self, main: Callable, batch1: Callable | None = None):
-        self.main, self.batch1 = main, batch1
+    def __init__(self, main, batch1=None):
+        self.main, self.batch1 = main, batch1  # torch._C._aoti.AOTIModelPackageLoader: run([x]) -> [logits]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.batch1(x) if self.batch1 is not None and x.shape[0] == 1 else self.main(x)
+        runner = self.batch1 if self.batch1 is not None and x.shape[0] == 1 else self.main
+        return runner.run([x])[0]
 
 
 def _load_runner(path: str | os.PathLike, graphs: list[str]) -> PackageForward:
-    # torch's C++-extension module logs "No CUDA runtime is found" when it is imported on a machine without
-    # CUDA: noise for a user who serves on the CPU, so that one logger is quiet while the loader imports it.
-    log = logging.getLogger("torch.utils.cpp_extension")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        from torch._inductor.package import load_package
-        loaded = {name: load_package(str(path), model_name=name) for name in graphs}
-    finally:
-        log.setLevel(level)
-    return PackageForward(loaded[MAIN_GRAPH], loaded.get(BATCH1_GRAPH))
+    runners = {name: torch._C._aoti.AOTIModelPackageLoader(str(path), name, False, 1, -1) for name in graphs}
+    return PackageForward(runners[MAIN_GRAPH], runners.get(BATCH1_GRAPH))
 
 
 def read_package_meta(path: str | os.PathLike) -> dict:
