@@ -1,0 +1,80 @@
+"""Latency of the first images after an idle pause: flowers_classifier (load_model defaults, the CPU package)
+vs ONNX Runtime, on the same preprocessed image.
+
+    python bench/idle_latency.py [--models atto@64] [--pause 0.2] [--rounds 60] [--calls 3] [--threads 2]
+
+A demo or an API mostly sees one image now and then, not a stream. After a pause, a runtime whose worker
+threads went to sleep pays for waking them: torch's OpenMP team does at each parallel region of the first
+call (libgomp spins for a while after a region, then sleeps), ONNX Runtime's own thread pool much less so.
+bench/inference.py's turns (3 calls after a 0.2 s pause) mix such calls into its p50; this script times
+them apart. Each round: pause, then --calls calls in a row, per contender, contenders in turn (one process,
+the same input). Prints p50 per call position, ours/ORT for each. Random init (the weights do not change the
+speed); photos: FLOWERS128_DIR (skipped cleanly when absent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python bench/NAME.py` (not -m): make `bench.common` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import machine_info, markdown_table, require_flowers, sample_photos  # noqa: E402
+from bench.inference import make_models, parse_models  # noqa: E402
+
+
+def time_after_pauses(forwards: dict, x, pause: float, rounds: int, calls: int) -> dict:
+    """Seconds of call 1..`calls` after each pause, per contender: {name: array (rounds, calls)}."""
+    import numpy as np
+    times = {name: np.zeros((rounds, calls)) for name in forwards}
+    order = list(forwards)
+    for r in range(rounds):
+        for name in order[r % len(order):] + order[:r % len(order)]:  # who goes first rotates
+            time.sleep(pause)
+            for c in range(calls):
+                start = time.perf_counter()
+                forwards[name](x)
+                times[name][r, c] = time.perf_counter() - start
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="atto@64", help="comma-separated NAME@SIZE, as bench/inference.py")
+    p.add_argument("--pause", type=float, default=0.2, help="idle seconds before each round's calls (default 0.2)")
+    p.add_argument("--rounds", type=int, default=60)
+    p.add_argument("--calls", type=int, default=3, help="calls in a row after each pause (default 3)")
+    p.add_argument("--threads", type=int, default=2, help="intra-op threads for torch and ORT alike (default 2)")
+    args = p.parse_args(argv)
+    photos = sample_photos(require_flowers("idle_latency"), 1)
+    import numpy as np
+    import torch
+
+    import flowers_classifier as fc
+    torch.set_num_threads(args.threads)
+    print(machine_info())
+    print(f"pause {args.pause} s, then {args.calls} calls in a row; {args.rounds} rounds, contenders in turn; "
+          f"threads {args.threads}\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, size in parse_models(args.models):
+            info = make_models(name, size, Path(tmp) / f"{name}-{size}", photos, 1, cpu_package=True)
+            x = torch.from_numpy(np.load(info["inputs"]))
+            ours, ort = fc.load_model(info["pth"], device="cpu"), fc.load_model(info["onnx"], device="cpu")
+            if ours.compiled is None:
+                raise SystemExit(f"{name}@{size}: the CPU package did not load; see the warning above")
+            times = time_after_pauses({"ours": ours.probabilities, "ORT": ort.probabilities}, x, args.pause,
+                                      args.rounds, args.calls)
+            p50 = {k: np.median(v, axis=0) * 1e3 for k, v in times.items()}
+            rows = [[f"call {c + 1}", p50["ours"][c], p50["ORT"][c], f"{p50['ours'][c] / p50['ORT'][c]:.2f}x"]
+                    for c in range(args.calls)]
+            print(f"{name} at {size} px, p50 ms by position after the pause")
+            print(markdown_table(["call", "ours ms", "ORT ms", "ours/ORT"], rows) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
