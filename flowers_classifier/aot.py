@@ -10,7 +10,7 @@ oneDNN, no Python per op. Compiling takes a C++ compiler and a minute or more, s
 Two graphs for a ConvNeXt. The main graph takes any batch (1..MAX_BATCH). Inductor prepacks Linear weights
 for it, but a convolution's weights only for a static input shape: with a dynamic batch axis, each
 depthwise convolution reorders its weights at every call, which is most of a small model's time at batch 1
-(convnextv2_atto at 64 px: 1.3x faster at batch 1 with a static graph, measured A/B here). So a network that
+(convnextv2_atto at 64 px: 1.2-1.3x faster at batch 1 with a static graph, measured A/B here). So a network that
 keeps convolutions after `eager_cpu_net`'s rewrites also gets a graph compiled for one image (BATCH1_GRAPH),
 and single images, a demo's and an API's usual call, go through it. A ViT keeps no convolution (its patch
 embedding becomes a Linear) and gets one graph: a second copy of ViT-L/14's 1.2 GB would buy nothing.

@@ -127,7 +127,8 @@ class PatchConvAsLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
-        (kh, kw), (rows, cols) = self.kernel_size, (h // self.kernel_size[0], w // self.kernel_size[1])
+        kh, kw = self.kernel_size
+        rows, cols = h // kh, w // kw
         # Rows and columns past the last whole patch are dropped, as the convolution drops them.
         patches = x[:, :, :rows * kh, :cols * kw].permute(0, 2, 3, 1).reshape(n, rows, kh, cols, kw, c)
         patches = patches.permute(0, 1, 3, 2, 4, 5).reshape(n, rows, cols, kh * kw * c)
