@@ -41,6 +41,17 @@ PACKAGE_META = "extra/flowers_fastai.json"  # our entry in the .pt2 archive: wha
 PACKAGE_TOLERANCE = 1e-4  # max abs difference of probabilities, compiled vs eager, fp32 (as for ONNX)
 MAX_BATCH = 1024  # the dynamic batch axis of the compiled graph: 1 ... MAX_BATCH images per call
 MAIN_GRAPH, BATCH1_GRAPH = "model", "batch1"  # the graphs' names in the archive (AOTInductor's default first)
+# Inductor options per graph, beside freezing. In the batch-1 graph Inductor times, for each Linear, its own
+# generated GEMM (a C++ template, bias and activation fused) against oneDNN's and keeps the faster on the
+# machine that compiles (max-autotune; its tables are not printed). At a small model's batch-1 shapes oneDNN's
+# fixed cost per call is most of each matmul (convnextv2_atto at 64 px: 16 to 256 rows); at larger ones oneDNN
+# wins and stays (convnextv2_tiny at 224 px; forcing the generated GEMM everywhere made it 2.2x slower). The
+# dynamic graph keeps oneDNN: autotuning would time only the traced batch of 2, not the batches it serves.
+GRAPH_OPTIONS = {
+    MAIN_GRAPH: {},
+    BATCH1_GRAPH: {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+                   "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False},
+}
 
 
 class CpuPackageError(ValueError):
@@ -134,7 +145,7 @@ def _aot_compile(net: torch.nn.Module, payload: dict, graph: str) -> list:
     args, kwargs = program.example_inputs
     from torch._inductor import aot_compile
     return aot_compile(program.module(check_guards=False), args, kwargs,
-                       options={"aot_inductor.package": True, "freezing": True})
+                       options={"aot_inductor.package": True, "freezing": True, **GRAPH_OPTIONS[graph]})
 
 
 def _max_prob_diff(runner: Callable, net: torch.nn.Module, payload: dict) -> float:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -95,9 +96,10 @@ def check_spec(spec: dict, path: Path) -> None:
         raise ModelFileError(f"{path}: unknown model family {spec.get('family')!r}; expected one of {FAMILIES}")
 
 
-def _torch_load(path: Path) -> object:
+def _torch_load(path: Path, mmap: bool = False) -> object:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # torch maps only its zip format (torch.save's default); an older file is read as before
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         if "Unsupported global" not in str(e):  # not a torch file at all (random bytes, text, ...)
             raise ModelFileError(f"{path}: not a readable model file (damaged, or not a torch file at all); "
@@ -109,13 +111,14 @@ def _torch_load(path: Path) -> object:
         raise ModelFileError(f"{path}: not a readable model file ({type(e).__name__}: {e})") from e
 
 
-def load_payload(weights_path: str | os.PathLike) -> dict:
-    """Read and validate a payload written by `export.py`; ModelFileError on anything else."""
+def load_payload(weights_path: str | os.PathLike, mmap: bool = False) -> dict:
+    """Read and validate a payload written by `export.py`; ModelFileError on anything else. `mmap=True` maps
+    its tensors from the file instead of reading them (load_model, which may never need them)."""
     path = resolve_model_path(weights_path)
     if not path.is_file():
         raise ModelFileError(f"{path}: no such model file. Train and export one with "
                              f"`python train.py --arch cnn` (or `python export.py RUN_DIR`).")
-    payload = _torch_load(path)
+    payload = _torch_load(path, mmap)
     if not isinstance(payload, dict):
         raise ModelFileError(f"{path}: not a flowers_fastai payload (a {type(payload).__name__}, not a dict)")
     keys = set(payload)

@@ -4,6 +4,8 @@ serving goes on) when it does not fit the weights, the torch version or the CPU,
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 import warnings
@@ -15,6 +17,7 @@ from conftest import TINY_CLIP, TINY_SIZE, require
 
 import flowers_classifier as fc
 from flowers_classifier import aot
+from flowers_classifier import payload as payload_module
 from flowers_classifier.payload import load_payload
 from flowers_fastai import export
 
@@ -28,8 +31,15 @@ def packaged_cnn(tiny_cnn_pth, tmp_path_factory):
             "compiling a CPU package needs a C++ compiler (apt-get install g++)")
     pth = tmp_path_factory.mktemp("pkg") / "cnn_flowers.pth"
     shutil.copy(tiny_cnn_pth, pth)
-    assert export.main([str(pth), "--cpu-package"]) == 0
+    with pytest.MonkeyPatch.context() as env, contextlib.redirect_stderr(io.StringIO()) as err:
+        # an empty Inductor cache: a real first compile, as on a user's machine (its autotuning included)
+        env.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor-cache")))
+        assert export.main([str(pth), "--cpu-package"]) == 0
+    EXPORT_STDERR[pth] = err.getvalue()
     return pth
+
+
+EXPORT_STDERR: dict = {}  # what export.py printed to stderr while packaged_cnn compiled, by .pth path
 
 
 def _images(n: int, size: int = TINY_SIZE) -> torch.Tensor:
@@ -87,6 +97,48 @@ def test_a_convnext_package_serves_single_images_through_its_batch1_graph(packag
         x = _images(n)
         assert torch.allclose(model.probabilities(x), eager.probabilities(x), atol=1e-4)
     assert calls == [("batch1", 1), ("main", 4), ("batch1", 1)]
+
+
+def test_only_the_batch1_graph_times_inductors_gemm_against_onednn(tiny_cnn_pth, packaged_cnn, monkeypatch):
+    """aot.GRAPH_OPTIONS: the static batch-1 graph is compiled with max-autotune over Inductor's C++ GEMM and
+    oneDNN (the dynamic graph would be timed at its traced batch only), and its timing tables are not printed."""
+    seen = {}
+
+    def record(module, args, kwargs, options):
+        seen[args[0].shape[0]] = options
+        return []
+    monkeypatch.setattr(torch._inductor, "aot_compile", record)
+    payload = load_payload(tiny_cnn_pth)
+    net = aot.eager_cpu_net(payload)
+    for graph in (aot.MAIN_GRAPH, aot.BATCH1_GRAPH):
+        aot._aot_compile(net, payload, graph)
+    main, batch1 = seen[2], seen[1]  # the main graph is traced on 2 images, the batch-1 graph on one
+    assert main["freezing"] and batch1["freezing"] and "max_autotune" not in main
+    assert batch1["max_autotune"] and set(batch1["max_autotune_gemm_backends"].split(",")) == {"CPP", "ATEN"}
+    printed = EXPORT_STDERR[packaged_cnn]  # the real export of the fixture, batch-1 graph autotuned
+    assert "AUTOTUNE" not in printed and "Autotune Choices" not in printed, printed[-2000:]
+
+
+def test_load_model_maps_the_pth_and_reads_its_weights_only_for_the_eager_network(packaged_cnn, monkeypatch):
+    """With the package serving, the .pth's tensors are mapped, never read (ViT-L/14: 1.2 GB neither read nor
+    held); without it, the eager network gets them read into memory, not left mapped to the file."""
+    loads, read = [], payload_module._torch_load
+    monkeypatch.setattr(payload_module, "_torch_load", lambda path, mmap=False: loads.append(mmap) or read(path, mmap))
+    assert fc.load_model(packaged_cnn, device="cpu").compiled is not None
+    assert loads == [True]
+    loads.clear()
+    assert fc.load_model(packaged_cnn, device="cpu", cpu_package=False).compiled is None
+    assert loads == [True, False]
+
+
+def test_a_pth_in_torchs_legacy_format_still_loads(tiny_cnn_pth, tmp_path):
+    """torch maps only its zip format: a .pth saved in the older one is read as before."""
+    legacy = tmp_path / "cnn_flowers.pth"
+    torch.save(load_payload(tiny_cnn_pth), legacy, _use_new_zipfile_serialization=False)
+    assert not zipfile.is_zipfile(legacy)
+    x = _images(2)
+    assert torch.allclose(fc.load_model(legacy, device="cpu").probabilities(x),
+                          fc.load_model(tiny_cnn_pth, device="cpu", cpu_package=False).probabilities(x))
 
 
 def test_a_package_from_before_the_batch1_graph_still_serves(packaged_cnn, tmp_path):
