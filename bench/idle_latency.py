@@ -10,8 +10,8 @@ bench/inference.py's turns (3 calls after a 0.2 s pause) mix such calls into its
 them apart. Each round: pause, then --calls calls in a row, per contender, contenders in turn (one process,
 the same input): the model alone on the preprocessed tensor, and predict_proba from the JPEG file (whose
 decoding, ~1 ms in this thread, comes between the pause and the model). Prints p50 per call position,
-ours/ORT for each. Random init (the weights do not change the
-speed); photos: FLOWERS128_DIR (skipped cleanly when absent).
+ours/ORT for each. Random init (the weights do not change the speed); photos: FLOWERS128_DIR (skipped
+cleanly when absent).
 """
 
 from __future__ import annotations

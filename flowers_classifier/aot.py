@@ -12,8 +12,9 @@ for it, but a convolution's weights only for a static input shape: with a dynami
 depthwise convolution reorders its weights at every call, which is most of a small model's time at batch 1
 (convnextv2_atto at 64 px: 1.2-1.3x faster at batch 1 with a static graph, measured A/B here). So a network that
 keeps convolutions after `eager_cpu_net`'s rewrites also gets a graph compiled for one image (BATCH1_GRAPH),
-and single images, a demo's and an API's usual call, go through it. A ViT keeps no convolution (its patch
-embedding becomes a Linear) and gets one graph: a second copy of ViT-L/14's 1.2 GB would buy nothing.
+and single images, a demo's and an API's usual call, go through it; its matmuls are autotuned at export
+(GRAPH_OPTIONS). A ViT keeps no convolution (its patch embedding becomes a Linear) and gets one graph: a
+second copy of ViT-L/14's 1.2 GB would buy nothing.
 
 A package is only valid where it was built: the same weights (the sha256 of the `.pth` it was compiled
 from), the same torch version (AOTInductor's ABI) and the same CPU instruction set (Inductor compiled its
