@@ -91,6 +91,12 @@ def time_calls(fn: Callable[[], object], runs: int, warmup: int) -> np.ndarray:
     return times
 
 
+def rotated(items: Sequence, r: int) -> list:
+    """`items` starting from the r-th (mod its length): run them in this order in round r, and who goes first
+    rotates from round to round."""
+    return list(items[r % len(items):]) + list(items[:r % len(items)])
+
+
 def latency_ms(times: np.ndarray) -> dict:
     return dict(p50_ms=float(np.percentile(times, 50) * 1e3), p95_ms=float(np.percentile(times, 95) * 1e3))
 

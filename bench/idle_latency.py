@@ -26,29 +26,26 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python bench/NAME.py` (not -m): make `bench.common` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import machine_info, markdown_table, require_flowers, sample_photos  # noqa: E402
+from bench.common import (  # noqa: E402
+    machine_info,
+    markdown_table,
+    require_flowers,
+    rotated,
+    sample_photos,
+    time_calls,
+)
 from bench.inference import make_models, parse_models  # noqa: E402
 
 
-def time_after_pauses(forwards: dict, x, pause: float, rounds: int, calls: int) -> dict:
+def time_after_pauses(forwards: dict, pause: float, rounds: int, calls: int) -> dict:
     """Seconds of call 1..`calls` after each pause, per contender: {name: array (rounds, calls)}."""
     import numpy as np
     times = {name: np.zeros((rounds, calls)) for name in forwards}
-    order = list(forwards)
     for r in range(rounds):
-        for name in order[r % len(order):] + order[:r % len(order)]:  # who goes first rotates
+        for name in rotated(list(forwards), r):
             time.sleep(pause)
-            for c in range(calls):
-                start = time.perf_counter()
-                forwards[name](x)
-                times[name][r, c] = time.perf_counter() - start
+            times[name][r] = time_calls(forwards[name], calls, warmup=0)
     return times
-
-
-def from_file(model, photo: Path, _) -> dict:
-    """predict_proba from the JPEG file, in time_after_pauses' calling convention (its tensor is unused)."""
-    import flowers_classifier as fc
-    return fc.predict_proba(model, photo)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,10 +72,10 @@ def main(argv: list[str] | None = None) -> int:
             ours, ort = fc.load_model(info["pth"], device="cpu"), fc.load_model(info["onnx"], device="cpu")
             if ours.compiled is None:
                 raise SystemExit(f"{name}@{size}: the CPU package did not load; see the warning above")
-            contenders = {"ours": ours.probabilities, "ORT": ort.probabilities,  # the preprocessed tensor
-                          "ours e2e": partial(from_file, ours, photos[0]),  # predict_proba from the JPEG file
-                          "ORT e2e": partial(from_file, ort, photos[0])}
-            times = time_after_pauses(contenders, x, args.pause, args.rounds, args.calls)
+            contenders = {"ours": partial(ours.probabilities, x), "ORT": partial(ort.probabilities, x),
+                          "ours e2e": partial(fc.predict_proba, ours, photos[0]),  # from the JPEG file
+                          "ORT e2e": partial(fc.predict_proba, ort, photos[0])}
+            times = time_after_pauses(contenders, args.pause, args.rounds, args.calls)
             p50 = {k: np.median(v, axis=0) * 1e3 for k, v in times.items()}
             for what, a, b in (("model only (tensor)", "ours", "ORT"), ("end to end (file)", "ours e2e", "ORT e2e")):
                 rows = [[f"call {c + 1}", p50[a][c], p50[b][c], f"{p50[a][c] / p50[b][c]:.2f}x"]

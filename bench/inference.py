@@ -52,6 +52,7 @@ from bench.common import (  # noqa: E402
     markdown_table,
     peak_rss_mib,
     require_flowers,
+    rotated,
     sample_photos,
     time_calls,
     verdict,
@@ -173,10 +174,9 @@ def measure_in_turn(workers: list[Worker], args: argparse.Namespace, runs: int, 
 
     for w in workers:
         w.ask(op="warmup", runs=args.warmup)
-    in_turn = lambda r: workers[r % len(workers):] + workers[:r % len(workers)]  # noqa: E731 - who goes first rotates
     runs = max(1, -(-runs // args.rounds))
     for r in range(args.rounds):
-        for w in in_turn(r):
+        for w in rotated(workers, r):
             turn(w, f"{w.variant}/model", op="model", bs=1, runs=runs)
             if w.variant not in ("torch", "ort"):
                 turn(w, f"{w.variant}/e2e", op="e2e", bs=1, runs=runs)
@@ -186,7 +186,7 @@ def measure_in_turn(workers: list[Worker], args: argparse.Namespace, runs: int, 
         batches = max(2, -(-min_images // bs))  # per contender, spread over up to --rounds turns
         rounds = min(args.rounds, batches)
         for r in range(rounds):
-            for w in in_turn(r):
+            for w in rotated(workers, r):
                 turn(w, f"{w.variant}/model@{bs}", op="model", bs=bs, runs=-(-batches // rounds))
                 if w.variant not in ("torch", "ort"):
                     turn(w, f"{w.variant}/e2e@{bs}", op="e2e", bs=bs, runs=-(-batches // rounds))
