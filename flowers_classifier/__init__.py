@@ -16,7 +16,8 @@ torch, timm, open_clip and PIL only: no fastai, no network.
 Payloads are read with `torch.load(weights_only=True)`: a file holding pickled objects is refused
 without running anything. Modules: `classes`, `preprocess` (decoding, eval crop), `model` (modules),
 `factory` (building models, pretrained weights), `payload` (the .pth format), `inference` (load +
-predict), `onnx_model` (ONNX export and serving), `aot` (the compiled CPU package), `quantize` (int8 on the CPU), `cli`.
+predict), `onnx_model` (ONNX export and serving), `aot` (the compiled CPU package), `quantize` (int8 on
+the CPU), `threads` (pinning OpenMP workers), `cli`.
 """
 
 from .classes import CLASSES

@@ -32,6 +32,7 @@ from .payload import (
 )
 from .preprocess import IMAGE_SUFFIXES, InvalidImageError, Preprocess, preprocess_image, tta_views
 from .quantize import quantize_int8
+from .threads import available_cpus
 
 CPU_MICRO_BATCH = 2  # images per eager forward pass on the CPU at 224 px; more at smaller sizes (cpu_micro_batch)
 
@@ -67,7 +68,9 @@ def load_model(weights_path: str | os.PathLike, family: str | None = None,
     """Build the architecture the payload describes (no download), load its weights, eval mode.
     `family` ("cnn" or "clip") makes a file of the other family an error. Uses CUDA when available.
     On the CPU, Linear layers run as 1x1 convolutions (`_LinearAsConv`), a ConvNeXt runs channels_last and
-    batches go through the network in cache-sized chunks (`cpu_micro_batch`).
+    batches go through the network in cache-sized chunks (`cpu_micro_batch`). Where torch's threads span all
+    the CPUs, each calling thread's OpenMP workers are pinned one per CPU and the caller to the one left during
+    a forward, so the first call after a pause is not slow (threads.py; `model.pin_threads = False`: not pinned).
     `compile=True` adds torch.compile (see `_compile`): faster still on the CPU, mostly at batch sizes
     above 1, but the first call at each new batch-size range compiles (seconds to a minute); for
     long-running servers.
@@ -137,6 +140,7 @@ def model_from_payload(payload: dict, device: str | torch.device | None = None, 
     model.int8 = int8 and device.type == "cpu"
     if device.type == "cpu":
         model.channels_last = model.family == "cnn"  # the eager ConvNeXt and the package both take NHWC
+        model.pin_threads = True  # no slow first call after a pause (threads.py)
         # Activations of a couple of images stay in the CPU's caches; those of 32 do not, and then the
         # elementwise ops between the convolutions (GELU, GRN, LayerNorm) run at memory speed: chunks of 2
         # are ~2x faster per image than one pass of 32 at 224 px (bench/cpu_kernels.py, bench/RESULTS.md).
@@ -291,10 +295,12 @@ def iter_probabilities(model: FlowerClassifier, image_paths: Iterable[str | os.P
     does not decode gives (path, None, message) and the others go on. `load(path, prep)` makes the input
     (default: the served preprocessing); when it returns a stack of views (V, 3, H, W) the probabilities
     are (V, K), one row per view, for test-time augmentation. `logits=True` yields the raw logits instead
-    (before the temperature), for calibration and evaluation."""
+    (before the temperature), for calibration and evaluation. `workers`: decoding threads, one per CPU at most."""
     forward = model.logits if logits else model.probabilities
     paths = [Path(p) for p in image_paths]
-    with ThreadPoolExecutor(workers) as pool:  # PIL decodes outside the GIL: overlap the files of a batch
+    # PIL decodes outside the GIL: overlap the files of a batch, one thread per CPU at most (more only wait:
+    # 8 photos at 128 px decoded in 7.2 ms by 4 threads on 2 CPUs, 5.8 ms by 2, measured here)
+    with ThreadPoolExecutor(max(1, min(workers, len(available_cpus()), len(paths)))) as pool:
         for start in range(0, len(paths), bs):
             chunk = paths[start:start + bs]
             inputs = list(pool.map(lambda p: _load_or_error(load, p, model.prep), chunk))
