@@ -6,8 +6,8 @@ calling thread spin-waits for the team's workers. After a pause (a demo between 
 between requests) the workers sleep, and a scheduler that packs threads (this project's 2-vCPU VM does) may
 wake the worker onto the CPU where the caller is already spinning: the worker then waits for the caller's
 spin to end, up to a scheduler tick (4 ms), at the call's barriers. On that machine this made the first call after
-a pause of convnextv2_atto at 64 px 3-4x slower than ONNX Runtime's (12.6 vs 3.2 ms, `bench/idle_latency.py
---free-threads`); pinned, 3.5 vs 3.1 ms (bench/RESULTS.md section 1b). ONNX Runtime does not pay it: its
+a pause of convnextv2_atto at 64 px about 3x slower than ONNX Runtime's (11.7 vs 4.2 ms, `bench/idle_latency.py
+--free-threads`); pinned, 3.7 vs 3.2 ms (bench/RESULTS.md section 1b). ONNX Runtime does not pay it: its
 caller runs a region's work itself when no worker is awake. A worker pinned alone is not enough: the caller
 may then be packed onto the worker's CPU, which the worker can no longer leave; hence the caller's CPU
 during the forward (two `sched_setaffinity` calls, a few microseconds; its own CPU set back afterwards).
@@ -61,10 +61,10 @@ def pinned_team() -> Iterator[None]:
     scheduler that packs threads may otherwise put the caller on a worker's CPU, and a pinned worker cannot
     move away: every barrier of the call would wait for a tick.)"""
     cpu = _caller_cpu(torch.get_num_threads())
-    if cpu is None:
+    own = os.sched_getaffinity(0) if cpu is not None else set()
+    if cpu not in own:  # not pinned, or this thread's CPU set changed since: leave it as it is
         yield
         return
-    own = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {cpu})
     try:
         yield

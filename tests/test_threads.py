@@ -53,9 +53,14 @@ def test_each_worker_of_each_callers_team_gets_a_cpu_of_its_own_and_the_callers_
         t = threading.Thread(target=in_a_thread); t.start(); t.join()
         with pinned_team():
             out["caller_during_a_call"] = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, set(os.sched_getaffinity(0)) - {{min(os.sched_getaffinity(0))}})
+        with pinned_team():  # the caller's CPU was taken from this thread since: it is left as it is
+            out["caller_restricted"] = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, set({CPUS}))
     """)
     assert out["results"] == [True, True, True]
     assert out["caller_during_a_call"] == CPUS[:1]  # the CPU no worker holds, during the forward only
+    assert out["caller_restricted"] == CPUS[1:]
     threads = out["threads"]
     assert threads[str(out["main"])] == CPUS  # and afterwards every CPU again
     pinned = [cpus[0] for cpus in threads.values() if len(cpus) == 1]
