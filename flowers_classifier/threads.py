@@ -33,7 +33,8 @@ _REGION = ctypes.CFUNCTYPE(None, ctypes.c_void_p)  # the outlined body GOMP_para
 
 
 def available_cpus() -> list[int]:
-    """The CPUs this process may run on (its affinity mask; all of os.cpu_count() where there is none)."""
+    """The CPUs the calling thread may run on (its affinity mask, the process's unless the thread was given its
+    own; all of os.cpu_count() where the OS has no affinity masks)."""
     if hasattr(os, "sched_getaffinity"):
         return sorted(os.sched_getaffinity(0))
     return list(range(os.cpu_count() or 1))
