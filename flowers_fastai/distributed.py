@@ -15,6 +15,8 @@ The small workarounds of fastai/Accelerate behaviour, all here:
   from the DataLoaders.
 - `_DistributedDL._broadcast`: fastai's DistributedDL broadcasts the shuffled indices as `LongTensor(t).cuda()`
   ("nccl only works with cuda tensors"): with gloo the tensor stays on the CPU.
+- `shutdown`: train.main leaves the process group on every way out (a group left to interpreter teardown may abort
+  a rank at exit with SIGABRT).
 - `outside_ddp` + `on_main`: `--lr auto` runs fastai's lr_find on rank 0 alone (its temporary checkpoint is saved
   and restored by rank 0 only, and its smoothed loss would all_gather across ranks under WORLD_SIZE > 1), then
   broadcasts the suggestion; the other ranks wait, weights untouched.
@@ -64,6 +66,14 @@ def init() -> None:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def shutdown() -> None:
+    """Leave the process group, when this process joined one. Called by train.main on every way out: a gloo
+    group left to the interpreter's teardown can abort the process (SIGABRT) as its worker threads free tensors
+    after Python is gone; torch asks for destroy_process_group before exit."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier() -> None:

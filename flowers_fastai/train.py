@@ -501,5 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     except SanityCheckError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        distributed.shutdown()
     return 0
 

@@ -89,6 +89,30 @@ def test_refuses_an_accelerate_cpu_launch_that_started_one_process(monkeypatch, 
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("outcome", ["finished", "ValueError", "KeyboardInterrupt"])
+def test_train_main_leaves_the_process_group_on_every_way_out(monkeypatch, tmp_path, outcome):
+    """A rank that exits with its gloo group still up can abort (SIGABRT) in interpreter teardown: main leaves
+    it whether training finished, failed with a user error, or was interrupted."""
+    def fake_train(args):
+        dist = torch.distributed
+        dist.init_process_group("gloo", init_method=(tmp_path / "pg").as_uri(), rank=0, world_size=1)
+        assert dist.is_initialized()
+        if outcome == "ValueError":
+            raise ValueError("bad flag")
+        if outcome == "KeyboardInterrupt":
+            raise KeyboardInterrupt
+        return tmp_path
+
+    monkeypatch.setattr(train, "train", fake_train)
+    if outcome == "KeyboardInterrupt":
+        with pytest.raises(KeyboardInterrupt):
+            train.main(["--out", str(tmp_path / "run")])
+    else:
+        assert train.main(["--out", str(tmp_path / "run")]) == (0 if outcome == "finished" else 2)
+    assert not torch.distributed.is_initialized()
+    distributed.shutdown()  # no group: nothing to do, no error
+
+
 def test_lr_auto_under_two_processes_rank_0_finds_every_rank_uses(real_flowers, tmp_path):
     """--lr auto: stage 1 data-parallel, lr_find on rank 0 alone (outside DDP), its valley broadcast."""
     run = tmp_path / "run"
