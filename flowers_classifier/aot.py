@@ -11,10 +11,16 @@ Two graphs for a ConvNeXt. The main graph takes any batch (1..MAX_BATCH). Induct
 for it, but a convolution's weights only for a static input shape: with a dynamic batch axis, each
 depthwise convolution reorders its weights at every call, which is most of a small model's time at batch 1
 (convnextv2_atto at 64 px: 1.2-1.3x faster at batch 1 with a static graph, measured A/B here). So a network that
-keeps convolutions after `eager_cpu_net`'s rewrites also gets a graph compiled for one image (BATCH1_GRAPH),
+keeps convolutions after `compiled_net`'s rewrites also gets a graph compiled for one image (BATCH1_GRAPH),
 and single images, a demo's and an API's usual call, go through it; its matmuls are autotuned at export
 (GRAPH_OPTIONS). A ViT keeps no convolution (its patch embedding becomes a Linear) and gets one graph: a
 second copy of ViT-L/14's 1.2 GB would buy nothing.
+
+On small maps a ConvNeXt's 7x7 depthwise convolutions are compiled as what they are there, a dense
+per-channel mix of the map's positions (SmallMapDepthwiseConv, maps of SMALL_MAP positions or fewer): oneDNN
+runs one in ~30 µs whatever the map, a fixed cost that dwarfs a 4x4 map's arithmetic, while Inductor fuses the
+mix into one small reduction (convnextv2_atto at 64 px, its eight convolutions on 4x4 and 2x2 maps, A/B: the
+model takes 0.89-0.94x the time at batch 1 warm, 0.90-0.96x right after decoding a photo, 0.95x at batch 8).
 
 A package is only valid where it was built: the same weights (the sha256 of the `.pth` it was compiled
 from), the same torch version (AOTInductor's ABI) and the same CPU instruction set (Inductor compiled its
@@ -32,6 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .factory import build_from_spec
 from .files import atomic_write
@@ -42,6 +49,10 @@ PACKAGE_META = "extra/flowers_fastai.json"  # our entry in the .pt2 archive: wha
 PACKAGE_TOLERANCE = 1e-4  # max abs difference of probabilities, compiled vs eager, fp32 (as for ONNX)
 MAX_BATCH = 1024  # the dynamic batch axis of the compiled graph: 1 ... MAX_BATCH images per call
 MAIN_GRAPH, BATCH1_GRAPH = "model", "batch1"  # the graphs' names in the archive (AOTInductor's default first)
+# Depthwise convolutions on maps of at most this many positions (4x4) compile as SmallMapDepthwiseConv. The mix
+# holds (H*W)^2 weights per channel against a 7x7 kernel's 49: 5x at 4x4 but 21x at 8x8, where it measured
+# slower than oneDNN (convnextv2_atto at 64 px, A/B: 1.06-1.08x the time with the 4x4 limit).
+SMALL_MAP = 16
 # Inductor options per graph, beside freezing. In the batch-1 graph Inductor times, for each Linear, its own
 # generated GEMM (a C++ template, bias and activation fused) against oneDNN's and keeps the faster on the
 # machine that compiles (max-autotune; its tables are not printed). At a small model's batch-1 shapes oneDNN's
@@ -78,8 +89,8 @@ def build_target() -> dict:
     return dict(torch=torch.__version__, cpu_capability=torch.backends.cpu.get_cpu_capability())
 
 
-def eager_cpu_net(payload: dict) -> torch.nn.Module:
-    """The payload's network, fp32, eval mode, as the package compiles it: ConvNeXt channels_last, and 1x1 and
+def eager_cpu_net(payload: dict) -> nn.Module:
+    """The payload's network, fp32, eval mode, in the form the package computes: ConvNeXt channels_last, 1x1 and
     patchify convolutions as the Linear layers they are (the small ConvNeXt V2s, atto to nano, build their MLPs
     as 1x1 convolutions: Inductor then packs them as matmuls instead of calling oneDNN's convolution for each,
     which made convnextv2_atto at 64 px about 1.6x faster at batch 1, measured here A/B on the two packages;
@@ -89,6 +100,74 @@ def eager_cpu_net(payload: dict) -> torch.nn.Module:
     as_linears(net, attention=False, patches=True)
     net = net.float().eval()
     return net.to(memory_format=torch.channels_last) if payload["family"] == "cnn" else net
+
+
+def compiled_net(payload: dict) -> nn.Module:
+    """The modules the package traces: `eager_cpu_net`, its depthwise convolutions on small maps (at the
+    payload's image size) as SmallMapDepthwiseConv."""
+    net = eager_cpu_net(payload)
+    small_map_depthwise_as_dense(net, _example(payload, 1))
+    return net
+
+
+class SmallMapDepthwiseConv(nn.Module):
+    """A stride-1 depthwise convolution (a ConvNeXt block's 7x7) on one fixed map of H x W positions, as the
+    dense per-channel mix it is there: out[:, c, p] = bias[c] + sum_q mix[p, q, c] * x[:, c, q], with mix[p, q]
+    the kernel tap that joins input position q to output position p (zero where the kernel does not reach:
+    the zero padding). The same function as the convolution on that map, computed as one reduction."""
+
+    def __init__(self, conv: nn.Conv2d, height: int, width: int):
+        super().__init__()
+        if not is_depthwise(conv):
+            raise ValueError(f"SmallMapDepthwiseConv replaces a stride-1 depthwise convolution, not {conv}")
+        (kh, kw), (ph, pw) = conv.kernel_size, conv.padding
+        weight = conv.weight.detach()[:, 0]  # (C, kh, kw)
+        rows = torch.arange(height)[None, :] - torch.arange(height)[:, None] + ph  # [out row, in row] -> kernel row
+        cols = torch.arange(width)[None, :] - torch.arange(width)[:, None] + pw
+        reach = ((rows >= 0) & (rows < kh))[:, None, :, None] & ((cols >= 0) & (cols < kw))[None, :, None, :]
+        taps = weight[:, rows.clamp(0, kh - 1)[:, None, :, None], cols.clamp(0, kw - 1)[None, :, None, :]]
+        mix = (taps * reach).permute(1, 2, 3, 4, 0).reshape(height * width, height * width, -1)  # [p, q, c]
+        bias = conv.bias.detach() if conv.bias is not None else weight.new_zeros(weight.shape[0])
+        self.register_buffer("mix", mix.contiguous())
+        self.register_buffer("bias", bias.clone())
+        self.map_size = (height, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        if (h, w) != self.map_size:
+            raise ValueError(f"SmallMapDepthwiseConv was built for {self.map_size} maps, got {(h, w)}")
+        out = (x.permute(0, 2, 3, 1).reshape(n, 1, h * w, c) * self.mix).sum(2) + self.bias
+        return out.view(n, h, w, c).permute(0, 3, 1, 2)
+
+
+def is_depthwise(conv: nn.Module) -> bool:
+    return (type(conv) is nn.Conv2d and conv.groups == conv.in_channels == conv.out_channels
+            and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.padding_mode == "zeros"
+            and not isinstance(conv.padding, str))
+
+
+def small_map_depthwise_as_dense(net: nn.Module, example: torch.Tensor) -> int:
+    """Replace, in place, each depthwise convolution of `net` that runs on a map of at most SMALL_MAP positions
+    for `example` (the map sizes are recorded in one forward) by SmallMapDepthwiseConv; returns how many."""
+    maps: dict[nn.Module, tuple[int, int]] = {}
+
+    def record(conv: nn.Module, args: tuple) -> None:  # returns None: the convolution's input stays as it is
+        maps[conv] = tuple(args[0].shape[-2:])
+
+    hooks = [m.register_forward_pre_hook(record) for m in net.modules() if is_depthwise(m)]
+    try:
+        with torch.no_grad():
+            net(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    swapped = 0
+    for module in list(net.modules()):
+        for name, child in list(module.named_children()):
+            if child in maps and maps[child][0] * maps[child][1] <= SMALL_MAP:
+                setattr(module, name, SmallMapDepthwiseConv(child, *maps[child]))
+                swapped += 1
+    return swapped
 
 
 def _example(payload: dict, n: int) -> torch.Tensor:
@@ -103,7 +182,9 @@ def compile_cpu_package(payload: dict, payload_path: str | os.PathLike, out: str
     `cpu_package_path(payload_path)`). Returns (path, max abs difference of probabilities vs eager on
     batches of 3 and 1). Raises CpuPackageError, writing nothing, when compiling fails or the result disagrees."""
     out = Path(out) if out else cpu_package_path(payload_path)
-    net = eager_cpu_net(payload)
+    net = compiled_net(payload)
+    # checked against the network as it is, not as rewritten for the compiler
+    reference = eager_cpu_net(payload) if any(isinstance(m, SmallMapDepthwiseConv) for m in net.modules()) else net
     graphs = [MAIN_GRAPH] + ([BATCH1_GRAPH] if has_convolutions(net) else [])
     meta = dict(build_target(), payload_sha256=file_sha256(payload_path), payload_file=Path(payload_path).name,
                 family=payload["family"], model_name=payload["model_name"], image_size=int(payload["image_size"]),
@@ -122,7 +203,7 @@ def compile_cpu_package(payload: dict, payload_path: str | os.PathLike, out: str
                                   f"the .pth still serves (eager) without the package.") from e
         with zipfile.ZipFile(tmp, "a") as z:  # inside the archive's one top folder, where the loader looks
             z.writestr(f"{z.namelist()[0].split('/')[0]}/{PACKAGE_META}", json.dumps(meta))
-        diff.append(_max_prob_diff(_load_runner(tmp, graphs), net, payload))
+        diff.append(_max_prob_diff(_load_runner(tmp, graphs), reference, payload))
         if diff[0] > PACKAGE_TOLERANCE:
             raise CpuPackageError(f"{out}: the compiled model disagrees with PyTorch by {diff[0]:.2e} "
                                   f"(> {PACKAGE_TOLERANCE}) in probability; nothing was written.")
@@ -130,12 +211,12 @@ def compile_cpu_package(payload: dict, payload_path: str | os.PathLike, out: str
     return atomic_write(out, write, suffix=".tmp.pt2"), diff[0]  # AOTInductor only writes to *.pt2
 
 
-def has_convolutions(net: torch.nn.Module) -> bool:
+def has_convolutions(net: nn.Module) -> bool:
     """Whether `net` still runs convolutions, whose weights a dynamic-batch graph packs at every call."""
     return any(isinstance(m, torch.nn.Conv2d) for m in net.modules())
 
 
-def _aot_compile(net: torch.nn.Module, payload: dict, graph: str) -> list:
+def _aot_compile(net: nn.Module, payload: dict, graph: str) -> list:
     """AOTInductor's files for one graph of the package: the main graph with a dynamic batch axis (traced on
     2 images: torch.export would specialise a batch of 1), the batch-1 graph static."""
     if graph == MAIN_GRAPH:
@@ -149,7 +230,7 @@ def _aot_compile(net: torch.nn.Module, payload: dict, graph: str) -> list:
                        options={"aot_inductor.package": True, "freezing": True, **GRAPH_OPTIONS[graph]})
 
 
-def _max_prob_diff(runner: Callable, net: torch.nn.Module, payload: dict) -> float:
+def _max_prob_diff(runner: Callable, net: nn.Module, payload: dict) -> float:
     # 3: not the traced batch of 2, so the batch axis is proven dynamic; 1: the batch-1 graph where there is one
     diffs = []
     with torch.inference_mode():

@@ -109,7 +109,7 @@ def test_only_the_batch1_graph_times_inductors_gemm_against_onednn(tiny_cnn_pth,
         return []
     monkeypatch.setattr(torch._inductor, "aot_compile", record)
     payload = load_payload(tiny_cnn_pth)
-    net = aot.eager_cpu_net(payload)
+    net = aot.compiled_net(payload)
     for graph in (aot.MAIN_GRAPH, aot.BATCH1_GRAPH):
         aot._aot_compile(net, payload, graph)
     main, batch1 = seen[2], seen[1]  # the main graph is traced on 2 images, the batch-1 graph on one
@@ -228,12 +228,59 @@ def test_a_failed_compile_writes_nothing_and_says_why(tiny_cnn_pth, tmp_path, mo
 
 
 def test_a_package_that_disagrees_with_pytorch_is_not_written(tiny_cnn_pth, tmp_path, monkeypatch):
+    """Also: the graphs are traced from the rewritten network (small-map depthwise convolutions as dense mixes),
+    and the compiled result is checked against the network as it is, not against the rewrite."""
     pth = tmp_path / "cnn_flowers.pth"
     shutil.copy(tiny_cnn_pth, pth)
-    monkeypatch.setattr(aot, "_max_prob_diff", lambda *args: 0.5)
+    traced, checked, compile_graph = [], [], aot._aot_compile
+    monkeypatch.setattr(aot, "_aot_compile", lambda net, *args: traced.append(net) or compile_graph(net, *args))
+    monkeypatch.setattr(aot, "_max_prob_diff", lambda runner, net, payload: checked.append(net) or 0.5)
     with pytest.raises(aot.CpuPackageError, match="disagrees with PyTorch"):
         aot.compile_cpu_package(load_payload(pth), pth)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn_flowers.pth"]
+    assert traced and all(_count(net, aot.SmallMapDepthwiseConv) > 0 for net in traced)
+    assert _count(checked[0], aot.SmallMapDepthwiseConv) == 0 and _count(checked[0], torch.nn.Conv2d) > 0
+
+
+def _count(net: torch.nn.Module, kind: type) -> int:
+    return sum(isinstance(m, kind) for m in net.modules())
+
+
+@pytest.mark.parametrize("kernel,map_size", [(7, (4, 4)), (7, (2, 2)), (7, (1, 1)), (3, (3, 4)), (5, (4, 2))])
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_small_map_depthwise_conv_computes_the_convolution(kernel, map_size, bias):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(6, 6, kernel, padding=kernel // 2, groups=6, bias=bias)
+    dense = aot.SmallMapDepthwiseConv(conv, *map_size)
+    x = torch.randn(3, 6, *map_size)
+    with torch.no_grad():
+        for layout in (torch.contiguous_format, torch.channels_last):
+            assert torch.allclose(dense(x.contiguous(memory_format=layout)), conv(x), atol=1e-5)
+        with pytest.raises(ValueError, match="built for"):
+            dense(torch.randn(1, 6, 5, 5))
+    with pytest.raises(ValueError, match="stride-1 depthwise"):
+        aot.SmallMapDepthwiseConv(torch.nn.Conv2d(6, 12, 3, padding=1, groups=6), 4, 4)
+
+
+def test_only_depthwise_convs_on_small_maps_are_rewritten(tiny_cnn_pth):
+    """convnextv2_atto at 64 px: stages on 16x16, 8x8, 4x4 and 2x2 maps; only the last two's go dense."""
+    payload = load_payload(tiny_cnn_pth)
+    net, eager = aot.compiled_net(payload), aot.eager_cpu_net(payload)
+    rewritten = [m for m in net.modules() if isinstance(m, aot.SmallMapDepthwiseConv)]
+    assert rewritten and all(h * w <= aot.SMALL_MAP for h, w in (m.map_size for m in rewritten))
+    seen = []
+
+    def record(conv, args):
+        seen.append(args[0].shape[-2:])
+    hooks = [m.register_forward_pre_hook(record) for m in net.modules() if aot.is_depthwise(m)]
+    x = _images(2).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out, expected = net(x), eager(x)
+    for hook in hooks:
+        hook.remove()
+    assert seen and all(h * w > aot.SMALL_MAP for h, w in seen)  # the convolutions left run on larger maps
+    assert len(rewritten) == _count(eager, torch.nn.Conv2d) - _count(net, torch.nn.Conv2d)  # nothing else changed
+    assert torch.allclose(out, expected, atol=1e-5)
 
 
 def test_the_clip_family_compiles_and_serves_too(tiny_vit_pth, tmp_path):
