@@ -155,6 +155,8 @@ def small_map_depthwise_as_dense(net: nn.Module, example: torch.Tensor) -> int:
         maps[conv] = tuple(args[0].shape[-2:])
 
     hooks = [m.register_forward_pre_hook(record) for m in net.modules() if is_depthwise(m)]
+    if not hooks:  # a ViT: no forward to run
+        return 0
     try:
         with torch.no_grad():
             net(example)
