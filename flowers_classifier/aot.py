@@ -20,7 +20,7 @@ On small maps a ConvNeXt's 7x7 depthwise convolutions are compiled as what they 
 per-channel mix of the map's positions (SmallMapDepthwiseConv, maps of SMALL_MAP positions or fewer): oneDNN
 runs one in ~30 µs whatever the map, a fixed cost that dwarfs a 4x4 map's arithmetic, while Inductor fuses the
 mix into one small reduction (convnextv2_atto at 64 px, its eight convolutions on 4x4 and 2x2 maps, A/B: the
-model takes 0.89-0.94x the time at batch 1 warm, 0.90-0.96x right after decoding a photo, 0.95x at batch 8).
+model takes 0.89-0.94x the time at batch 1 warm, 0.90-0.96x right after decoding a photo, 0.95-0.96x at batch 8).
 
 A package is only valid where it was built: the same weights (the sha256 of the `.pth` it was compiled
 from), the same torch version (AOTInductor's ABI) and the same CPU instruction set (Inductor compiled its
