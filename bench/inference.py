@@ -1,7 +1,7 @@
 """Inference benchmark: flowers_classifier vs the raw torch module vs ONNX Runtime, on this CPU, at several
 model sizes in one run.
 
-    python bench/inference.py [--models atto@64,tiny@224,vit-l14@224] [--runs N] [--rounds 10] [--threads N]
+    python bench/inference.py [--models atto@64,tiny@224,vit-l14@224] [--runs N] [--rounds N] [--threads N]
                               [--batch-sizes 1,8] [--compile] [--no-cpu-package] [--wait-quiet] [--json OUT]
 
 Each model (`NAME@SIZE`: atto = convnextv2_atto, tiny = convnextv2_tiny, vit-l14 = open_clip ViT-L-14, or a
@@ -163,8 +163,9 @@ class Worker:
             self.proc.wait(timeout=60)
 
 
-def measure_in_turn(workers: list[Worker], args: argparse.Namespace, runs: int, min_images: int) -> dict:
-    """Latency and throughput of every contender, in --rounds rounds of short turns. A turn runs alone (the
+def measure_in_turn(workers: list[Worker], args: argparse.Namespace, runs: int, min_images: int,
+                    rounds: int) -> dict:
+    """Latency and throughput of every contender, in `rounds` rounds of short turns. A turn runs alone (the
     others are blocked on their pipe); a short pause after it lets its thread pool stop spinning."""
     times: dict[str, list[float]] = {}
 
@@ -174,8 +175,8 @@ def measure_in_turn(workers: list[Worker], args: argparse.Namespace, runs: int, 
 
     for w in workers:
         w.ask(op="warmup", runs=args.warmup)
-    runs = max(1, -(-runs // args.rounds))
-    for r in range(args.rounds):
+    runs = max(1, -(-runs // rounds))
+    for r in range(rounds):
         for w in rotated(workers, r):
             turn(w, f"{w.variant}/model", op="model", bs=1, runs=runs)
             if w.variant not in ("torch", "ort"):
@@ -183,13 +184,13 @@ def measure_in_turn(workers: list[Worker], args: argparse.Namespace, runs: int, 
             if w.variant == "ours":
                 turn(w, "preprocess", op="preprocess", runs=runs)
     for bs in args.batch_sizes:
-        batches = max(2, -(-min_images // bs))  # per contender, spread over up to --rounds turns
-        rounds = min(args.rounds, batches)
-        for r in range(rounds):
+        batches = max(2, -(-min_images // bs))  # per contender, spread over up to `rounds` turns
+        batch_rounds = min(rounds, batches)
+        for r in range(batch_rounds):
             for w in rotated(workers, r):
-                turn(w, f"{w.variant}/model@{bs}", op="model", bs=bs, runs=-(-batches // rounds))
+                turn(w, f"{w.variant}/model@{bs}", op="model", bs=bs, runs=-(-batches // batch_rounds))
                 if w.variant not in ("torch", "ort"):
-                    turn(w, f"{w.variant}/e2e@{bs}", op="e2e", bs=bs, runs=-(-batches // rounds))
+                    turn(w, f"{w.variant}/e2e@{bs}", op="e2e", bs=bs, runs=-(-batches // batch_rounds))
     import numpy as np
     latency = {k: latency_ms(np.array(v)) for k, v in times.items() if "@" not in k}
     throughput: dict[str, dict] = {}
@@ -314,7 +315,8 @@ def report(cold: dict, speed: dict, meta: dict, batch_sizes: list[int]) -> str:
                      lat[key]["p95_ms"], *[tp[key][str(bs)] for bs in batch_sizes], c.get("cold_rss_mib"),
                      c.get("peak_rss_mib")])
     lines = [f"model {meta['model']} at {meta['image_size']} px, random init; threads {meta['threads']}; "
-             f"{meta['runs']} runs after {meta['warmup']} warm-up, contenders timed in turn; 1-min load at start "
+             f"{meta['runs']} runs after {meta['warmup']} warm-up, contenders timed in turn ({meta.get('rounds', 10)} "
+             f"rounds); 1-min load at start "
              f"{meta['load_start']}, at end {meta['load_end']}",
              f"ONNX export {meta['export_s']:.1f} s, max |p_onnx - p_torch| {meta['onnx_max_abs_diff']:.1e}; "
              + (f"CPU package compiled in {meta['package_s']:.0f} s, max |p_package - p_eager| "
@@ -368,7 +370,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated NAME@SIZE (default {DEFAULT_MODELS}; "
                                                              f"aliases: {', '.join(ALIASES)})")
-    p.add_argument("--runs", type=int, help="timed single-image calls per variant (default 30; 8 for ViT-L/14)")
+    p.add_argument("--runs", type=int, help="timed single-image calls per variant (default 90; 8 for ViT-L/14)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls first (default 3)")
     p.add_argument("--min-images", type=int, help="images timed per batch size (default 64; 16 for ViT-L/14)")
     p.add_argument("--batch-sizes", type=lambda s: [int(v) for v in s.split(",")], default=[1, GOAL_BATCH],
@@ -381,8 +383,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="do not compile the CPU package: 'ours' is then the eager model")
     p.add_argument("--wait-quiet", action="store_true", help="first wait (<= 15 min) for a 1-min load below 0.7")
     p.add_argument("--json", type=Path, help="also write every measurement to this JSON file")
-    p.add_argument("--rounds", type=int, default=10,
-                   help="turns per contender and measurement, each 1/rounds of its runs (default 10)")
+    p.add_argument("--rounds", type=int,
+                   help="turns per contender and measurement, each 1/rounds of its runs (default 30, so 3 calls "
+                        "per latency turn; 10 for ViT-L/14). With 10 turns, atto@64's latency ratio over 30 calls "
+                        "moved 0.97-1.36x between runs of the same code on a shared 2-core machine")
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--child-models", help=argparse.SUPPRESS)
     p.add_argument("--files", nargs="*", help=argparse.SUPPRESS)
@@ -391,7 +395,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.models = parse_models(args.models)
     except ValueError as e:
         p.error(str(e))
-    if (args.runs is not None and args.runs < 2) or args.rounds < 1 or args.threads < 1 or min(args.batch_sizes) < 1:
+    if ((args.runs is not None and args.runs < 2) or (args.rounds is not None and args.rounds < 1)
+            or args.threads < 1 or min(args.batch_sizes) < 1):
         p.error("--runs must be >= 2, --rounds and --threads >= 1 and every --batch-sizes entry >= 1")
     return args
 
@@ -399,7 +404,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run_model(model_name: str, size: int, files: list[Path], args: argparse.Namespace, tmp: Path) -> dict:
     """Export one model, start its contenders one at a time (clean cold starts), time them in turn."""
     large = model_name == "ViT-L-14"  # ~1 s per image on 2 cores: fewer calls
-    runs, min_images = args.runs or (8 if large else 30), args.min_images or (16 if large else 64)
+    runs, min_images = args.runs or (8 if large else 90), args.min_images or (16 if large else 64)
+    rounds = args.rounds or (10 if large else 30)
     info = make_models(model_name, size, tmp / f"{model_name}-{size}", files, max(args.batch_sizes),
                        cpu_package=not args.no_cpu_package)
     variants = [v for v in VARIANTS if (v != "ours_compiled" or args.compile)
@@ -412,13 +418,13 @@ def run_model(model_name: str, size: int, files: list[Path], args: argparse.Name
             print(f"{model_name}@{size}: started {variant} in {time.perf_counter() - start:.0f} s", file=sys.stderr,
                   flush=True)
         start = time.perf_counter()
-        speed = measure_in_turn(workers, args, runs, min_images)
+        speed = measure_in_turn(workers, args, runs, min_images, rounds)
         print(f"{model_name}@{size}: timed all, in turn, in {time.perf_counter() - start:.0f} s", file=sys.stderr,
               flush=True)
     finally:
         for w in workers:
             w.close()
-    meta = dict(model=info["model"], image_size=info["image_size"], threads=args.threads, runs=runs,
+    meta = dict(model=info["model"], image_size=info["image_size"], threads=args.threads, runs=runs, rounds=rounds,
                 warmup=args.warmup, export_s=info["export_s"], onnx_max_abs_diff=info["onnx_max_abs_diff"],
                 package_s=info["package_s"], package_max_abs_diff=info["package_max_abs_diff"],
                 load_start=round(os.getloadavg()[0], 2))
