@@ -315,9 +315,8 @@ def report(cold: dict, speed: dict, meta: dict, batch_sizes: list[int]) -> str:
                      lat[key]["p95_ms"], *[tp[key][str(bs)] for bs in batch_sizes], c.get("cold_rss_mib"),
                      c.get("peak_rss_mib")])
     lines = [f"model {meta['model']} at {meta['image_size']} px, random init; threads {meta['threads']}; "
-             f"{meta['runs']} runs after {meta['warmup']} warm-up, contenders timed in turn ({meta.get('rounds', 10)} "
-             f"rounds); 1-min load at start "
-             f"{meta['load_start']}, at end {meta['load_end']}",
+             f"{meta['runs']} runs after {meta['warmup']} warm-up, contenders timed in turn ({meta['rounds']} rounds); "
+             f"1-min load at start {meta['load_start']}, at end {meta['load_end']}",
              f"ONNX export {meta['export_s']:.1f} s, max |p_onnx - p_torch| {meta['onnx_max_abs_diff']:.1e}; "
              + (f"CPU package compiled in {meta['package_s']:.0f} s, max |p_package - p_eager| "
                 f"{meta['package_max_abs_diff']:.1e}" if meta.get("package_s") is not None else "no CPU package"),
