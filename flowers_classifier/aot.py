@@ -42,6 +42,7 @@ from torch import nn
 
 from .factory import build_from_spec
 from .files import atomic_write
+from .model import replace_modules
 from .payload import CPU_PACKAGE_SUFFIX, ModelFileError
 from .quantize import as_linears
 
@@ -163,13 +164,13 @@ def small_map_depthwise_as_dense(net: nn.Module, example: torch.Tensor) -> int:
     finally:
         for hook in hooks:
             hook.remove()
-    swapped = 0
-    for module in list(net.modules()):
-        for name, child in list(module.named_children()):
-            if child in maps and maps[child][0] * maps[child][1] <= SMALL_MAP:
-                setattr(module, name, SmallMapDepthwiseConv(child, *maps[child]))
-                swapped += 1
-    return swapped
+
+    def swap(module: nn.Module) -> nn.Module | None:
+        if module not in maps or maps[module][0] * maps[module][1] > SMALL_MAP:
+            return None
+        return SmallMapDepthwiseConv(module, *maps[module])
+
+    return replace_modules(net, swap)
 
 
 def _example(payload: dict, n: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ from torch import nn
 
 from .aot import CpuPackageError, cpu_package_path, load_cpu_package
 from .factory import build_from_spec
-from .model import FlowerClassifier
+from .model import FlowerClassifier, replace_modules
 from .onnx_model import load_onnx_model
 from .payload import (
     DEFAULT_FILES,
@@ -204,10 +204,8 @@ class _LinearAsConv(nn.Module):
 
 def _linears_as_convs(net: nn.Module) -> None:
     """Swap every nn.Linear of `net` (ConvNeXt's MLPs, the ViT blocks' MLPs, heads) for _LinearAsConv."""
-    for module in list(net.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is nn.Linear:  # not subclasses: NonDynamicallyQuantizableLinear of attention stays
-                setattr(module, name, _LinearAsConv(child))
+    # exact type, not subclasses: attention's NonDynamicallyQuantizableLinear stays
+    replace_modules(net, lambda child: _LinearAsConv(child) if type(child) is nn.Linear else None)
 
 
 def _compile(model: FlowerClassifier) -> FlowerClassifier:

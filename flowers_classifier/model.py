@@ -44,6 +44,19 @@ class FastGlobalResponseNorm(GlobalResponseNorm):
         return torch.addcmul(self.bias.view(self.wb_shape), x, scale)
 
 
+def replace_modules(net: nn.Module, swap: Callable[[nn.Module], nn.Module | None]) -> int:
+    """Replace, in place, each submodule `m` of `net` for which `swap(m)` returns a module by that module
+    (modules put in are not visited); returns how many were replaced."""
+    replaced = 0
+    for module in list(net.modules()):
+        for name, child in list(module.named_children()):
+            new = swap(child)
+            if new is not None:
+                setattr(module, name, new)
+                replaced += 1
+    return replaced
+
+
 def use_fast_grn(model: nn.Module) -> nn.Module:
     """Swap every GlobalResponseNorm of `model` for FastGlobalResponseNorm in place (weights untouched)."""
     for module in model.modules():

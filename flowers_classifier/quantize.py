@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .model import replace_modules
+
 # The quantised engine packing the weights. On the AMD EPYC (AVX-512 VNNI) of bench/RESULTS.md, a ViT-L-sized
 # MLP pair (1024 -> 4096 -> 1024 over 257 tokens, int8 per channel) timed in turn, batch 1 / batch 8, p50 ms:
 # "x86" 116 / 900, "fbgemm" 148 / 812, "onednn" 152 / 777 on the shared, noisy 2-core machine: no engine won
@@ -144,19 +146,17 @@ def as_linears(net: nn.Module, attention: bool = True, patches: bool = False) ->
     """Replace, in place, every self-attention nn.MultiheadAttention of `net` by SelfAttention (unless
     `attention` is False), every 1x1 convolution by Conv1x1AsLinear and, with `patches`, every other
     patchify convolution by PatchConvAsLinear; returns how many were replaced."""
-    swapped = 0
-    for module in list(net.modules()):
-        for name, child in list(module.named_children()):
-            if attention and can_swap(child):
-                setattr(module, name, SelfAttention(child))
-            elif is_pointwise(child):
-                setattr(module, name, Conv1x1AsLinear(child))
-            elif patches and is_patchify(child):
-                setattr(module, name, PatchConvAsLinear(child))
-            else:
-                continue
-            swapped += 1
-    return swapped
+
+    def swap(child: nn.Module) -> nn.Module | None:
+        if attention and can_swap(child):
+            return SelfAttention(child)
+        if is_pointwise(child):
+            return Conv1x1AsLinear(child)
+        if patches and is_patchify(child):
+            return PatchConvAsLinear(child)
+        return None
+
+    return replace_modules(net, swap)
 
 
 def classifier_head(net: nn.Module) -> nn.Module | None:

@@ -7,11 +7,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, TINY_CNN, TINY_SIZE
 from PIL import Image
 
 import flowers_classifier as fc
-from flowers_classifier import inference
+from flowers_classifier import aot, factory, inference, quantize
 from flowers_classifier import payload as payload_format
 from flowers_classifier.classes import CLASSES
 from flowers_classifier.preprocess import Preprocess, load_rgb, preprocess_image
@@ -138,3 +138,24 @@ def test_cpu_micro_batches_give_the_whole_batch_result_in_order(tiny_cnn_pth):
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
     one_by_one = torch.cat([model.probabilities(x[i:i + 1]) for i in range(len(x))])
     torch.testing.assert_close(chunked, one_by_one, rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_module_swaps_keep_the_outputs():
+    """The module swaps of the CPU path (Linear as 1x1 convolution, 1x1 convolutions and patchify as Linear,
+    depthwise convolutions on small maps as a dense mix) replace what they say and compute the same net."""
+    torch.manual_seed(0)
+    net = factory.create_cnn(TINY_CNN, pretrained=None).eval()
+    x = torch.randn(2, 3, TINY_SIZE, TINY_SIZE)
+    with torch.no_grad():
+        expected = net(x)
+    linears = sum(type(m) is torch.nn.Linear for m in net.modules())
+    inference._linears_as_convs(net)
+    assert linears > 0 and not any(type(m) is torch.nn.Linear for m in net.modules())
+    assert sum(isinstance(m, inference._LinearAsConv) for m in net.modules()) == linears
+    quantize.as_linears(net, patches=True)
+    # convnextv2_atto at 64 px: stages on 16x16, 8x8, 4x4 and 2x2 maps with (2, 2, 6, 2) blocks; the last two
+    # stages' depthwise convolutions are on maps of at most SMALL_MAP (16) positions
+    assert aot.small_map_depthwise_as_dense(net, x[:1]) == 6 + 2
+    assert sum(isinstance(m, aot.SmallMapDepthwiseConv) for m in net.modules()) == 8
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), expected, rtol=1e-4, atol=1e-4)
