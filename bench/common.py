@@ -22,9 +22,9 @@ CLASS_NAMES = ("daisy", "dandelion", "rose", "sunflower", "tulip")  # flowers_fa
 
 
 def flowers_dir() -> Path | None:
-    """FLOWERS128_DIR, default ../shared/datasets/flowers128 beside the repo; None when it is not there."""
-    path = Path(os.environ.get("FLOWERS128_DIR", ROOT.parent / "shared" / "datasets" / "flowers128"))
-    return path if all((path / c).is_dir() for c in CLASS_NAMES) else None
+    """The photo folder FLOWERS128_DIR names; None when it is unset or not a <class>/ folder."""
+    path = os.environ.get("FLOWERS128_DIR")
+    return Path(path) if path and all((Path(path) / c).is_dir() for c in CLASS_NAMES) else None
 
 
 def require_flowers(script: str) -> Path:

@@ -25,8 +25,8 @@ a batch of 32) are measured while the others sit idle. Then all are timed in tur
 rounds of short turns (measure_in_turn), so that a machine whose load drifts (others share these cores)
 slows each of them alike and the ratios hold. Latency: one image, p50/p95 over --runs calls after --warmup.
 Throughput: images/s at each batch size from the median batch time (e2e rows batch the files through
-iter_probabilities, decoding in threads). The goals, per size: ours end to end <= 1.10x ORT end to end p50
-latency, >= 0.95x its batch-8 throughput. Photos: FLOWERS128_DIR (skipped cleanly when absent).
+iter_probabilities, decoding as it does by default). The goals, per size: ours end to end <= 1.10x ORT end
+to end p50 latency, >= 0.95x its batch-8 throughput. Photos: FLOWERS128_DIR (skipped cleanly when absent).
 """
 
 from __future__ import annotations

@@ -115,7 +115,7 @@ def top1(model, files: list[Path], bs: int = 32):
     import torch
 
     from flowers_classifier.inference import iter_probabilities
-    return torch.stack([p.argmax() for _, p, _ in iter_probabilities(model, files, bs=bs, workers=2)])
+    return torch.stack([p.argmax() for _, p, _ in iter_probabilities(model, files, bs=bs)])
 
 
 def measure_agreement(models: dict, files: list[Path]) -> dict:

@@ -1,6 +1,6 @@
 """Pinning each calling thread's OpenMP workers (flowers_classifier/threads.py): every worker on a CPU of its own,
 the caller free (on the CPU no worker holds during a forward), only where torch's team spans all the CPUs; and
-load_model's CPU models doing it around their forwards; batches decoded by one thread per CPU at most."""
+load_model's CPU models doing it around their forwards; batches decoded on the CPUs the forward leaves free."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -99,19 +101,35 @@ def test_load_models_cpu_model_pins_on_its_calls_and_can_be_told_not_to(tiny_cnn
     assert calls == [1]
 
 
-def test_batches_are_decoded_by_one_thread_per_cpu_at_most(tiny_cnn_pth, monkeypatch, real_photos):
+def test_batches_are_decoded_on_the_cpus_the_forward_leaves_free(tiny_cnn_pth, monkeypatch, real_photos):
     from flowers_classifier import inference
-    pools = []
+    pools, decoders = [], set()
 
     class SpyPool(inference.ThreadPoolExecutor):
         def __init__(self, max_workers):
             pools.append(max_workers)
             super().__init__(max_workers)
 
+    def spy_load(path, prep):
+        decoders.add(threading.get_ident())
+        return inference.preprocess_image(path, prep)
+
     monkeypatch.setattr(inference, "ThreadPoolExecutor", SpyPool)
     monkeypatch.setattr(inference, "available_cpus", lambda: [0, 1])
     model = fc.load_model(tiny_cnn_pth, device="cpu")
-    records = fc.predict_batch(model, real_photos["rose"] + real_photos["tulip"], bs=4)
-    assert len(records) == 10 and pools == [2]  # workers=4 by default, 2 CPUs
-    fc.predict_batch(model, real_photos["rose"][:1])
-    assert pools == [2, 1]  # one file: one thread
+    photos = real_photos["rose"] + real_photos["tulip"]
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # the forward's team holds both CPUs
+    results = list(fc.iter_probabilities(model, photos, bs=4, load=spy_load))
+    assert len(results) == 10 and all(e is None for _, _, e in results)
+    assert pools == [] and decoders == {threading.get_ident()}  # the caller decodes, no pool
+    assert len(fc.predict_batch(model, photos, bs=4)) == 10 and pools == []
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # one CPU free: it decodes beside the caller's
+    assert len(fc.predict_batch(model, photos, bs=4)) == 10 and pools == [2]
+    fc.predict_batch(model, photos[:1])
+    assert pools == [2]  # one file: no pool
+    list(fc.iter_probabilities(model, photos, bs=4, workers=4))
+    assert pools == [2, 2]  # asked for 4: one per CPU at most
+    assert inference.decoding_threads(SimpleNamespace(device=torch.device("cuda"))) == 2  # forward off the CPUs
+    monkeypatch.setattr(inference, "available_cpus", lambda: list(range(16)))
+    assert inference.decoding_threads(SimpleNamespace(device=torch.device("cuda"))) == inference.ACCELERATOR_DECODERS
+    assert inference.decoding_threads(model) == 16  # a team of 1 (the caller) leaves 15 CPUs free, plus its own
