@@ -42,6 +42,7 @@ from torch import nn
 
 from .factory import build_from_spec
 from .files import atomic_write
+from .micro_gemm import plain_fp32_micro_gemm
 from .model import replace_modules
 from .payload import CPU_PACKAGE_SUFFIX, ModelFileError
 from .quantize import as_linears
@@ -229,8 +230,9 @@ def _aot_compile(net: nn.Module, payload: dict, graph: str) -> list:
         program = torch.export.export(net, (_example(payload, 1),))
     args, kwargs = program.example_inputs
     from torch._inductor import aot_compile
-    return aot_compile(program.module(check_guards=False), args, kwargs,
-                       options={"aot_inductor.package": True, "freezing": True, **GRAPH_OPTIONS[graph]})
+    with plain_fp32_micro_gemm():  # Inductor's generated GEMMs, with their inner loop in a form g++ compiles well
+        return aot_compile(program.module(check_guards=False), args, kwargs,
+                           options={"aot_inductor.package": True, "freezing": True, **GRAPH_OPTIONS[graph]})
 
 
 def _max_prob_diff(runner: Callable, net: nn.Module, payload: dict) -> float:
