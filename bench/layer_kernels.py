@@ -6,7 +6,9 @@ ONNX Runtime's:
     python bench/layer_kernels.py [--threads 1 2] [--copies 6] [--calls 60] [--rounds 5]
 
 Matmuls (M rows x K -> N, with bias):
-  Inductor GEMM   the C++ GEMM Inductor generates (max-autotune, CPP backend only): the batch-1 graph's usual pick
+  Inductor GEMM   the C++ GEMM Inductor generates (max-autotune, CPP backend only), as torch writes it
+  ours            the same with its inner loop as flowers_classifier/micro_gemm.py writes it: the batch-1 graph's
+                  usual pick in our CPU package
   oneDNN packed   torch.ops.mkldnn._linear_pointwise on weights packed once: AOTInductor's ATen choice
   MKL packed      torch.ops.mkl._mkl_linear on weights packed once: torch.compile's ATen choice with frozen weights,
                   which AOTInductor never uses (an MKL-packed matrix cannot be moved, and a package's weights are)
@@ -38,7 +40,7 @@ if __package__ in (None, ""):  # run as `python bench/NAME.py` (not -m): make `b
 from bench.common import machine_info, markdown_table, rotated, time_calls  # noqa: E402
 
 MODEL, IMAGE_SIZE = "convnextv2_atto", 64
-MATMULS = ("Inductor GEMM", "oneDNN packed", "MKL packed", "torch F.linear", "ORT Gemm")
+MATMULS = ("Inductor GEMM", "ours", "oneDNN packed", "MKL packed", "torch F.linear", "ORT Gemm")
 DEPTHWISE = ("oneDNN packed", "Inductor mix", "ORT Conv")
 
 
@@ -80,10 +82,15 @@ def ort_session(nodes: list, inits: list, name: str, shape: list[int], threads: 
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def compiled(layers, x):
+def compiled(layers, x, plain_loops: bool = True):
     """`layers` (run on the same input) compiled as the package's batch-1 graph compiles: frozen weights,
-    Inductor's generated GEMMs only, a C++ wrapper (no Python between the kernels, as in a package)."""
+    Inductor's generated GEMMs only, a C++ wrapper (no Python between the kernels, as in a package), their
+    inner loop rewritten by micro_gemm.py unless `plain_loops` is False."""
+    from contextlib import nullcontext
+
     import torch
+
+    from flowers_classifier.micro_gemm import plain_fp32_micro_gemm
 
     class Layers(torch.nn.Module):
         def __init__(self):
@@ -93,8 +100,8 @@ def compiled(layers, x):
         def forward(self, x):
             return [layer(x) for layer in self.layers]
 
-    torch._dynamo.reset()
-    with torch._inductor.config.patch(freezing=True, cpp_wrapper=True):
+    rewrite = plain_fp32_micro_gemm() if plain_loops else nullcontext()
+    with rewrite, torch._inductor.config.patch(freezing=True, cpp_wrapper=True, fx_graph_cache=False):
         fn = torch.compile(Layers().eval(), options={"max_autotune": True, "max_autotune_gemm_backends": "CPP",
                                                      "autotune_num_choices_displayed": 0})
         fn(x)  # compile now, under the patched config
@@ -119,7 +126,8 @@ def matmul_contenders(m: int, k: int, n: int, copies: int, threads: int) -> dict
     nodes = [helper.make_node("Gemm", ["x", f"w{i}", f"b{i}"], [f"y{i}"], transB=1) for i in range(copies)]
     session, feed = ort_session(nodes, inits, "x", [m, k], threads), {"x": x.numpy()}
     return {
-        "Inductor GEMM": compiled(linears, x),
+        "Inductor GEMM": compiled(linears, x, plain_loops=False),
+        "ours": compiled(linears, x),
         "oneDNN packed": lambda: [torch.ops.mkldnn._linear_pointwise(x, p, b, "none", [], "")
                                   for p, b in zip(onednn, biases, strict=True)],
         "MKL packed": lambda: [torch.ops.mkl._mkl_linear(x, p, w, b, m)
@@ -198,8 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info()
     print(json.dumps({k: info.get(k) for k in ("date", "cpu", "cores", "torch", "onnxruntime", "loadavg_1min")}))
     matmuls, depthwise = layer_shapes()
+    # every compiled contender stays in Dynamo's cache (one entry per module, found by its guards): a reset would
+    # drop the others, which would then recompile at their next call without the options they were built with
+    torch._dynamo.config.recompile_limit = torch._dynamo.config.accumulated_recompile_limit = 1024
     for threads in args.threads:
         torch.set_num_threads(threads)
+        torch._dynamo.reset()  # kernels compiled for another thread count
         with torch.inference_mode():
             print(f"\n{MODEL} at {IMAGE_SIZE} px, batch 1, {threads} thread(s): matmuls, us per layer "
                   f"(1-min load {os.getloadavg()[0]:.2f})\n")
