@@ -198,7 +198,7 @@ def compile_cpu_package(payload: dict, payload_path: str | os.PathLike, out: str
 
     def write(tmp: str) -> None:
         try:
-            with torch.no_grad():
+            with torch.no_grad(), plain_fp32_micro_gemm():  # Inductor's GEMMs in a form g++ compiles well
                 files = {name: _aot_compile(net, payload, name) for name in graphs}
             from torch._inductor.package import package_aoti
             package_aoti(tmp, files)
@@ -231,9 +231,8 @@ def _aot_compile(net: nn.Module, payload: dict, graph: str) -> list:
         program = torch.export.export(net, (_example(payload, 1),))
     args, kwargs = program.example_inputs
     from torch._inductor import aot_compile
-    with plain_fp32_micro_gemm():  # Inductor's generated GEMMs, with their inner loop in a form g++ compiles well
-        return aot_compile(program.module(check_guards=False), args, kwargs,
-                           options={"aot_inductor.package": True, "freezing": True, **GRAPH_OPTIONS[graph]})
+    return aot_compile(program.module(check_guards=False), args, kwargs,
+                       options={"aot_inductor.package": True, "freezing": True, **GRAPH_OPTIONS[graph]})
 
 
 def _max_prob_diff(runner: Callable, net: nn.Module, payload: dict) -> float:

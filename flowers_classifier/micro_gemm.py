@@ -20,11 +20,13 @@ from contextlib import contextmanager
 
 MARKER = "flowers_classifier: plain loops"  # a comment in the kernels we generate: tests look for it
 
-# The k loop of the kernel, as torch 2.14's template writes it (shared by every dtype and the N-tail variant).
-LAMBDA_K_LOOP = """
+# The k loop of the kernel as torch 2.14's template writes it (shared by every dtype and the N-tail variant),
+# and the line after it, which makes the match unique.
+TORCH_K_LOOP = """
     for (int k = 0; k < K; ++k) {
         c10::ForcedUnroll<ROWS * COLS>{}(compute, k);
-    }
+    }"""
+AFTER_K_LOOP = """
 
     // store to C"""
 
@@ -48,10 +50,8 @@ PLAIN_K_LOOP = """
             }
         }
     }
-{%- else %}""" + LAMBDA_K_LOOP.removesuffix("\n\n    // store to C") + """
-{%- endif %}
-
-    // store to C"""
+{%- else %}""" + TORCH_K_LOOP + """
+{%- endif %}"""
 
 
 @contextmanager
@@ -61,13 +61,13 @@ def plain_fp32_micro_gemm() -> Iterator[bool]:
     import torch._inductor.compile_fx  # noqa: F401 - loads Inductor's codegen modules in an order that works
     from torch._inductor.codegen.cpp_micro_gemm import CppMicroGemmFP32Vec
     template = CppMicroGemmFP32Vec.TEMPLATE_KERNEL
-    if template.count(LAMBDA_K_LOOP) != 1:
+    if template.count(TORCH_K_LOOP + AFTER_K_LOOP) != 1:
         warnings.warn("flowers_classifier: this torch's Inductor fp32 micro-GEMM template is not the one "
                       "micro_gemm.py rewrites (torch 2.14's); the CPU package is compiled with it as it is "
                       "(its batch-1 matmuls may run slower).", stacklevel=3)
         yield False
         return
-    CppMicroGemmFP32Vec.TEMPLATE_KERNEL = template.replace(LAMBDA_K_LOOP, PLAIN_K_LOOP)
+    CppMicroGemmFP32Vec.TEMPLATE_KERNEL = template.replace(TORCH_K_LOOP + AFTER_K_LOOP, PLAIN_K_LOOP + AFTER_K_LOOP)
     try:
         yield True
     finally:

@@ -22,7 +22,7 @@ def test_the_rewrite_applies_to_this_torch_and_is_undone_after():
     before = _template()
     assert MARKER not in before
     with plain_fp32_micro_gemm() as applied:
-        assert applied, "torch's micro-GEMM template changed: update micro_gemm.LAMBDA_K_LOOP"
+        assert applied, "torch's micro-GEMM template changed: update micro_gemm.TORCH_K_LOOP"
         assert MARKER in _template()
     assert _template() == before
 
