@@ -198,7 +198,9 @@ def measure_in_turn(workers: list[Worker], args: argparse.Namespace, runs: int, 
         if "@" in k:
             key, bs = k.split("@")
             throughput.setdefault(key, {})[bs] = int(bs) / float(np.median(v))
-    return dict(latency=latency, throughput=throughput)
+    # every call's seconds too, in the order timed (turns of `runs` calls): the JSON then shows a slow first
+    # call per turn, or a whole run in a slower state, which medians hide
+    return dict(latency=latency, throughput=throughput, call_seconds=times)
 
 
 # --------------------------------------------------------------------------- children: one contender each
