@@ -54,21 +54,27 @@ PLAIN_K_LOOP = """
 {%- endif %}"""
 
 
+def inductor_fp32_micro_gemm() -> type:
+    """Inductor's fp32 micro-GEMM class, whose `TEMPLATE_KERNEL` (a Jinja template of C++) this module rewrites."""
+    import torch._inductor.compile_fx  # noqa: F401 - loads Inductor's codegen modules in an order that works
+    from torch._inductor.codegen.cpp_micro_gemm import CppMicroGemmFP32Vec
+    return CppMicroGemmFP32Vec
+
+
 @contextmanager
 def plain_fp32_micro_gemm() -> Iterator[bool]:
     """While open, Inductor generates its fp32 micro-GEMM kernels with plain loops (see the module docstring).
     Yields whether it could: False, with a warning, where torch's template is not the one this was written for."""
-    import torch._inductor.compile_fx  # noqa: F401 - loads Inductor's codegen modules in an order that works
-    from torch._inductor.codegen.cpp_micro_gemm import CppMicroGemmFP32Vec
-    template = CppMicroGemmFP32Vec.TEMPLATE_KERNEL
+    micro_gemm = inductor_fp32_micro_gemm()
+    template = micro_gemm.TEMPLATE_KERNEL
     if template.count(TORCH_K_LOOP + AFTER_K_LOOP) != 1:
         warnings.warn("flowers_classifier: this torch's Inductor fp32 micro-GEMM template is not the one "
                       "micro_gemm.py rewrites (torch 2.14's); the CPU package is compiled with it as it is "
                       "(its batch-1 matmuls may run slower).", stacklevel=3)
         yield False
         return
-    CppMicroGemmFP32Vec.TEMPLATE_KERNEL = template.replace(TORCH_K_LOOP + AFTER_K_LOOP, PLAIN_K_LOOP + AFTER_K_LOOP)
+    micro_gemm.TEMPLATE_KERNEL = template.replace(TORCH_K_LOOP + AFTER_K_LOOP, PLAIN_K_LOOP + AFTER_K_LOOP)
     try:
         yield True
     finally:
-        CppMicroGemmFP32Vec.TEMPLATE_KERNEL = template
+        micro_gemm.TEMPLATE_KERNEL = template

@@ -9,13 +9,11 @@ import pytest
 import torch
 from conftest import require
 
-from flowers_classifier.micro_gemm import MARKER, plain_fp32_micro_gemm
+from flowers_classifier.micro_gemm import MARKER, inductor_fp32_micro_gemm, plain_fp32_micro_gemm
 
 
 def _template() -> str:
-    import torch._inductor.compile_fx  # noqa: F401 - Inductor's codegen modules in an order that imports
-    from torch._inductor.codegen.cpp_micro_gemm import CppMicroGemmFP32Vec
-    return CppMicroGemmFP32Vec.TEMPLATE_KERNEL
+    return inductor_fp32_micro_gemm().TEMPLATE_KERNEL
 
 
 def test_the_rewrite_applies_to_this_torch_and_is_undone_after():
