@@ -13,9 +13,10 @@ depthwise convolution reorders its weights at every call, which is most of a sma
 (convnextv2_atto at 64 px: 1.2-1.3x faster at batch 1 with a static graph, measured A/B here). So a network that
 keeps convolutions after `compiled_net`'s rewrites also gets a graph compiled for one image (BATCH1_GRAPH),
 and single images, a demo's and an API's usual call, go through it; its matmuls are autotuned at export
-(GRAPH_OPTIONS), and Inductor's generated GEMMs are compiled with their inner loop in a form g++ keeps in
-registers (micro_gemm.py: atto's batch-1 graph 1.4x faster on one thread). A ViT keeps no convolution (its
-patch embedding becomes a Linear) and gets one graph: a second copy of ViT-L/14's 1.2 GB would buy nothing.
+(AUTOTUNE), and Inductor's generated GEMMs are compiled with their inner loop in a form g++ keeps in
+registers (micro_gemm.py: atto's batch-1 graph 1.4x faster on one thread). The main graph then serves batches
+only, so it is traced and autotuned at TUNED_BATCH images. A ViT keeps no convolution (its patch embedding
+becomes a Linear) and gets one graph: a second copy of ViT-L/14's 1.2 GB would buy nothing.
 
 On small maps a ConvNeXt's 7x7 depthwise convolutions are compiled as what they are there, a dense
 per-channel mix of the map's positions (SmallMapDepthwiseConv, maps of SMALL_MAP positions or fewer): oneDNN
@@ -56,17 +57,19 @@ MAIN_GRAPH, BATCH1_GRAPH = "model", "batch1"  # the graphs' names in the archive
 # holds (H*W)^2 weights per channel against a 7x7 kernel's 49: 5x at 4x4 but 21x at 8x8, where it measured
 # slower than oneDNN (convnextv2_atto at 64 px, A/B: 1.06-1.08x the time with the 4x4 limit).
 SMALL_MAP = 16
-# Inductor options per graph, beside freezing. In the batch-1 graph Inductor times, for each Linear, its own
-# generated GEMM (a C++ template, bias and activation fused) against oneDNN's and keeps the faster on the
-# machine that compiles (max-autotune; its tables are not printed). At a small model's batch-1 shapes oneDNN's
-# fixed cost per call is most of each matmul (convnextv2_atto at 64 px: 16 to 256 rows); at larger ones oneDNN
-# wins and stays (convnextv2_tiny at 224 px; forcing the generated GEMM everywhere made it 2.2x slower). The
-# dynamic graph keeps oneDNN: autotuning would time only the traced batch of 2, not the batches it serves.
-GRAPH_OPTIONS = {
-    MAIN_GRAPH: {},
-    BATCH1_GRAPH: {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
-                   "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False},
-}
+# Options for a graph whose matmuls are autotuned at export: Inductor times, for each Linear at the traced shapes,
+# its own generated GEMM (a C++ template, bias and activation fused) against oneDNN's and keeps the faster on
+# the machine that compiles (max-autotune; its tables are not printed). At a small model's shapes oneDNN's fixed
+# cost per call is most of each matmul (convnextv2_atto at 64 px, batch 1: 16 to 256 rows); at larger ones
+# oneDNN wins and stays (convnextv2_tiny at 224 px; forcing the generated GEMM everywhere made it 2.2x slower).
+AUTOTUNE = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN", "autotune_num_choices_displayed": 0,
+            "max_autotune_report_choices_stats": False}
+# The batch a main graph that serves batches only (a ConvNeXt's: single images take its batch-1 graph) is traced
+# and autotuned at: that of the batch-8 throughput goal (bench/inference.py). convnextv2_atto at 64 px, both
+# packages in one process, against the main graph traced on 2 images with oneDNN's matmuls: 0.89-1.00x the time
+# at batch 8 (median 0.93x, 12 processes), 0.72-0.74x at 2, 1.00-1.04x at 32. A ViT's main graph serves single
+# images too: traced on 2, its matmuls left to oneDNN.
+TUNED_BATCH = 8
 
 
 class CpuPackageError(ValueError):
@@ -222,21 +225,27 @@ def has_convolutions(net: nn.Module) -> bool:
 
 
 def _aot_compile(net: nn.Module, payload: dict, graph: str) -> list:
-    """AOTInductor's files for one graph of the package: the main graph with a dynamic batch axis (traced on
-    2 images: torch.export would specialise a batch of 1), the batch-1 graph static."""
-    if graph == MAIN_GRAPH:
-        batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-        program = torch.export.export(net, (_example(payload, 2),), dynamic_shapes=({0: batch},))
-    else:
+    """AOTInductor's files for one graph of the package, with frozen weights: the batch-1 graph static and
+    autotuned; the main graph with a dynamic batch axis, traced and autotuned at TUNED_BATCH where a batch-1
+    graph serves single images, else traced on 2 images (torch.export would specialise a batch of 1)."""
+    options = {"aot_inductor.package": True, "freezing": True}
+    if graph == BATCH1_GRAPH:
         program = torch.export.export(net, (_example(payload, 1),))
+        options |= AUTOTUNE
+    else:
+        batches_only = has_convolutions(net)  # the same test that gives the package its batch-1 graph
+        batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+        program = torch.export.export(net, (_example(payload, TUNED_BATCH if batches_only else 2),),
+                                      dynamic_shapes=({0: batch},))
+        if batches_only:
+            options |= AUTOTUNE
     args, kwargs = program.example_inputs
     from torch._inductor import aot_compile
-    return aot_compile(program.module(check_guards=False), args, kwargs,
-                       options={"aot_inductor.package": True, "freezing": True, **GRAPH_OPTIONS[graph]})
+    return aot_compile(program.module(check_guards=False), args, kwargs, options=options)
 
 
 def _max_prob_diff(runner: Callable, net: nn.Module, payload: dict) -> float:
-    # 3: not the traced batch of 2, so the batch axis is proven dynamic; 1: the batch-1 graph where there is one
+    # 3: not a traced batch (2 or TUNED_BATCH), so the batch axis is proven dynamic; 1: the batch-1 graph
     diffs = []
     with torch.inference_mode():
         for x in (_example(payload, 3), _example(payload, 1)):

@@ -99,23 +99,30 @@ def test_a_convnext_package_serves_single_images_through_its_batch1_graph(packag
     assert calls == [("batch1", 1), ("main", 4), ("batch1", 1)]
 
 
-def test_only_the_batch1_graph_times_inductors_gemm_against_onednn(tiny_cnn_pth, packaged_cnn, monkeypatch):
-    """aot.GRAPH_OPTIONS: the static batch-1 graph is compiled with max-autotune over Inductor's C++ GEMM and
-    oneDNN (the dynamic graph would be timed at its traced batch only), and its timing tables are not printed."""
-    seen = {}
+def test_the_graphs_that_serve_batches_or_one_image_are_autotuned_a_vits_graph_is_not(
+        tiny_cnn_pth, tiny_vit_pth, packaged_cnn, monkeypatch):
+    """aot.AUTOTUNE: a ConvNeXt's batch-1 graph (traced on one image) and its main graph, which then serves
+    batches only (traced at TUNED_BATCH), are compiled with max-autotune over Inductor's C++ GEMM and oneDNN;
+    a ViT's one graph, which serves single images too, is traced on 2 images and left to oneDNN. No timing
+    tables are printed."""
+    seen = []
 
     def record(module, args, kwargs, options):
-        seen[args[0].shape[0]] = options
+        seen.append((args[0].shape[0], options))
         return []
     monkeypatch.setattr(torch._inductor, "aot_compile", record)
-    payload = load_payload(tiny_cnn_pth)
-    net = aot.compiled_net(payload)
-    for graph in (aot.MAIN_GRAPH, aot.BATCH1_GRAPH):
-        aot._aot_compile(net, payload, graph)
-    main, batch1 = seen[2], seen[1]  # the main graph is traced on 2 images, the batch-1 graph on one
-    assert main["freezing"] and batch1["freezing"] and "max_autotune" not in main
-    assert batch1["max_autotune"] and set(batch1["max_autotune_gemm_backends"].split(",")) == {"CPP", "ATEN"}
-    printed = EXPORT_STDERR[packaged_cnn]  # the real export of the fixture, batch-1 graph autotuned
+    for pth, graphs in ((tiny_cnn_pth, (aot.MAIN_GRAPH, aot.BATCH1_GRAPH)), (tiny_vit_pth, (aot.MAIN_GRAPH,))):
+        payload = load_payload(pth)
+        net = aot.compiled_net(payload)
+        for graph in graphs:
+            aot._aot_compile(net, payload, graph)
+    (cnn_batch, cnn_main), (one, batch1), (vit_batch, vit_main) = seen
+    assert (cnn_batch, one, vit_batch) == (aot.TUNED_BATCH, 1, 2)
+    assert cnn_main["freezing"] and batch1["freezing"] and vit_main["freezing"]
+    for options in (cnn_main, batch1):
+        assert options["max_autotune"] and set(options["max_autotune_gemm_backends"].split(",")) == {"CPP", "ATEN"}
+    assert "max_autotune" not in vit_main
+    printed = EXPORT_STDERR[packaged_cnn]  # the real export of the fixture, both graphs autotuned
     assert "AUTOTUNE" not in printed and "Autotune Choices" not in printed, printed[-2000:]
 
 
