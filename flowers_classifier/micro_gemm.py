@@ -70,7 +70,7 @@ def plain_fp32_micro_gemm() -> Iterator[bool]:
     if template.count(TORCH_K_LOOP + AFTER_K_LOOP) != 1:
         warnings.warn("flowers_classifier: this torch's Inductor fp32 micro-GEMM template is not the one "
                       "micro_gemm.py rewrites (torch 2.14's); the CPU package is compiled with it as it is "
-                      "(its batch-1 matmuls may run slower).", stacklevel=3)
+                      "(its generated matmuls may run slower).", stacklevel=3)
         yield False
         return
     micro_gemm.TEMPLATE_KERNEL = template.replace(TORCH_K_LOOP + AFTER_K_LOOP, PLAIN_K_LOOP + AFTER_K_LOOP)
