@@ -36,12 +36,17 @@ from .quantize import quantize_int8
 from .threads import available_cpus
 
 CPU_MICRO_BATCH = 2  # images per eager forward pass on the CPU at 224 px; more at smaller sizes (cpu_micro_batch)
+# Images per call of a compiled CPU package at 224 px. Its fused kernels make fewer passes over the activations,
+# so its chunks can be larger than eager's, but not a whole batch: convnextv2_tiny at 224 px, one process, in
+# turn, took 0.93x the time for a batch of 8 in chunks of 4 and 0.83x for 32, against one call per batch.
+PACKAGE_MICRO_BATCH = 4
 
 
-def cpu_micro_batch(image_size: int) -> int:
-    """Images per eager forward pass on the CPU: as many pixels as CPU_MICRO_BATCH images of 224 px (2 at 224,
-    24 at 64), so that each pass's activations stay cache-sized without splitting small inputs for nothing."""
-    return max(1, round(CPU_MICRO_BATCH * (224 / image_size) ** 2))
+def cpu_micro_batch(image_size: int, per_224: int = CPU_MICRO_BATCH) -> int:
+    """Images per forward pass on the CPU: as many pixels as `per_224` images of 224 px (eager: 2 at 224, 24 at
+    64; the package: 4 at 224, 49 at 64), so that each pass's activations stay cache-sized without splitting
+    small inputs for nothing."""
+    return max(1, round(per_224 * (224 / image_size) ** 2))
 
 
 def _build_with_weights(payload: dict) -> nn.Module:
@@ -145,9 +150,10 @@ def model_from_payload(payload: dict, device: str | torch.device | None = None, 
         # Activations of a couple of images stay in the CPU's caches; those of 32 do not, and then the
         # elementwise ops between the convolutions (GELU, GRN, LayerNorm) run at memory speed: chunks of 2
         # are ~2x faster per image than one pass of 32 at 224 px (bench/cpu_kernels.py, bench/RESULTS.md).
-        # The package's kernels fuse that work: one call per batch is faster (convnextv2_atto at 64 px,
-        # batch 8: 12 ms vs 27 ms in chunks of 2, measured here).
-        model.micro_batch = None if compiled else cpu_micro_batch(model.prep.image_size)
+        # The package's kernels fuse much of that work, so its chunks hold twice the pixels; at 64 px a
+        # batch of up to 49 is one call (convnextv2_atto, batch 32: chunks of 8 took 1.10x the time).
+        model.micro_batch = cpu_micro_batch(model.prep.image_size, PACKAGE_MICRO_BATCH if compiled else
+                                            CPU_MICRO_BATCH)
     model.compiled = compiled
     return _compile(model) if compile else model
 
