@@ -1,12 +1,14 @@
 """The two CPU measurements behind our ConvNeXt V2 speed-ups, each contender timed in turn:
 
-    python bench/cpu_kernels.py [--runs 20] [--rounds 5]
+    python bench/cpu_kernels.py [--runs 20] [--rounds 5] [--package]
 
 1. Global Response Norm: timm's GlobalResponseNorm vs flowers_classifier.model.FastGlobalResponseNorm (same function)
    on the activations of convnextv2_tiny at 224 px (NHWC, the MLP's 4x width), forward and forward + backward.
 2. Micro-batches: flowers_classifier.FlowerClassifier.probabilities on 32 images of a random-init
    convnextv2_tiny at 224 px, the whole batch in one forward pass vs chunks of 1, 2, 4 and 8 images
-   (CPU_MICRO_BATCH is the default), ms per image.
+   (CPU_MICRO_BATCH is the default), ms per image. With --package, the same for the model's compiled CPU package
+   (export.py --cpu-package; compiling it takes a few minutes), whose default is PACKAGE_MICRO_BATCH, and at 8
+   images too (the batch of bench/inference.py's throughput goal).
 """
 
 from __future__ import annotations
@@ -70,11 +72,13 @@ def grn_table(runs: int, rounds: int) -> str:
                            "fast fwd+bwd ms", "speed-up"], rows)
 
 
-def micro_batch_table(runs: int, rounds: int) -> str:
+def tiny_224_model(package: bool = False):
+    """flowers_classifier's model of a random-init convnextv2_tiny at 224 px: eager, or its compiled CPU package."""
     import torch
 
     import flowers_classifier as fc
     from flowers_classifier import factory
+    from flowers_classifier.aot import compile_cpu_package
     from flowers_classifier.classes import CLASSES
     from flowers_classifier.payload import make_payload
     torch.manual_seed(0)
@@ -82,18 +86,26 @@ def micro_batch_table(runs: int, rounds: int) -> str:
     spec = dict(family="cnn", model_name="convnextv2_tiny", classes=list(CLASSES),
                 **factory.cnn_preprocess(net, 224).to_dict())
     with tempfile.TemporaryDirectory() as tmp:
-        torch.save(make_payload(spec, net.state_dict()), Path(tmp) / "m.pth")
-        model = fc.load_model(Path(tmp) / "m.pth", device="cpu")
-    batch = torch.randn(32, 3, 224, 224)
+        payload, pth = make_payload(spec, net.state_dict()), Path(tmp) / "m.pth"
+        torch.save(payload, pth)
+        if package:
+            compile_cpu_package(payload, pth)
+        return fc.load_model(pth, device="cpu", cpu_package=package)  # the package's runner is loaded here
+
+
+def micro_batch_table(model, runs: int, rounds: int, images: int = 32) -> str:
+    import torch
+    batch = torch.randn(images, 3, 224, 224)
 
     def probabilities(micro_batch):
         model.micro_batch = micro_batch
         model.probabilities(batch)
-    t = in_turn({k: partial(probabilities, k) for k in MICRO_BATCHES}, max(rounds, runs // 4), rounds)
+    sizes = [k for k in MICRO_BATCHES if k is None or k < images]
+    t = in_turn({k: partial(probabilities, k) for k in sizes}, max(rounds, runs // 4), rounds)
     whole = t[None]
-    return markdown_table(["images per forward pass", "ms per image", "speed-up vs one pass of 32"],
-                          [["32 (one pass)" if k is None else k, 1e3 * t[k] / 32, f"{whole / t[k]:.2f}x"]
-                           for k in MICRO_BATCHES])
+    return markdown_table(["images per forward pass", "ms per image", f"speed-up vs one pass of {images}"],
+                          [[f"{images} (one pass)" if k is None else k, 1e3 * t[k] / images, f"{whole / t[k]:.2f}x"]
+                           for k in sizes])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=20, help="timed calls per contender (default 20)")
     p.add_argument("--rounds", type=int, default=5, help="rounds the calls are spread over, in turn (default 5)")
+    p.add_argument("--package", action="store_true",
+                   help="also time micro-batches through the compiled CPU package (compiles it: a few minutes)")
     args = p.parse_args(argv)
     if args.runs < 1 or args.rounds < 1:
         p.error("--runs and --rounds must be >= 1")
@@ -111,7 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     print("\nGlobal Response Norm, median of the timed calls:\n")
     print(grn_table(args.runs, args.rounds))
     print("\nflowers_classifier on 32 images, convnextv2_tiny 224 px, by micro-batch:\n")
-    print(micro_batch_table(args.runs, args.rounds))
+    print(micro_batch_table(tiny_224_model(), args.runs, args.rounds))
+    if args.package:
+        model = tiny_224_model(package=True)
+        for images in (32, 8):
+            print(f"\nthe same through its compiled CPU package, {images} images, by micro-batch:\n")
+            print(micro_batch_table(model, args.runs, args.rounds, images=images))
     return 0
 
 

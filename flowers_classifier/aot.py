@@ -67,8 +67,9 @@ AUTOTUNE = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN", "aut
 # The batch a main graph that serves batches only (a ConvNeXt's: single images take its batch-1 graph) is traced
 # and autotuned at: that of the batch-8 throughput goal (bench/inference.py). convnextv2_atto at 64 px, both
 # packages in one process, against the main graph traced on 2 images with oneDNN's matmuls: 0.89-1.00x the time
-# at batch 8 (median 0.93x, 12 processes), 0.72-0.74x at 2, 1.00-1.04x at 32. A ViT's main graph serves single
-# images too: traced on 2, its matmuls left to oneDNN.
+# at batch 8 (median 0.93x, 12 processes), 0.72-0.74x at 2, 1.00-1.04x at 32. At 224 px batches reach the graph
+# 4 images at a time (inference.PACKAGE_MICRO_BATCH), yet convnextv2_tiny's package traced and tuned at 4 instead
+# took the same time (A/B). A ViT's main graph serves single images too: traced on 2, its matmuls left to oneDNN.
 TUNED_BATCH = 8
 
 
