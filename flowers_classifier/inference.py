@@ -38,7 +38,8 @@ from .threads import available_cpus
 CPU_MICRO_BATCH = 2  # images per eager forward pass on the CPU at 224 px; more at smaller sizes (cpu_micro_batch)
 # Images per call of a compiled CPU package at 224 px. Its fused kernels make fewer passes over the activations,
 # so its chunks can be larger than eager's, but not a whole batch: convnextv2_tiny at 224 px, one process, in
-# turn, took 0.93x the time for a batch of 8 in chunks of 4 and 0.83x for 32, against one call per batch.
+# turn, took 0.93-0.95x the time for a batch of 8 in chunks of 4 and 0.83x for 32, against one call per batch;
+# ViT-L/14 0.94-0.98x for a batch of 8 (bench/cpu_kernels.py --package, bench/RESULTS.md sections 1 and 4).
 PACKAGE_MICRO_BATCH = 4
 
 
