@@ -6,9 +6,10 @@ trained Learner and a served payload, in a notebook or a script. `train.py` is a
     learn.lr_find(); learn.fine_tune(5, 1e-3)                      # fastai's own methods, through our splitter
     export_pth(learn, "models/cnn_flowers.pth")                    # the payload export.py writes, calibrated
 
-`learn.fine_tune(epochs, base_lr)` is fastai's: one frozen epoch at base_lr, then `slice(base_lr/lr_mult,
-base_lr)` over our per-stage (cnn) / per-block (clip) groups. `train.py` runs the recipe's two stages
-instead (`fine_tune_recipe(learn)`: head_lr, one-cycle pct_start, unfreeze_last, early stopping per stage).
+`learn.fine_tune(epochs, base_lr)` is fastai's schedule: one frozen epoch at base_lr (pct_start=0.99), then
+base_lr is halved and every group trains at `slice(base_lr/2/100, base_lr/2)` (fastai's lr_mult=100, also for
+clip, where our LLRD is not used). `fine_tune_recipe(learn)` runs our recipe instead, as train.py does
+(head_lr, lr_mult or llrd, pct_start, unfreeze_last, early stopping per stage).
 """
 
 from __future__ import annotations

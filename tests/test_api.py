@@ -50,3 +50,25 @@ def test_mismatches_say_what_to_do(tiny_learner, real_flowers):
         flowers_learner(tiny_learner.dls, pretrained=False, llrd=0.5)
     with pytest.raises(TypeError, match="flowers_dataloaders"):
         flowers_learner(object(), pretrained=False)
+
+
+def test_readme_states_what_fastai_fine_tune_does(tiny_learner, monkeypatch):
+    """The README's `learn.fine_tune(5, 1e-3)` line gives the LRs fastai really uses (it halves base_lr for
+    stage 2 and runs the frozen epoch with pct_start=0.99), not our recipe's."""
+    import re
+
+    from conftest import ROOT
+    readme = (ROOT / "README.md").read_text()
+    num = r"([0-9.e-]+)"
+    line = re.search(rf"learn\.fine_tune\((\d+), {num}\)\s+# fastai's: 1 frozen epoch at {num}, then (\d+) at "
+                     rf"slice\({num}, {num}\)", readme)
+    assert line, "README.md: the learn.fine_tune example line no longer states its LRs"
+    epochs, base_lr, frozen_lr, stage2_epochs, lo, hi = line.groups()
+    fits = []
+    monkeypatch.setattr(tiny_learner, "fit_one_cycle", lambda n, lr, **kw: fits.append((n, lr, kw)), raising=False)
+    monkeypatch.setattr(tiny_learner, "freeze", lambda: None, raising=False)
+    monkeypatch.setattr(tiny_learner, "unfreeze", lambda: None, raising=False)
+    tiny_learner.fine_tune(int(epochs), float(base_lr))
+    (n1, lr1, kw1), (n2, lr2, _) = fits
+    assert (n1, lr1.stop, kw1["pct_start"]) == (1, float(frozen_lr), 0.99) and "pct_start=0.99" in readme
+    assert (n2, lr2.start, lr2.stop) == (int(stage2_epochs), float(lo), float(hi))
