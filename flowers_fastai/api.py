@@ -34,7 +34,7 @@ from flowers_classifier.preprocess import Preprocess
 from . import splitters
 from .audit import AUDIT_MIN_SIZE
 from .calibration import fit_payload_temperature
-from .data import RGBImage, make_dataloaders, prepare_split
+from .data import TEST_PCT, VALID_PCT, RGBImage, make_dataloaders, prepare_split
 from .learner import Recipe, build_learner, fine_tune
 from .recipes import SHARED, preset
 
@@ -116,12 +116,15 @@ def _model_name(model: nn.Module | None) -> str | None:
 
 def flowers_dataloaders(path: str | Path = "data/flowers", arch: str = "cnn", model: str | nn.Module | None = None,
                         img_size: int | None = None, bs: int | None = None, seed: int = SHARED["seed"],
-                        valid_pct: float = 0.2, max_per_class: int | None = None, min_scale: float | None = None,
+                        valid_pct: float = VALID_PCT, max_per_class: int | None = None, min_scale: float | None = None,
                         pretrained: bool | str | os.PathLike = True, num_workers: int | None = None,
-                        run_dir: str | Path | None = None, split: pd.DataFrame | None = None) -> DataLoaders:
+                        run_dir: str | Path | None = None, split: pd.DataFrame | None = None,
+                        test_pct: float = TEST_PCT) -> DataLoaders:
     """fastai DataLoaders over `path` (<class>/<images>): the data checks and audit, the seeded stratified split
-    (split.csv + audit.json in `run_dir`, default runs/<arch>-<time>), RandomResizedCrop + aug_transforms for
-    training and the serving-time resize/center crop for validation.
+    (split.csv + audit.json in `run_dir`, default runs/<arch>-<time>; copies of one photo on one side),
+    RandomResizedCrop + aug_transforms for training and the serving-time resize/center crop for validation.
+    `test_pct` > 0 also holds out a stratified test split, recorded in split.csv but in neither DataLoader:
+    nothing trains, picks an epoch or fits the temperature on it (evaluate.evaluate_run measures it).
 
     The preprocessing (size, mean/std, crop) is the model's: `model` is a timm (cnn) / open_clip (clip) name
     (default: the arch's), read from configs, or an already built model. `pretrained` matters only where it
@@ -138,7 +141,8 @@ def flowers_dataloaders(path: str | Path = "data/flowers", arch: str = "cnn", mo
     run_dir.mkdir(parents=True, exist_ok=True)
     min_scale = check_min_scale(defaults["min_scale"] if min_scale is None else min_scale, "min_scale=")
     if split is None:
-        split = prepare_split(path, run_dir, valid_pct, seed, max_per_class, min_size=img_size or AUDIT_MIN_SIZE)
+        split = prepare_split(path, run_dir, valid_pct, seed, max_per_class, min_size=img_size or AUDIT_MIN_SIZE,
+                              test_pct=test_pct)
     RGBImage.failure_log = run_dir / "skipped.csv"  # files that break after the check are reported there
     workers = num_workers if num_workers is not None else (8 if torch.cuda.is_available() else 0)
     dls = make_dataloaders(split, path, prep, bs=bs or defaults["bs"], num_workers=workers, min_scale=min_scale)

@@ -5,7 +5,9 @@
 Reports files per class, files that do not decode, exact duplicates (same decoded pixels, whatever the
 file name or encoding), duplicates filed under different classes (one photo, two labels), and images
 whose short side is below the training size (they get upscaled). `data.prepare_split` runs the same
-pass for every training, so the run folder gets an `audit.json` without decoding anything twice.
+pass for every training, so the run folder gets an `audit.json` without decoding anything twice; it keeps
+each duplicate group on one side of the split, and leaves out (and lists, as `dropped_from_training`)
+every copy of a group filed under different classes.
 This module owns the inspection and the report; the folder scan stays in `data.scan_folder`.
 """
 
@@ -83,6 +85,14 @@ def audit_table(root: str | Path, df: pd.DataFrame, infos: list[ImageInfo],
         unreadable=unreadable, duplicates=groups, conflicting_duplicates=conflicts, small_images=small)
 
 
+def conflicting_files(report: dict, df: pd.DataFrame) -> list[dict]:
+    """Every copy of a duplicate group filed under different classes (path, label, reason): which label is
+    right is unknown, and training on both would teach the model two answers for one photo."""
+    labels = dict(zip(df["path"], df["label"], strict=True))
+    return [dict(path=p, label=labels[p], reason=f"pixel-identical copies filed under {' and '.join(g['labels'])}")
+            for g in report["conflicting_duplicates"] for p in g["paths"]]
+
+
 def _listing(items: list, line, limit: int) -> list[str]:
     lines = [f"  {line(item)}" for item in items[:limit]]
     if len(items) > limit:
@@ -103,6 +113,9 @@ def format_report(report: dict, limit: int = 10) -> str:
     lines.append(f"duplicates filed under different classes: {s['conflicting_groups']} group(s)")
     lines += _listing(report["conflicting_duplicates"],
                       lambda g: f"{' == '.join(g['paths'])}  (labels: {', '.join(g['labels'])})", limit)
+    if "dropped_from_training" in report:  # a run's audit.json (prepare_split)
+        lines.append(f"left out of the run (copies with conflicting labels): {len(report['dropped_from_training'])}")
+        lines += _listing(report["dropped_from_training"], lambda d: f"{d['path']}: {d['reason']}", limit)
     lines.append(f"images smaller than {report['min_size']}px on the short side: {s['small_images']}")
     lines += _listing(report["small_images"], lambda i: f"{i['path']}: {i['width']}x{i['height']}", limit)
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """Temperature scaling: one scalar T fitted on a run's validation logits by minimising the NLL of
 softmax(logits / T), stored in the payload and applied by `flowers_classifier` when it serves. Also where a
-run's validation images are found (the split the fit and the run's evaluation both use).
+run's images of one split are found: the valid split fits T; a test split, when the run has one
+(train.py --test-pct), is never fitted on and only measured.
 
 T > 1 softens an over-confident model, T < 1 sharpens an under-confident one; the argmax never changes, so
 accuracy does not either. The search is bounded (TEMPERATURE_BOUNDS): on a validation set the model gets
@@ -20,6 +21,7 @@ import flowers_classifier as fc
 from flowers_classifier.classes import CLASSES
 
 TEMPERATURE_BOUNDS = (0.05, 20.0)
+SPLITS = ("train", "valid", "test")  # split.csv's `split` column
 _GOLDEN = (math.sqrt(5) - 1) / 2
 
 
@@ -27,11 +29,20 @@ class EvaluationError(ValueError):
     """The model or the images to evaluate cannot be found. The message names the path and the flag."""
 
 
-def run_valid_images(run_dir: Path, data: str | Path | None = None) -> tuple[Path, pd.DataFrame]:
-    """The valid rows of a run's split.csv and the folder they are relative to."""
-    split = run_dir / "split.csv"
-    if not split.is_file():
-        raise EvaluationError(f"{split} not found: is {run_dir} a train.py run folder? Pass a run folder "
+def split_names(df: pd.DataFrame) -> pd.Series:
+    """Each row's split (SPLITS): the `split` column, or train/valid from `is_valid` in a split.csv written
+    before test splits existed."""
+    if "split" in df:
+        return df["split"]
+    return pd.Series(np.where(df["is_valid"].astype(bool), "valid", "train"), index=df.index)
+
+
+def run_split_images(run_dir: Path, data: str | Path | None = None, split: str = "valid") -> tuple[Path, pd.DataFrame]:
+    """The rows of one split of a run's split.csv (none for a split it does not have) and the folder they are
+    relative to."""
+    path = run_dir / "split.csv"
+    if not path.is_file():
+        raise EvaluationError(f"{path} not found: is {run_dir} a train.py run folder? Pass a run folder "
                               f"or an exported .pth with --data DIR.")
     if data is None:
         metrics = run_dir / "metrics.json"
@@ -42,8 +53,13 @@ def run_valid_images(run_dir: Path, data: str | Path | None = None) -> tuple[Pat
     if not root.is_dir():
         raise EvaluationError(f"the images of {run_dir} were read from {root}, which does not exist here; "
                               f"pass the data folder with --data DIR.")
-    df = pd.read_csv(split)
-    return root, df[df["is_valid"]].reset_index(drop=True)
+    df = pd.read_csv(path)
+    return root, df[split_names(df) == split].reset_index(drop=True)
+
+
+def run_valid_images(run_dir: Path, data: str | Path | None = None) -> tuple[Path, pd.DataFrame]:
+    """The valid rows of a run's split.csv (what T is fitted on; never its test rows) and their folder."""
+    return run_split_images(run_dir, data, "valid")
 
 
 def nll_at(logits: np.ndarray, y: np.ndarray, temperature: float) -> float:

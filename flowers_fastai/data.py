@@ -44,9 +44,12 @@ from flowers_classifier.classes import CLASSES, normalize_label
 from flowers_classifier.files import write_json
 from flowers_classifier.preprocess import IMAGE_SUFFIXES, InvalidImageError, Preprocess, load_rgb, resize_center_crop
 
-from .audit import AUDIT_MIN_SIZE, audit_table, format_report, inspect_files
+from .audit import AUDIT_MIN_SIZE, audit_table, conflicting_files, format_report, inspect_files
+from .calibration import split_names
 
 FLOWERS_URL = "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"
+VALID_PCT = 0.2  # train.py --valid-pct, flowers_dataloaders(valid_pct=)
+TEST_PCT = 0.0   # train.py --test-pct: no test split unless asked (small folders need every photo)
 
 
 class DatasetError(ValueError):
@@ -132,19 +135,39 @@ def scan_folder(root: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["path", "label"])
 
 
-def stratified_split(df: pd.DataFrame, valid_pct: float = 0.2, seed: int = 42) -> pd.DataFrame:
-    """Adds `is_valid`: per class, a seeded random `valid_pct` (at least one image) goes to validation."""
+def stratified_split(df: pd.DataFrame, valid_pct: float = VALID_PCT, seed: int = 42, test_pct: float = TEST_PCT,
+                     groups: pd.Series | None = None) -> pd.DataFrame:
+    """Adds `split` (train/valid/test) and `is_valid`: per class, a seeded random `test_pct` (at least one
+    image when above 0) goes to test and `valid_pct` (at least one image) to validation; one photo at least
+    stays to train. Rows with equal `groups` keys (copies of one photo: the audit's pixel digest) stay on
+    one side, so no photo is both trained on and measured; a group must carry one label."""
     if not 0 < valid_pct < 1:
         raise DatasetError(f"--valid-pct must be between 0 and 1, not {valid_pct}")
+    if not 0 <= test_pct < 1 or valid_pct + test_pct >= 1:
+        raise DatasetError(f"--test-pct {test_pct} with --valid-pct {valid_pct}: the test fraction must be in "
+                           f"[0, 1) and leave images to train on (valid + test < 1).")
+    labels = df["label"].to_numpy()
+    codes = np.arange(len(df)) if groups is None else pd.factorize(np.asarray(groups))[0]
+    codes = np.where(codes < 0, len(df) + np.arange(len(df)), codes)  # no key (NaN): a group of its own
+    if groups is not None and pd.Series(labels).groupby(codes).nunique().max() > 1:
+        raise DatasetError("stratified_split: a group of copies carries different labels; leave such groups "
+                           "out first (prepare_split does: audit.json, dropped_from_training).")
+    sides = ("test", "valid") if test_pct > 0 else ("valid",)
     rng = np.random.default_rng(seed)
-    is_valid = np.zeros(len(df), dtype=bool)
+    split = np.full(len(df), "train", dtype=object)
     for label in CLASSES:
-        idx = np.flatnonzero(df["label"].to_numpy() == label)
-        if len(idx) < 2:
-            raise DatasetError(f"class {label!r} has {len(idx)} usable image(s); need at least 2 to split.")
-        n_valid = min(len(idx) - 1, max(1, round(len(idx) * valid_pct)))
-        is_valid[rng.choice(idx, size=n_valid, replace=False)] = True
-    return df.assign(is_valid=is_valid)
+        idx = np.flatnonzero(labels == label)
+        units = [idx[codes[idx] == code] for code in pd.unique(codes[idx])]  # one per photo, copies together
+        if len(units) < len(sides) + 1:
+            raise DatasetError(f"class {label!r} has {len(idx)} usable image(s) ({len(units)} distinct); need at "
+                               f"least {len(sides) + 1} distinct to split into train and {' and '.join(sides)}.")
+        target = dict(test=max(1, round(len(idx) * test_pct)), valid=max(1, round(len(idx) * valid_pct)))
+        taken = dict(test=0, valid=0, train=0)
+        for u in rng.permutation(len(units))[:-1]:  # the last photo of the draw always trains
+            side = next((s for s in sides if taken[s] < target[s]), "train")
+            split[units[u]] = side
+            taken[side] += len(units[u])
+    return df.assign(is_valid=split == "valid", split=split)
 
 
 def non_image_files(root: Path) -> list[tuple[str, str]]:
@@ -154,28 +177,38 @@ def non_image_files(root: Path) -> list[tuple[str, str]]:
             for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES]
 
 
-def prepare_split(root: str | Path, run_dir: str | Path, valid_pct: float = 0.2, seed: int = 42,
-                  max_per_class: int | None = None, min_size: int = AUDIT_MIN_SIZE) -> pd.DataFrame:
+def prepare_split(root: str | Path, run_dir: str | Path, valid_pct: float = VALID_PCT, seed: int = 42,
+                  max_per_class: int | None = None, min_size: int = AUDIT_MIN_SIZE,
+                  test_pct: float = TEST_PCT) -> pd.DataFrame:
     """Scan, audit (audit.json: duplicates, images below `min_size`, ...), drop undecodable files (warned
-    about and listed in skipped.csv), split, write split.csv."""
+    about and listed in skipped.csv) and every copy of a photo filed under different classes (listed in
+    audit.json as dropped_from_training), split with each photo's copies on one side, write split.csv."""
     root, run_dir = Path(root), Path(run_dir)
     df = scan_folder(root)
     if max_per_class:
         df = (df.sample(frac=1.0, random_state=seed).groupby("label").head(max_per_class)
                 .sort_values("path").reset_index(drop=True))
     infos = inspect_files(root, df["path"].tolist())  # the one decode pass: unreadable files + the audit
-    write_json(run_dir / "audit.json", audit_table(root, df, infos, min_size))
+    report = audit_table(root, df, infos, min_size)
+    dropped = conflicting_files(report, df)
+    report["dropped_from_training"] = dropped
+    report["summary"]["dropped_files"] = len(dropped)
+    write_json(run_dir / "audit.json", report)
     skipped = [(i.path, i.error) for i in infos if i.error] + non_image_files(root)
     if skipped:
         pd.DataFrame(skipped, columns=["path", "reason"]).to_csv(run_dir / "skipped.csv", index=False)
         listing = "\n".join(f"  {p}: {why}" for p, why in skipped[:20])
         warnings.warn(f"{len(skipped)} file(s) in {root} cannot be decoded or are not images, and are left out "
                       f"(full list in {run_dir / 'skipped.csv'}):\n{listing}", stacklevel=2)
-        df = df[~df["path"].isin({p for p, _ in skipped})].reset_index(drop=True)
+    left_out = {p for p, _ in skipped} | {d["path"] for d in dropped}
+    if left_out:
+        df = df[~df["path"].isin(left_out)].reset_index(drop=True)
         empty = [c for c in CLASSES if not (df["label"] == c).any()]
         if empty:
-            raise DatasetError(f"--data {root}: class(es) {', '.join(empty)} have no decodable images.")
-    df = stratified_split(df, valid_pct, seed)
+            raise DatasetError(f"--data {root}: class(es) {', '.join(empty)} have no decodable images "
+                               f"(see skipped.csv, and dropped_from_training in audit.json).")
+    digests = {i.path: i.digest for i in infos}
+    df = stratified_split(df, valid_pct, seed, test_pct, groups=df["path"].map(digests))
     df.to_csv(run_dir / "split.csv", index=False)
     return df
 
@@ -223,7 +256,9 @@ class EvalResizeCrop(Transform):
 def make_dataloaders(df: pd.DataFrame, root: str | Path, prep: Preprocess, bs: int = 32,
                      num_workers: int = 0, device=None, min_scale: float = 0.35, augment: bool = True):
     """A fastai DataBlock over the split table: train = RandomResizedCrop + aug_transforms, valid =
-    the serving-time resize/center-crop; both normalised with the backbone's own mean/std."""
+    the serving-time resize/center-crop; both normalised with the backbone's own mean/std. Test rows are
+    left out: nothing fastai does (training, best epoch, early stopping) ever sees them."""
+    df = df[split_names(df) != "test"].reset_index(drop=True)
     train_crop = RandomResizedCrop(prep.image_size, min_scale=min_scale)
     train_crop.split_idx = 0  # train only; valid uses EvalResizeCrop, identical to serving
     batch_tfms = (aug_transforms(max_rotate=15.0, max_lighting=0.2) if augment else []) + \

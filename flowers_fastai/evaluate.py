@@ -7,21 +7,23 @@ serves predictions, not fastai's validation loop.
 
 - MODEL.pth: every image under --data (a <root>/<class>/<images> folder).
 - RUN_DIR (a train.py run folder): the valid rows of its split.csv, read from --data or else from the run's
-  own data folder. Its best weights are made into the payload export.py would write, calibrated on that
-  same split (so its "calibrated" figures are fitted and measured on the same images; a .pth evaluated
-  on other photos measures them held out). train.py runs this at the end of every training.
+  own data folder, and its test rows when it has a test split (train.py --test-pct). Its best weights are
+  made into the payload export.py would write, calibrated on the valid split (so the valid split's
+  "calibrated" figures are fitted and measured on the same images; the test split's are not: nothing was
+  tuned on it). train.py runs this at the end of every training.
 - RUN_DIR --wise-ft-sweep (a CLIP run from pretrained weights): valid accuracy, NLL and ECE of the WiSE-FT
   interpolation for alpha 0, 0.1, ..., 1 (raw softmax, no temperature): a table, wise_ft.json, wise_ft.png.
 
 Writes into --out (default: the run folder, or runs/eval-<name> for a .pth):
-- eval_metrics.json: accuracy, cross-entropy (no label smoothing), per-class precision/recall/F1, macro-F1,
-  the confusion matrix, the majority-class and uniform-random baselines, with --tta the same under
-  test-time augmentation, the files that could not be read, and `calibration`: the model's temperature
-  and ECE (15 bins), NLL and Brier score of the raw softmax (T = 1) and of the calibrated probabilities
-  the model serves. Not named metrics.json, so a run's training metrics are never overwritten.
+- eval_metrics.json: `split` (valid, or folder for a .pth), accuracy, cross-entropy (no label smoothing),
+  per-class precision/recall/F1, macro-F1, the confusion matrix, the majority-class and uniform-random
+  baselines, with --tta the same under test-time augmentation, the files that could not be read, and
+  `calibration`: the model's temperature and ECE (15 bins), NLL and Brier score of the raw softmax (T = 1)
+  and of the calibrated probabilities the model serves; with a test split, the same figures of it in its
+  `test` section. Not named metrics.json, so a run's training metrics are never overwritten.
 - predictions.csv (path, label, predicted, confidence, loss per image, as served: calibrated),
-  confusion_matrix.png, top_losses.png, reliability.png (reliability diagram, raw and calibrated), and
-  curves.png when the folder holds a history.csv.
+  confusion_matrix.png, top_losses.png, reliability.png (reliability diagram, raw and calibrated), the
+  same with a _test suffix for a test split, and curves.png when the folder holds a history.csv.
 """
 
 from __future__ import annotations
@@ -47,12 +49,13 @@ from flowers_classifier.model import calibrated_softmax
 from flowers_classifier.payload import make_payload
 from flowers_classifier.preprocess import Preprocess, load_rgb, preprocess_image, resize_center_crop, tta_views
 
-from .calibration import EvaluationError, image_logits, run_valid_images
+from .calibration import EvaluationError, image_logits, run_split_images, run_valid_images
 from .export import ExportError, interpolate_weights, read_run, run_payload, zeroshot_weights
 from .metrics import ECE_BINS, calibration_metrics, classification_metrics, reliability_bins
 from .plots import plot_confusion_matrix, plot_curves, plot_image_grid, plot_reliability, plot_wise_ft
 
 TOP_LOSSES = 9
+FOLDER = "folder"  # a report's `split` for a .pth evaluated on every image under --data
 
 
 
@@ -111,15 +114,14 @@ def calibration_report(y: np.ndarray, logits: np.ndarray, temperature: float) ->
     return report, panels
 
 
-def evaluate(model: fc.FlowerClassifier, root: Path, df: pd.DataFrame, out_dir: Path, tta: bool = False,
-             bs: int = 32, history: Path | None = None, source: str = "", calibration: dict | None = None) -> dict:
-    """Predict `df` (path, label rows under `root`) with `model`; write the report files into `out_dir`.
-    `calibration`: how the model's temperature was fitted, added to the report's `calibration`."""
-    start, out_dir = time.time(), Path(out_dir)
+def _evaluate_split(model: fc.FlowerClassifier, root: Path, df: pd.DataFrame, out_dir: Path, tta: bool, bs: int,
+                    source: str, calibration: dict | None, split: str) -> dict:
+    """The report of one split's images, its predictions and plots written into `out_dir` (a test split's
+    files end in _test, beside the valid split's); every plot title names the split."""
     rows, logits, tta_probs, skipped = predict_table(model, root, df, tta, bs)
     probs = calibrated_softmax(torch.from_numpy(logits), model.temperature).numpy()  # as the model serves them
     y = np.array([CLASSES.index(label) for label in rows["label"]])
-    report = dict(source=source, data=str(root), **classification_metrics(y, probs, CLASSES))
+    report = dict(split=split, source=source, data=str(root), **classification_metrics(y, probs, CLASSES))
     report["calibration"], panels = calibration_report(y, logits, model.temperature)
     report["calibration"].update(calibration or {})
     if tta_probs is not None:
@@ -130,13 +132,32 @@ def evaluate(model: fc.FlowerClassifier, root: Path, df: pd.DataFrame, out_dir: 
     rows = rows.assign(predicted=[CLASSES[i] for i in pred], confidence=probs.max(1),
                        p_actual=probs[np.arange(len(y)), y], loss=-np.log(np.clip(probs[np.arange(len(y)), y],
                                                                                   1e-12, None)))
-    atomic_write(out_dir / "predictions.csv", lambda tmp: rows[["path", "label", "predicted", "confidence",
-                                                                  "loss"]].to_csv(tmp, index=False))
-    plot_confusion_matrix(np.array(report["confusion_matrix"]), CLASSES, out_dir / "confusion_matrix.png",
-                          title=f"{Path(source).name}: accuracy {report['accuracy']:.3f} on {len(y)} images")
-    _top_losses(root, rows, model.prep, out_dir / "top_losses.png")
-    plot_reliability(panels, out_dir / "reliability.png", title=f"{Path(source).name}: {len(y)} images")
-    files = ["eval_metrics.json", "predictions.csv", "confusion_matrix.png", "top_losses.png", "reliability.png"]
+    suffix = "_test" if split == "test" else ""
+    files = [f"{name}{suffix}{ext}" for name, ext in
+             (("predictions", ".csv"), ("confusion_matrix", ".png"), ("top_losses", ".png"), ("reliability", ".png"))]
+    atomic_write(out_dir / files[0], lambda tmp: rows[["path", "label", "predicted", "confidence",
+                                                       "loss"]].to_csv(tmp, index=False))
+    name = f"{Path(source).name}, {split}" if split != FOLDER else Path(source).name
+    plot_confusion_matrix(np.array(report["confusion_matrix"]), CLASSES, out_dir / files[1],
+                          title=f"{name}: accuracy {report['accuracy']:.3f} on {len(y)} images")
+    _top_losses(root, rows, model.prep, out_dir / files[2])
+    plot_reliability(panels, out_dir / files[3], title=f"{name}: {len(y)} images")
+    report["files"] = files
+    return report
+
+
+def evaluate(model: fc.FlowerClassifier, root: Path, df: pd.DataFrame, out_dir: Path, tta: bool = False,
+             bs: int = 32, history: Path | None = None, source: str = "", calibration: dict | None = None,
+             split: str = FOLDER, test: pd.DataFrame | None = None) -> dict:
+    """Predict `df` (path, label rows under `root`; `split` names them) with `model`, and the `test` rows
+    when given (the report's `test` section); write the report files into `out_dir`. `calibration`: how
+    the model's temperature was fitted, added to each `calibration` section."""
+    start, out_dir = time.time(), Path(out_dir)
+    report = _evaluate_split(model, root, df, out_dir, tta, bs, source, calibration, split)
+    files = ["eval_metrics.json", *report.pop("files")]
+    if test is not None and len(test):
+        report["test"] = _evaluate_split(model, root, test, out_dir, tta, bs, source, calibration, "test")
+        files += report["test"].pop("files")
     if history is not None and history.is_file() and plot_curves(history, out_dir / "curves.png"):
         files.append("curves.png")
     report.update(out_dir=str(out_dir), files=files, wall_time_s=round(time.time() - start, 1))
@@ -144,15 +165,28 @@ def evaluate(model: fc.FlowerClassifier, root: Path, df: pd.DataFrame, out_dir: 
     return report
 
 
+def headline(report: dict) -> dict:
+    """A report's figures for metrics.json: per split (`split` names it; `test` when there is one)."""
+    keys = ("split", "n_images", "accuracy", "macro_f1", "loss", "baselines", "calibration")
+    out = {k: report[k] for k in keys}
+    if "test" in report:
+        out["test"] = {k: report["test"][k] for k in keys}
+    return out
+
+
 def evaluate_run(run_dir: str | Path, data: str | Path | None = None, out_dir: str | Path | None = None,
                  tta: bool = False, bs: int = 32) -> dict:
-    """Evaluate a run folder's best weights on its valid split, as the exported payload will serve them."""
+    """Evaluate a run folder's best weights, as the exported payload will serve them, on its valid split
+    (where T is fitted: its calibrated figures are in-sample) and on its test split when it has one (never
+    tuned on: the `test` section)."""
     run_dir = Path(run_dir)
     root, df = run_valid_images(run_dir, data)
-    payload, record = run_payload(run_dir, data=root, bs=bs)  # calibrated on this split, as export.py does
-    record = dict(fitted_on=f"the {record['n_images']} valid images evaluated here", **record)
+    _, test = run_split_images(run_dir, root, "test")
+    payload, record = run_payload(run_dir, data=root, bs=bs)  # calibrated on valid, as export.py does
+    record = dict(fitted_on=f"the {record['n_images']} valid images", **record)
     return evaluate(fc.model_from_payload(payload), root, df, Path(out_dir or run_dir), tta, bs,
-                    history=run_dir / "history.csv", source=str(run_dir), calibration=record)
+                    history=run_dir / "history.csv", source=str(run_dir), calibration=record, split="valid",
+                    test=test)
 
 
 def evaluate_file(model_path: str | Path, data: str | Path, out_dir: str | Path | None = None,
@@ -201,22 +235,28 @@ def wise_ft_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def summary(report: dict) -> str:
-    b = report["baselines"]
-    lines = [f"{report['n_images']} images from {report['data']}: accuracy {report['accuracy']:.4f}, "
+def _split_summary(report: dict) -> list[str]:
+    b, c = report["baselines"], report["calibration"]
+    split = "" if report["split"] == FOLDER else f"{report['split']} split, "
+    lines = [f"{split}{report['n_images']} images from {report['data']}: accuracy {report['accuracy']:.4f}, "
              f"macro-F1 {report['macro_f1']:.4f}, loss {report['loss']:.4f}",
-             f"baselines: majority class ({b['majority_class']['predicts']}) accuracy "
+             f"  baselines: majority class ({b['majority_class']['predicts']}) accuracy "
              f"{b['majority_class']['accuracy']:.4f}, uniform random accuracy {b['uniform_random']['accuracy']:.4f}"]
     if "tta" in report:
-        lines.append(f"TTA ({report['tta']['views']} views): accuracy {report['tta']['accuracy']:.4f}, "
+        lines.append(f"  TTA ({report['tta']['views']} views): accuracy {report['tta']['accuracy']:.4f}, "
                      f"macro-F1 {report['tta']['macro_f1']:.4f}")
-    c = report["calibration"]
-    lines.append(f"calibration, temperature {c['temperature']:.3f}: ECE {c['raw']['ece']:.4f} -> "
+    fitted = f"; T fitted on {c['fitted_on']}" if report["split"] == "test" and "fitted_on" in c else ""
+    lines.append(f"  calibration, temperature {c['temperature']:.3f}: ECE {c['raw']['ece']:.4f} -> "
                  f"{c['calibrated']['ece']:.4f}, NLL {c['raw']['nll']:.4f} -> {c['calibrated']['nll']:.4f}, "
-                 f"Brier {c['raw']['brier']:.4f} -> {c['calibrated']['brier']:.4f} (raw -> calibrated)")
+                 f"Brier {c['raw']['brier']:.4f} -> {c['calibrated']['brier']:.4f} (raw -> calibrated{fitted})")
     if report["skipped"]:
-        lines.append(f"{len(report['skipped'])} file(s) could not be read (listed in eval_metrics.json)")
-    return "\n".join(lines)
+        lines.append(f"  {len(report['skipped'])} file(s) could not be read (listed in eval_metrics.json)")
+    return lines
+
+
+def summary(report: dict) -> str:
+    """The printed report: one block per split (valid, then test when the run has one)."""
+    return "\n".join(_split_summary(report) + (_split_summary(report["test"]) if "test" in report else []))
 
 
 def main(argv: list[str] | None = None) -> int:

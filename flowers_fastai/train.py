@@ -4,9 +4,10 @@
 The run folder holds learner.pkl (fastai export), best.pth (best weights on valid accuracy), zeroshot.pth
 (a pretrained CLIP run's zero-shot model, for WiSE-FT: export.py --wise-ft), history.csv, metrics.json
 (config, class counts, sanity check, best accuracy/epoch, calibration temperature, wall time), split.csv,
-audit.json (data audit), the evaluation of the best weights on the valid split, calibrated there
-(eval_metrics.json, predictions.csv, confusion_matrix.png, top_losses.png, reliability.png, curves.png; see
-evaluate.py), lr_find.png/.json with --lr auto and, when some files could not be decoded, skipped.csv.
+audit.json (data audit), the evaluation of the best weights on the valid split, calibrated there, and on
+the --test-pct test split that nothing tunes on (eval_metrics.json, predictions.csv, confusion_matrix.png,
+top_losses.png, reliability.png, curves.png, and *_test files; see evaluate.py), lr_find.png/.json with
+--lr auto and, when some files could not be decoded, skipped.csv.
 
 --lr-find and --overfit-batch probe the learner the run would train, write their report into the run
 folder (lr_find.png/.json, overfit_batch.json) and stop: no training, no export, no metrics.json.
@@ -34,8 +35,9 @@ from . import distributed
 from .api import check_min_scale, cnn_drop_path, create_model, default_run_dir, flowers_dataloaders, flowers_learner
 from .api import make_recipe as api_make_recipe
 from .audit import AUDIT_MIN_SIZE
-from .data import DatasetError, prepare_split
-from .evaluate import evaluate_run
+from .calibration import SPLITS, split_names
+from .data import TEST_PCT, VALID_PCT, DatasetError, prepare_split
+from .evaluate import evaluate_run, headline
 from .export import ZEROSHOT_NAME, export_run
 from .learner import (
     Recipe,
@@ -82,7 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    f"(clip; arch default {PRESETS['clip']['model']})")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="data/flowers", help="folder laid out as <root>/<class>/<images>")
-    g.add_argument("--valid-pct", type=float, default=0.2, help="stratified validation fraction")
+    g.add_argument("--valid-pct", type=float, default=VALID_PCT,
+                   help="stratified validation fraction (picks the best epoch, early stopping, fits the temperature)")
+    g.add_argument("--test-pct", type=float, default=TEST_PCT,
+                   help="stratified test fraction that nothing trains or tunes on: metrics.json and eval_metrics.json "
+                        "report accuracy, NLL, ECE and Brier on it (0: no test split)")
     g.add_argument("--max-per-class", type=int, help="use at most N images per class (quick runs)")
     g.add_argument("--img-size", type=int, help="square input size in pixels (arch default: the model's own)")
     g.add_argument("--bs", type=int, help=f"batch size per process ({describe('bs')}); with N processes "
@@ -225,10 +231,15 @@ def print_plan(args: argparse.Namespace, df: pd.DataFrame, weights: str) -> None
     """What this run will do, printed before the model is built: a first epoch can take minutes on a CPU."""
     cuda = torch.cuda.is_available()
     device = f"cuda ({torch.cuda.get_device_name(0)})" if cuda else "cpu"
-    n_valid = int(df["is_valid"].sum())
+    n = split_names(df).value_counts()
+    images = [f"images: {', '.join(f'{n.get(s, 0)} {s}' for s in SPLITS)} (from {args.data})"]
+    audit = Path(args.out) / "audit.json"
+    dropped = json.loads(audit.read_text()).get("dropped_from_training", []) if audit.is_file() else []
+    if dropped:
+        images.append(f"left out: {len(dropped)} image(s), pixel-identical copies filed under different classes "
+                      f"(no label to trust; listed in {audit}, dropped_from_training)")
     lines = [f"model: {args.model} ({args.arch})", f"weights: {weights}",
-             f"device: {device}, precision {resolve_precision(args.precision)}",
-             f"images: {len(df) - n_valid} train, {n_valid} valid (from {args.data})",
+             f"device: {device}, precision {resolve_precision(args.precision)}", *images,
              f"epochs: {args.freeze_epochs} head only + {args.epochs} unfrozen, batch size {args.bs}",
              f"run folder: {args.out}"]
     if distributed.world_size() > 1:
@@ -394,7 +405,8 @@ def train(args: argparse.Namespace) -> Path:
     #    Several processes: rank 0 writes split.csv and audit.json, the others then read that split.
     if not resumed and distributed.is_main():
         df = prepare_split(args.data, run_dir, args.valid_pct, args.seed, args.max_per_class,
-                           min_size=args.img_size or AUDIT_MIN_SIZE)  # audit.json: duplicates, small images, ...
+                           min_size=args.img_size or AUDIT_MIN_SIZE,  # audit.json: duplicates, small images, ...
+                           test_pct=args.test_pct)  # test rows: in split.csv, never in the DataLoaders
     distributed.barrier()
     if resumed or not distributed.is_main():
         df = pd.read_csv(run_dir / "split.csv")
@@ -412,8 +424,9 @@ def train(args: argparse.Namespace) -> Path:
         return run_dir
     if resumed:
         return finish(args, learn, recipe, resumed, start, epochs_done=resume_learner(learn, recipe))
-    counts = {split: df[df.is_valid == (split == "valid")]["label"].value_counts().reindex(CLASSES).tolist()
-              for split in ("train", "valid")}
+    names = split_names(df)
+    counts = {split: df[names == split]["label"].value_counts().reindex(CLASSES, fill_value=0).tolist()
+              for split in SPLITS if split != "test" or (names == "test").any()}
     metrics = dict(status="running", world_size=distributed.world_size(), model=spec, recipe=vars(recipe),
                    param_groups=n_groups,
                    config={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
@@ -471,12 +484,18 @@ def finish(args: argparse.Namespace, learn, recipe: Recipe, metrics: dict, start
     # 5. Save: fastai export (for fastai users), metrics, and the plain payload for serving.
     atomic_write(run_dir / "learner.pkl", lambda tmp: export_learner(learn, Path(tmp).absolute()))
     best_acc, best_epoch = _best_from_history(run_dir / "history.csv")
-    # The best weights as the exported payload serves them, on the valid split: eval_metrics.json + plots.
+    # The best weights as the exported payload serves them, on the valid split (and the test split when there
+    # is one): eval_metrics.json + plots.
     evaluation = evaluate_run(run_dir, args.data, bs=args.bs)  # calibrated on valid: T is fitted here
-    metrics["evaluation"] = {k: evaluation[k] for k in ("accuracy", "macro_f1", "loss", "baselines", "calibration")}
+    metrics["evaluation"] = headline(evaluation)
     temperature = evaluation["calibration"]["temperature"]
     print(f"calibration: temperature {temperature:.3f}, valid ECE {evaluation['calibration']['raw']['ece']:.4f} -> "
           f"{evaluation['calibration']['calibrated']['ece']:.4f}")
+    if "test" in evaluation:
+        test, c = evaluation["test"], evaluation["test"]["calibration"]
+        print(f"test split ({test['n_images']} images, never tuned on): accuracy {test['accuracy']:.4f}, "
+              f"ECE {c['raw']['ece']:.4f} -> {c['calibrated']['ece']:.4f}, NLL {c['raw']['nll']:.4f} -> "
+              f"{c['calibrated']['nll']:.4f}, Brier {c['raw']['brier']:.4f} -> {c['calibrated']['brier']:.4f}")
     metrics.update(status="finished", best_accuracy=best_acc, best_epoch=best_epoch,
                    wall_time_s=round(time.time() - start, 1))
     write_json(run_dir / "metrics.json", metrics)

@@ -65,7 +65,12 @@ def test_prepare_split_writes_audit_json_from_its_single_decode_pass(planted, tm
     report = json.loads((run / "audit.json").read_text())
     assert report["summary"]["conflicting_groups"] == 1 and report["min_size"] == 40
     assert set(pd.read_csv(run / "skipped.csv")["path"]) == {u["path"] for u in report["unreadable"]}
-    assert len(df) == 23
+    # the photo filed under rose and tulip: both copies left out of the run, and listed
+    assert [d["path"] for d in report["dropped_from_training"]] == ["rose/2.jpg", "tulip/looks_like_rose.png"]
+    assert len(df) == 21 and not {"rose/2.jpg", "tulip/looks_like_rose.png"} & set(df["path"])
+    assert "left out of the run (copies with conflicting labels): 2" in audit.format_report(report)
+    # the same-class pair stays, on one side of the split
+    assert df.set_index("path").loc[["dandelion/0 copy.jpg", "dandelion/0.jpg"], "split"].nunique() == 1
 
 
 def test_real_photos_conflicting_duplicates_are_found(real_flowers, tmp_path):

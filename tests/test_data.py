@@ -1,5 +1,6 @@
 """Data folder checks, label normalisation, the stratified split, undecodable files, the DataBlock."""
 
+import json
 import shutil
 
 import pandas as pd
@@ -77,6 +78,82 @@ def test_stratified_split_on_real_counts():
     assert ratio.between(0.19, 0.21).all(), ratio
 
 
+def test_test_split_is_stratified_seeded_and_apart_from_valid(tmp_path):
+    df = data.scan_folder(make_image_folder(tmp_path / "imgs", per_class=10))
+    a, b = (data.stratified_split(df, 0.2, seed=1, test_pct=0.3) for _ in range(2))
+    assert a["split"].tolist() == b["split"].tolist()
+    assert a["split"].tolist() != data.stratified_split(df, 0.2, seed=2, test_pct=0.3)["split"].tolist()
+    per_class = a.groupby("label")["split"].value_counts().unstack()
+    assert per_class["test"].tolist() == [3] * len(CLASSES) and per_class["valid"].tolist() == [2] * len(CLASSES)
+    assert a["is_valid"].tolist() == (a["split"] == "valid").tolist()  # old readers of is_valid see valid only
+    assert set(data.stratified_split(df, 0.2, seed=1)["split"]) == {"train", "valid"}  # test_pct 0: none
+
+
+def test_split_fractions_are_checked():
+    df = pd.DataFrame([(f"{c}/{i}.jpg", c) for c in CLASSES for i in range(3)], columns=["path", "label"])
+    with pytest.raises(DatasetError, match="--test-pct 0.8 with --valid-pct 0.2"):
+        data.stratified_split(df, 0.2, test_pct=0.8)
+    two = df.groupby("label").head(2)
+    with pytest.raises(DatasetError, match="'daisy' has 2 usable image.*need at least 3 distinct"):
+        data.stratified_split(two, 0.2, test_pct=0.2)
+
+
+def test_test_rows_never_reach_the_dataloaders(tmp_path):
+    root = make_image_folder(tmp_path / "imgs", per_class=6, size=40)
+    df = data.stratified_split(data.scan_folder(root), 0.2, seed=0, test_pct=0.3)
+    dls = data.make_dataloaders(df, root, Preprocess(32, (0.5,) * 3, (0.25,) * 3), bs=4)
+    seen = {str(p) for dl in (dls.train, dls.valid) for p in dl.items["path"]}
+    test = set(df.loc[df["split"] == "test", "path"])
+    assert len(test) == 2 * len(CLASSES) and not test & seen
+    assert set(dls.valid.items["path"]) == set(df.loc[df["split"] == "valid", "path"])
+    old = pd.read_csv(_write_old_split(df, tmp_path / "old.csv"))  # a split.csv from before test splits
+    dls = data.make_dataloaders(old, root, Preprocess(32, (0.5,) * 3, (0.25,) * 3), bs=4)
+    assert len(dls.train.items) + len(dls.valid.items) == len(df)
+
+
+def _write_old_split(df, path):
+    df[["path", "label", "is_valid"]].to_csv(path, index=False)
+    return path
+
+
+def plant_copies(root, per_class: int = 3):
+    """`per_class` extra copies of image 0 of every class, byte-for-byte and re-encoded as PNG."""
+    from PIL import Image
+    for label in CLASSES:
+        Image.open(root / label / "0.jpg").save(root / label / "copy.png")
+        for i in range(per_class - 1):
+            shutil.copy(root / label / "0.jpg", root / label / f"copy{i}.jpg")
+    return {label: {f"{label}/0.jpg", f"{label}/copy.png"} | {f"{label}/copy{i}.jpg" for i in range(per_class - 1)}
+            for label in CLASSES}
+
+
+def test_copies_of_a_photo_stay_on_one_side_of_the_split(tmp_path):
+    root = make_image_folder(tmp_path / "imgs", per_class=8)
+    copies = plant_copies(root)
+    for seed in range(12):  # unrelated draws: a split by file would part the copies in most of them
+        run = tmp_path / f"run{seed}"
+        run.mkdir()
+        df = data.prepare_split(root, run, valid_pct=0.25, seed=seed, test_pct=0.25).set_index("path")
+        for label, group in copies.items():
+            assert df.loc[sorted(group), "split"].nunique() == 1, (seed, label, df.loc[sorted(group), "split"])
+        assert df.groupby("label")["split"].nunique().eq(3).all()  # still every class in every split
+
+
+def test_copies_filed_under_two_classes_are_left_out_and_listed(real_flowers, tmp_path, capsys):
+    df = data.prepare_split(real_flowers, tmp_path, seed=0, test_pct=0.2, min_size=64)
+    conflict = {"rose/17104364030_ee31ee279b_n.jpg", "tulip/17104364030_ee31ee279b_n.jpg"}
+    assert not conflict & set(df["path"]) and not conflict & set(pd.read_csv(tmp_path / "split.csv")["path"])
+    report = json.loads((tmp_path / "audit.json").read_text())
+    assert {d["path"] for d in report["dropped_from_training"]} == conflict
+    assert report["summary"]["dropped_files"] == 2
+    assert all("rose and tulip" in d["reason"] for d in report["dropped_from_training"])
+    same_class = df.set_index("path").loc[["sunflower/15069459615_7e0fd61914_n.jpg",
+                                           "sunflower/15072973261_73e2912ef2_n.jpg"], "split"]
+    assert same_class.nunique() == 1  # the same-class pair is kept, on one side
+    with pytest.raises(DatasetError, match="carries different labels"):
+        data.stratified_split(pd.DataFrame(dict(path=["a", "b"], label=["rose", "tulip"])), groups=["x", "x"])
+
+
 def plant_bad_files(root):
     """A truncated JPEG and a text file renamed .jpg, beside good images."""
     good = next((root / "rose").glob("*.jpg")).read_bytes()
@@ -95,7 +172,7 @@ def test_prepare_split_skips_and_reports_undecodable_files(tmp_path):
     assert not bad & set(df["path"])
     assert set(pd.read_csv(run / "skipped.csv")["path"]) == bad
     written = pd.read_csv(run / "split.csv")
-    assert list(written.columns) == ["path", "label", "is_valid"] and len(written) == 5 * len(CLASSES)
+    assert list(written.columns) == ["path", "label", "is_valid", "split"] and len(written) == 5 * len(CLASSES)
 
 
 def test_class_left_empty_by_undecodable_files_is_an_error(tmp_path):

@@ -134,6 +134,34 @@ def test_evaluate_run_folder_uses_the_valid_split_and_plots_curves(tmp_path):
     assert "curves.png" in m["files"] and (run / "curves.png").stat().st_size > 0
 
 
+def test_evaluate_run_reports_the_test_split_apart_from_valid(tmp_path, capsys):
+    """A split.csv with a test split: T is fitted on the valid rows alone (export.py's fit too), and the
+    test rows are measured raw and calibrated in their own section and files."""
+    from flowers_fastai.export import run_payload
+    images = make_image_folder(tmp_path / "images", per_class=6)
+    run = _fake_run(tmp_path / "run", images)
+    split = pd.read_csv(run / "split.csv")
+    split["split"] = np.tile(["valid"] * 2 + ["train"] * 2 + ["test"] * 2, len(CLASSES))  # _fake_run's order
+    assert (split["is_valid"] == (split["split"] == "valid")).all()
+    split.to_csv(run / "split.csv", index=False)  # 2 valid, 2 test, 2 train rows per class
+    assert evaluate.main([str(run)]) == 0
+    m = json.loads((run / "eval_metrics.json").read_text())
+    assert m["split"] == "valid" and m["n_images"] == 10 and m["calibration"]["n_images"] == 10
+    test = m["test"]
+    assert test["split"] == "test" and test["n_images"] == 10 and np.array(test["confusion_matrix"]).sum() == 10
+    for key in ("raw", "calibrated"):
+        assert set(test["calibration"][key]) >= {"ece", "nll", "brier"}
+    assert test["calibration"]["temperature"] == m["calibration"]["temperature"]
+    assert test["calibration"]["fitted_on"] == "the 10 valid images"  # T never saw the test rows
+    assert run_payload(run)[1]["n_images"] == 10  # nor does export.py's fit
+    preds = pd.read_csv(run / "predictions_test.csv")
+    assert set(preds["path"]) == set(split.loc[split["split"] == "test", "path"])
+    assert {"predictions_test.csv", "reliability_test.png", "confusion_matrix_test.png"} <= set(m["files"])
+    assert (run / "reliability_test.png").stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "valid split, 10 images" in printed and "test split, 10 images" in printed
+
+
 def test_evaluate_errors_name_the_flag(tiny_cnn_pth, tmp_path, capsys):
     assert evaluate.main([str(tiny_cnn_pth)]) == 2
     assert "--data" in capsys.readouterr().err

@@ -62,7 +62,10 @@ def test_run_folder_holds_everything(trained):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "finished" and metrics["best_accuracy"] == hist["accuracy"].max()
     assert metrics["config"]["seed"] == 42 and metrics["wall_time_s"] > 0
-    assert sum(metrics["class_counts"]["train"]) + sum(metrics["class_counts"]["valid"]) == 60
+    # 60 photos less the one filed under both rose and tulip (both copies left out); no test split by default
+    assert sum(metrics["class_counts"]["train"]) + sum(metrics["class_counts"]["valid"]) == 58
+    assert "test" not in metrics["class_counts"] and "test" not in metrics["evaluation"]
+    assert "images: 48 train, 10 valid, 0 test" in stdout and "left out: 2 image(s)" in stdout
     # calibrated at the end of the run: T in metrics.json, the export and eval_metrics.json agree
     t = metrics["evaluation"]["calibration"]["temperature"]
     assert t == json.loads((run_dir / "eval_metrics.json").read_text())["calibration"]["temperature"]
@@ -70,6 +73,30 @@ def test_run_folder_holds_everything(trained):
     assert f"calibration: temperature {t:.3f}" in stdout
     # stdout is a pipe here: one plain line per epoch, no progress-bar noise
     assert sum(line.startswith("epoch ") for line in stdout.splitlines()) == SMALL_EPOCHS
+
+
+def test_test_split_is_held_out_and_reported(real_flowers, tmp_path):
+    """--test-pct: the test photos are in split.csv but not trained or tuned on; metrics.json and
+    eval_metrics.json report them, raw and calibrated, apart from the valid split that fitted T."""
+    run_dir = tmp_path / "run"
+    out = run_cli("train.py", "--model", TINY_CNN, "--no-pretrained", "--data", str(real_flowers), "--img-size", "64",
+                  "--epochs", "1", "--bs", "16", "--test-pct", "0.2", "--out", str(run_dir), "--no-export")
+    split = pd.read_csv(run_dir / "split.csv")
+    n = split["split"].value_counts()
+    assert (n["train"], n["valid"], n["test"]) == (38, 10, 10)  # 2 test + 2 valid per class, of 58 photos
+    assert "images: 38 train, 10 valid, 10 test" in out.stdout
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [sum(metrics["class_counts"][s]) for s in ("train", "valid", "test")] == [38, 10, 10]
+    evaluation, report = metrics["evaluation"], json.loads((run_dir / "eval_metrics.json").read_text())
+    test = evaluation["test"]
+    assert evaluation["split"] == "valid" and test["split"] == "test" and test["n_images"] == 10
+    assert test == {k: report["test"][k] for k in test}
+    assert test["calibration"]["n_images"] == 10 == evaluation["n_images"]  # T fitted on the valid photos only
+    for key in ("raw", "calibrated"):
+        assert {"ece", "nll", "brier"} <= set(test["calibration"][key])
+    predicted = pd.read_csv(run_dir / "predictions_test.csv")
+    assert set(predicted["path"]) == set(split.loc[split["split"] == "test", "path"])
+    assert f"test split (10 images, never tuned on): accuracy {test['accuracy']:.4f}" in out.stdout
 
 
 def test_exported_model_beats_majority_on_unseen_photos(trained_full, flowers128):
