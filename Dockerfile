@@ -3,7 +3,8 @@
 #   docker run --gpus all -v $PWD/cache:/cache -v $PWD/models:/app/models -v $PWD/data:/app/data \
 #     flowers-fastai python train.py --arch clip          # weights cached in ./cache across runs
 #   docker run --gpus all -p 7860:7860 -v $PWD/models:/app/models flowers-fastai   # the web demo
-FROM pytorch/pytorch:2.6.0-cuda12.4-cudnn9-runtime
+# torch 2.14.1 built for CUDA 13.0: the build CI tests (torch 2.14.1+cu130), within pyproject.toml's range.
+FROM pytorch/pytorch:2.14.1-cuda13.0-cudnn9-runtime
 
 WORKDIR /app
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \

@@ -32,6 +32,10 @@ CNN, VIT, ENSEMBLE = "CNN", "ViT", "Ensemble"
 MAX_UPLOAD = "20mb"  # Gradio refuses bigger uploads before they reach us (HTTP 413 / a message in the page)
 MAX_EXAMPLES = 10
 AUTH_ENV = "FLOWERS_DEMO_AUTH"  # USER:PASS, so the password need not sit in the shell history
+# Every event that runs a model joins this one queue group. Gradio's concurrency limit counts per event
+# function unless events share a concurrency_id, so without it /predict, the classification on upload and
+# Grad-CAM would each get their own slot and run at once.
+ONE_MODEL_CALL = dict(concurrency_id="model", concurrency_limit=1)
 DEFAULT_CNN, DEFAULT_VIT = default_model_path("cnn"), default_model_path("clip")
 TRAIN_HELP = f"""\
 **No model file found** (looked for `{{cnn}}` and `{{vit}}`). Train and export one, then restart the app:
@@ -225,9 +229,10 @@ def build_demo(cnn_path: str | os.PathLike | None = DEFAULT_CNN, vit_path: str |
         _wire(image, choice, button, label, timing, classify, example_click, tta=tta, show=show, heat=heat,
               explain_choice=explain_choice)
         top_k.change(lambda k: gr.Label(num_top_classes=int(k)), top_k, label, queue=False, api_visibility="private")
-    # One prediction at a time: torch already spreads a single image over every CPU core (or the GPU),
-    # so running two at once only slows both and doubles peak memory; later requests wait in the queue,
-    # which tells each browser its position. max_size bounds what waiting uploads (<= 20 MB each) can hold.
+    # One model call at a time (ONE_MODEL_CALL, set on each model event in _wire): torch already spreads a
+    # single image over every CPU core (or the GPU), so running two at once only slows both and doubles peak
+    # memory; later requests wait in the queue, which tells each browser its position. max_size bounds what
+    # waiting uploads (<= 20 MB each) can hold.
     return demo.queue(default_concurrency_limit=1, max_size=16)
 
 
@@ -242,9 +247,9 @@ def _wire(image, choice, button, label, timing, classify, example_click=None, *,
         return classify(img, model, views) if img else (None, "")
 
     auto = dict(fn=classify_if_image, inputs=[image, choice, tta], outputs=[label, timing], preprocess=False,
-                api_visibility="private")
+                api_visibility="private", **ONE_MODEL_CALL)
     why = dict(fn=explain_choice, inputs=[image, choice, show], outputs=[heat], preprocess=False,
-               api_visibility="private")
+               api_visibility="private", **ONE_MODEL_CALL)
     # image.upload, not image.change: replacing a shown photo fires .change twice in Gradio 6 (two inferences).
     gr.on([image.upload, choice.change, tta.change], **clear).then(**auto).success(**why)
     if example_click is not None:  # chained after the example is loaded into the image, so never races it
@@ -252,7 +257,7 @@ def _wire(image, choice, button, label, timing, classify, example_click=None, *,
     show.change(**why)
     image.clear(**clear)
     button.click(**clear).then(classify, [image, choice, tta], [label, timing], preprocess=False,
-                               api_name="predict").success(**why)
+                               api_name="predict", **ONE_MODEL_CALL).success(**why)
 
 
 def launch_demo(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: bool = False,

@@ -5,14 +5,19 @@ models, the CLI's start-up errors, and that importing the app never imports fast
 from __future__ import annotations
 
 import base64
+import json
 import math
 import os
 import socket
 import struct
 import subprocess
 import sys
+import threading
+import time
+import uuid
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -252,6 +257,65 @@ def test_grad_cam_is_on_by_default_for_the_cnn_and_top_k_defaults_to_all(demo):
     (show,) = [c for c in components(demo, gr.Checkbox) if c.elem_id == "show-why"]
     (top_k,) = components(demo, gr.Slider)
     assert show.value is True and top_k.value == len(fc.CLASSES)
+
+
+# --------------------------------------------------------------------------- one model call at a time
+
+class InFlight:
+    """Forward hooks on each network that count the forwards running at once (the most seen in `peak`)
+    and hold each for a moment, so calls that are allowed to overlap do overlap."""
+
+    def __init__(self, hold_s: float = 0.3):
+        self.hold_s, self.now, self.peak, self.calls = hold_s, 0, 0, 0
+        self.lock = threading.Lock()
+
+    def enter(self, module, args) -> None:
+        with self.lock:
+            self.now += 1
+            self.calls += 1
+            self.peak = max(self.peak, self.now)
+        time.sleep(self.hold_s)
+
+    def leave(self, module, args, output) -> None:
+        with self.lock:
+            self.now -= 1
+
+    def watch(self, net) -> None:
+        net.register_forward_pre_hook(self.enter)
+        net.register_forward_hook(self.leave)
+
+
+def call_as_a_browser(url: str, fn_index: int, data: list) -> dict:
+    """Join the queue with event `fn_index` in a session of its own (a browser tab does the same for the
+    private events that gradio_client cannot call) and return its process_completed message."""
+    session = uuid.uuid4().hex
+    joined = httpx.post(f"{url}gradio_api/queue/join", timeout=30,
+                        json={"data": data, "fn_index": fn_index, "session_hash": session})
+    assert joined.status_code == 200, joined.text
+    with httpx.stream("GET", f"{url}gradio_api/queue/data", params={"session_hash": session}, timeout=120) as r:
+        for line in r.iter_lines():
+            message = json.loads(line.removeprefix("data:")) if line.startswith("data:") else {}
+            if message.get("msg") == "process_completed":
+                return message
+    raise AssertionError(f"event {fn_index}: the stream ended without process_completed")
+
+
+def test_model_events_run_one_at_a_time(tiny_cnn_pth, tmp_path, rose):
+    # /predict, the classification on upload and Grad-CAM all run the network: fired together (three
+    # users at once), they must queue behind each other, as the queue's comment in build_demo promises.
+    demo = app.build_demo(tiny_cnn_pth, tmp_path / "none.pth")
+    in_flight = InFlight()
+    in_flight.watch(demo_models(demo)[app.CNN].net)
+    fns = {getattr(f.fn, "__name__", ""): index for index, f in demo.fns.items() if f.queue}
+    photo = {"meta": {"_type": "gradio.FileData"}, "orig_name": rose.name}
+    calls = [(fns["classify"], [False]), (fns["classify_if_image"], [False]), (fns["explain_choice"], [True])]
+    with serving(demo) as url, rose.open("rb") as f:
+        (photo["path"],) = httpx.post(f"{url}gradio_api/upload", files={"files": (rose.name, f)}, timeout=30).json()
+        with ThreadPoolExecutor(len(calls)) as pool:
+            done = list(pool.map(lambda c: call_as_a_browser(url, c[0], [photo, app.CNN, *c[1]]), calls))
+    assert all(m["success"] for m in done), done
+    assert in_flight.calls >= len(calls)
+    assert in_flight.peak == 1, f"{in_flight.peak} forwards ran at once"
 
 
 # --------------------------------------------------------------------------- exposure: login, files, MCP

@@ -81,6 +81,46 @@ def test_cpu_smoke_runs_every_stage_end_to_end(tmp_path):
     assert "| run | model |" in out.stdout and "ours / plain img/s" in out.stdout and "MFU" in out.stdout
 
 
+# --------------------------------------------------------------------------- export parity
+
+@pytest.fixture(scope="module")
+def untrained_learner(tmp_path_factory):
+    """(learner, photos, split, work dir): the smoke's random-init CNN on synthetic photos, untrained (the
+    parity check compares an export with its learner; training does not change what it compares)."""
+    from flowers_fastai.api import flowers_dataloaders, flowers_learner
+    work = tmp_path_factory.mktemp("parity")
+    sizes = gc.replace(gc.Sizes.cpu_smoke(), per_class=10)
+    root, split = gc.prepare_data(None, work, sizes, seed=0)
+    dls = flowers_dataloaders(root, "cnn", model=sizes.cnn_model, img_size=sizes.cnn_img, bs=sizes.cnn_bs,
+                              pretrained=False, num_workers=0, run_dir=work / "run", split=split)
+    return flowers_learner(dls, pretrained=False), root, split, work
+
+
+@pytest.mark.parametrize(("head_std", "ok"), [(0.0, False), (0.1, True)])
+def test_export_parity_needs_probabilities_that_vary(untrained_learner, head_std, ok):
+    # A zeroed head gives every image the uniform 0.2 on both sides: equal within any tolerance, proving
+    # nothing about the export. A random head spreads the probabilities, and the same comparison then counts.
+    learn, root, split, work = untrained_learner
+    head = learn.model.get_classifier()
+    torch.manual_seed(0)
+    nn.init.normal_(head.weight, std=head_std)
+    nn.init.zeros_(head.bias)
+    r = gc.export_parity(learn, torch.device("cpu"), root, split, work / "cnn.pth", n_images=8)
+    assert r["parity_max_abs_diff"] < gc.PARITY_TOL and r["parity_argmax_equal"]  # the two sides agree either way
+    assert (r["parity_prob_spread"] >= gc.PARITY_MIN_SPREAD) is ok, r["parity_prob_spread"]
+    assert r["parity_ok"] is ok
+
+
+def test_report_names_a_constant_output():
+    row = dict(loop="ours", model="convnextv2_atto", img=48, precision="fp32", channels_last=False, bs=16, steps=4,
+               images_per_s=10.0, peak_gib=None, finite=True, loss_first=1.6, loss_last=1.5, loss_down=True,
+               parity_max_abs_diff=0.0, parity_ok=False, parity_prob_spread=0.0, parity_min_spread=0.01)
+    run = gc.Run(None, {})
+    run.cnn = [row]
+    assert gc.report_rows(run)[0][-1] == "0.0e+00 FAIL (constant output: spread 0.0e+00)"
+    assert not gc.checks(run)["parity"]
+
+
 # --------------------------------------------------------------------------- FLOPs and MFU
 
 def test_flop_counter_counts_a_linear_layer():
