@@ -86,7 +86,9 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_pct
 
 
 def loaders(df: pd.DataFrame, root: Path, classes: tuple[str, ...], cfg: PlainConfig, mean, std, crop_pct: float):
-    train_ds = FrameDataset(df[~df.is_valid], root, classes, train_transform(cfg.img_size, mean, std))
+    # A split.csv with a test split marks it in `split`; its test rows must never be trained on.
+    train_rows = df[df["split"] == "train"] if "split" in df else df[~df.is_valid]
+    train_ds = FrameDataset(train_rows, root, classes, train_transform(cfg.img_size, mean, std))
     valid_ds = FrameDataset(df[df.is_valid], root, classes, valid_transform(cfg.img_size, crop_pct, mean, std))
     kw = dict(batch_size=cfg.bs, num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
               pin_memory=torch.device(cfg.device).type == "cuda")
