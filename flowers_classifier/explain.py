@@ -12,12 +12,18 @@ The map is computed on the eval crop the model saw, then placed into the photo's
 the parts outside the centered crop were not seen, and get 0. A small hook-based implementation rather
 than the `grad-cam` package: it runs on the served model as loaded (channels_last, `_LinearAsConv` on
 the CPU), needs no parameter gradients and leaves the model untouched. Pure torch/numpy/PIL.
+A model whose network passes no gradient is explained from the fp32 network of the same weights
+(`gradient_net`: int8's quantised layers have no backward; behind a CPU package, the eager network), for
+the class that the served model predicts. An ONNX model has no PyTorch network and is refused, and so is a
+map that comes out flat: an overlay of nothing would read as "no evidence anywhere".
 """
 
 from __future__ import annotations
 
 import math
 import os
+import threading
+import weakref
 
 import numpy as np
 import torch
@@ -26,46 +32,81 @@ from PIL import Image
 from torch import nn
 
 from .model import FlowerClassifier
+from .onnx_model import OnnxFlowerClassifier
 from .preprocess import load_rgb, resize_center_crop, to_tensor
+from .quantize import int8_layers
 
 OVERLAY_ALPHA = 0.5  # weight of the heat colours over the photo
 MAX_OVERLAY_SIDE = 512  # the overlay is for a web page: no need for the photo's full resolution
 
 
+class ExplainError(ValueError):
+    """Grad-CAM cannot explain this model or photo (no PyTorch network, a flat map); the message says why
+    and what to do."""
+
+
+# model -> its fp32 network for Grad-CAM (`gradient_net`), built once, dropped with the model
+_gradient_nets: weakref.WeakKeyDictionary[FlowerClassifier, nn.Module] = weakref.WeakKeyDictionary()
+_building = threading.Lock()
+
+
+def gradient_net(model: FlowerClassifier) -> nn.Module:
+    """The network Grad-CAM differentiates for `model`: its eager network, or the fp32 network of the same
+    weights when the served one passes no gradient (int8; `FlowerClassifier.build_gradient_net`), built on
+    first use and kept as long as the model. ExplainError for an ONNX model."""
+    if isinstance(model, OnnxFlowerClassifier):
+        raise ExplainError(f"{model.model_name}: an .onnx model runs in ONNX Runtime, which computes no "
+                           f"gradients, so Grad-CAM cannot explain it; load the .pth it was exported from "
+                           f"(fc.load_model('MODEL.pth')) to explain its predictions.")
+    if model.build_gradient_net is None:
+        return model.net
+    with _building:  # two threads asking at once build it once
+        if model not in _gradient_nets:
+            _gradient_nets[model] = model.build_gradient_net()
+        return _gradient_nets[model]
+
+
 def target_layer(model: FlowerClassifier) -> nn.Module:
-    """The layer whose activations Grad-CAM weighs: see the module docstring."""
-    if model.family == "cnn":
-        return model.net.stages[-1]
-    return model.net.visual.transformer.resblocks[-1]
+    """The layer of `gradient_net(model)` whose activations Grad-CAM weighs: see the module docstring."""
+    return _target_layer(gradient_net(model), model.family)
 
 
-def _tokens_to_grid(tokens: torch.Tensor, model: FlowerClassifier) -> torch.Tensor:
+def _target_layer(net: nn.Module, family: str) -> nn.Module:
+    return net.stages[-1] if family == "cnn" else net.visual.transformer.resblocks[-1]
+
+
+def _tokens_to_grid(tokens: torch.Tensor, net: nn.Module) -> torch.Tensor:
     """(N, L, C) tokens (class token first) -> (N, C, gh, gw) patch map."""
-    gh, gw = model.net.visual.grid_size
+    gh, gw = net.visual.grid_size
     patches = tokens[:, -gh * gw:]  # open_clip puts the class token (and nothing else) before the patches
     return patches.transpose(1, 2).reshape(tokens.shape[0], -1, gh, gw)
 
 
 def cam_for_tensor(model: FlowerClassifier, x: torch.Tensor, class_index: int | None = None) -> np.ndarray:
     """(h, w) Grad-CAM map in [0, 1] at the crop's size for one normalised (3, H, W) input; the class is
-    the predicted one unless `class_index` is given. All-zero when nothing argues for the class."""
-    layer, captured = target_layer(model), {}
+    the one the model predicts unless `class_index` is given. ExplainError when the map is flat (all zero
+    or not finite): there is nothing to draw."""
+    net = gradient_net(model)
+    if class_index is None and (net is not model.net or model.compiled is not None):
+        # another network serves (int8, a CPU package): explain the class it predicts, not its fp32 twin's
+        class_index = int(model.logits(x.unsqueeze(0))[0].argmax())
+    layer, captured = _target_layer(net, model.family), {}
     vit = model.family != "cnn"
 
     def keep(_module, args, output=None):
         act = args[0] if vit else output
-        if vit and not model.net.visual.transformer.batch_first:
+        if vit and not net.visual.transformer.batch_first:
             act = act.transpose(0, 1)  # LND -> NLD
         captured["act"] = act
 
     hook = layer.register_forward_pre_hook(keep) if vit else layer.register_forward_hook(keep)
     try:
-        dtype = next(model.net.parameters()).dtype
+        param = next(net.parameters())
         memory_format = torch.channels_last if model.channels_last else torch.preserve_format
         with torch.inference_mode(False), torch.enable_grad():  # the server may call us under inference_mode
             # a clone made here is a normal tensor even when x was made under inference_mode
-            batch = x.clone().unsqueeze(0).to(model.device, dtype, memory_format=memory_format).requires_grad_(True)
-            logits = model.net(batch)[0].float()
+            batch = x.clone().unsqueeze(0).to(param.device, param.dtype, memory_format=memory_format)
+            logits = net(batch.requires_grad_(True))[0].float()
             target = int(logits.argmax()) if class_index is None else class_index
             act = captured["act"]
             (grad,) = torch.autograd.grad(logits[target], act)  # only this gradient: no parameter .grad set
@@ -73,12 +114,28 @@ def cam_for_tensor(model: FlowerClassifier, x: torch.Tensor, class_index: int | 
         hook.remove()
     act, grad = act.detach().float(), grad.float()
     if vit:
-        act, grad = _tokens_to_grid(act, model), _tokens_to_grid(grad, model)
+        act, grad = _tokens_to_grid(act, net), _tokens_to_grid(grad, net)
     weights = grad.mean(dim=(2, 3), keepdim=True)  # (1, C, 1, 1): how much each channel argues for the class
     cam = F.relu((weights * act).sum(1, keepdim=True))
     cam = F.interpolate(cam, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)[0, 0]
-    top = float(cam.max())
-    return (cam / top if top > 0 else cam).cpu().numpy()
+    _check_not_flat(cam, net, model, target)
+    return (cam / cam.max()).cpu().numpy()
+
+
+def _check_not_flat(cam: torch.Tensor, net: nn.Module, model: FlowerClassifier, target: int) -> None:
+    """ExplainError, saying why, for a map with nothing to draw: drawn, it would read as "no evidence"."""
+    what = f"Grad-CAM of {model.model_name} for {model.classes[target]!r}"
+    if not bool(torch.isfinite(cam).all()):
+        dtype = next(net.parameters()).dtype
+        why = (f"{dtype} overflowed; load the model in float32 (load_model(..., dtype=torch.float32))"
+               if dtype in (torch.float16, torch.bfloat16) else "the network's weights hold NaN or inf; "
+               "export the model again from a run whose weights are finite")
+        raise ExplainError(f"{what} is not finite (NaN or inf), so no map is drawn: {why}.")
+    if not bool(cam.max() > 0):
+        why = ("its int8 layers pass no gradient; explain the fp32 model (load_model(..., int8=False))"
+               if int8_layers(net) else "nothing at the explained layer argues for that class in this photo; "
+               "explain another class (class_index=...) or another photo")
+        raise ExplainError(f"{what} is all zero, so no map is drawn: {why}.")
 
 
 def _crop_box(size: tuple[int, int], image_size: int, crop_pct: float) -> tuple[float, float, float, float]:

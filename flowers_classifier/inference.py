@@ -137,12 +137,17 @@ def model_from_payload(payload: dict, device: str | torch.device | None = None, 
     if device.type == "cpu":
         dtype = torch.float32  # half precision on CPU is slower and less exact
     if compiled:  # the eager network waits for its first use, reading the file again then: no payload held
-        build = lambda: _eager_net(load_payload(path), device, dtype, int8, path)  # noqa: E731
+        build = partial(_eager_net_from_file, Path(path), os.stat(path), device, dtype, int8)
     else:
         build = partial(_eager_net, payload, device, dtype, int8, path)
+    fp32 = None
+    if int8:  # int8 layers pass no gradient: Grad-CAM differentiates the fp32 network of the same weights
+        from_file = Path(path).is_file()  # so that the int8 model never holds the fp32 weights
+        fp32 = (partial(_eager_net_from_file, Path(path), os.stat(path), device, dtype, False) if from_file
+                else partial(_eager_net, payload, device, dtype, False, path))
     model = FlowerClassifier(None if compiled else build(), payload["family"], payload["model_name"],
                              tuple(payload["classes"]), Preprocess.from_dict(payload),
-                             build_net=build if compiled else None)
+                             build_net=build if compiled else None, build_gradient_net=fp32)
     model.temperature = payload_temperature(payload, path) if calibrated else 1.0
     model.int8 = int8 and device.type == "cpu"
     if device.type == "cpu":
@@ -174,6 +179,18 @@ def _eager_net(payload: dict, device: torch.device, dtype: torch.dtype, int8: bo
     _linears_as_convs(net)
     # oneDNN's convolutions are fastest on NHWC, and ConvNeXt's MLP permutes to NHWC anyway: no copies.
     return net.to(memory_format=torch.channels_last) if payload["family"] == "cnn" else net
+
+
+def _eager_net_from_file(path: Path, loaded: os.stat_result, device: torch.device, dtype: torch.dtype,
+                        int8: bool) -> nn.Module:
+    """`_eager_net` of the payload file read again, for a network built after load (the eager one behind a
+    CPU package, Grad-CAM's fp32 one): refused when the file changed since `loaded`, as it would not hold
+    the weights that serve."""
+    now = path.stat()
+    if (now.st_ino, now.st_size, now.st_mtime_ns) != (loaded.st_ino, loaded.st_size, loaded.st_mtime_ns):
+        raise ModelFileError(f"{path}: changed since the model was loaded, so it no longer holds the weights "
+                             f"that serve; load the model again (load_model) to serve and explain the new file.")
+    return _eager_net(load_payload(path), device, dtype, int8, path)
 
 
 def _int8_on(device: torch.device, payload: dict, path: str | os.PathLike, int8: bool | None) -> bool:

@@ -76,12 +76,16 @@ class FlowerClassifier(nn.Module):
     pin_threads: bool = False  # load_model sets it on the CPU: OpenMP workers and caller pinned (threads.py)
 
     def __init__(self, net: nn.Module | None, family: str, model_name: str, classes: tuple[str, ...],
-                 prep: Preprocess, build_net: Callable[[], nn.Module] | None = None):
+                 prep: Preprocess, build_net: Callable[[], nn.Module] | None = None,
+                 build_gradient_net: Callable[[], nn.Module] | None = None):
         """`net` None: built by `build_net()` on first use (load_model defers it when a compiled CPU package
-        serves: Grad-CAM still gets the eager network, and a plain prediction never pays for it)."""
+        serves: Grad-CAM still gets the eager network, and a plain prediction never pays for it).
+        `build_gradient_net`: for a `net` whose layers pass no gradient (int8), builds the fp32 network of
+        the same weights that Grad-CAM differentiates instead (explain.gradient_net); None: `net` itself."""
         super().__init__()
         self.family, self.model_name, self.classes, self.prep = family, model_name, classes, prep
         self._build_net = build_net
+        self.build_gradient_net = build_gradient_net
         if net is not None:
             self.net = net
 

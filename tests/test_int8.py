@@ -4,18 +4,21 @@ probabilities stay close to fp32, and the payload's int8 request travels through
 while the file stays a plain weights_only payload."""
 
 import json
+import os
 
+import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import TINY_SIZE
+from conftest import TINY_SIZE, tiny_cnn_payload_file
 from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
 import flowers_classifier as fc
 from flowers_classifier import factory, onnx_model
+from flowers_classifier.explain import grad_cam, gradient_net
 from flowers_classifier.inference import _int8_on
-from flowers_classifier.payload import INT8, QUANTIZE_KEY
+from flowers_classifier.payload import INT8, QUANTIZE_KEY, ModelFileError
 from flowers_classifier.preprocess import preprocess_image
 from flowers_classifier.quantize import (
     Conv1x1AsLinear,
@@ -186,3 +189,28 @@ def test_cli_int8_and_fp32_flags(tiny_vit_pth, real_photos, monkeypatch, capsys)
     for flags in (["--int8"], ["--fp32"], []):
         assert cli.main([photo, "--model", str(tiny_vit_pth), *flags]) == 0
     assert seen == [True, False, None] and capsys.readouterr().out.count(photo) == 3
+
+
+@pytest.mark.parametrize("which", ["cnn", "vit"])
+def test_grad_cam_explains_int8_with_the_fp32_weights_of_its_file(which, tiny_vit_pth, tiny_cnn_pth, real_photos):
+    """int8 layers pass no gradient (the ViT's map was all zero): the map is the fp32 one of the same file,
+    for the class the int8 model predicts, and int8 still serves."""
+    pth = tiny_vit_pth if which == "vit" else tiny_cnn_pth
+    int8, fp32 = fc.load_model(pth, device="cpu", int8=True), fc.load_model(pth, device="cpu", int8=False)
+    photo = real_photos["tulip"][0]
+    served = int8.classes.index(fc.predict(int8, photo))
+    heat = grad_cam(int8, photo)
+    assert heat.max() == pytest.approx(1.0)
+    np.testing.assert_allclose(heat, grad_cam(fp32, photo, class_index=served), atol=1e-5)
+    assert int8_layers(int8.net) > 0 and int8_layers(gradient_net(int8)) == 0
+    assert gradient_net(int8) is gradient_net(int8)  # built once per model
+
+
+def test_grad_cam_of_int8_refuses_a_file_changed_since_load(tmp_path, real_photos):
+    """The fp32 twin is read from the file when Grad-CAM first asks: other weights there would explain a
+    model that does not serve."""
+    pth = tiny_cnn_payload_file(tmp_path / "cnn.pth")
+    int8 = fc.load_model(pth, device="cpu", int8=True)
+    os.replace(tiny_cnn_payload_file(tmp_path / "new.pth", seed=1), pth)  # re-exported, as export.py writes
+    with pytest.raises(ModelFileError, match=r"cnn.pth: changed since the model was loaded.*load the model again"):
+        grad_cam(int8, real_photos["tulip"][0])

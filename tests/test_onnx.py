@@ -136,3 +136,10 @@ def test_fast_cpu_serving_matches_the_plain_module(tiny_cnn_pth, photos):
     for model in (served, compiled):
         for batch in (x[:1], x):
             assert (model.probabilities(batch) - expected[:len(batch)]).abs().max() < 1e-5
+
+
+def test_grad_cam_refuses_an_onnx_model(tiny_onnx, photos):
+    """ONNX Runtime computes no gradients: a clear refusal naming the .pth to explain, not an AttributeError."""
+    from flowers_classifier.explain import ExplainError, explain
+    with pytest.raises(ExplainError, match=r"\.onnx model.*no gradients.*load the \.pth it was exported from"):
+        explain(fc.load_model(tiny_onnx[1]), photos[0])
