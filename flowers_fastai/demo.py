@@ -24,7 +24,7 @@ from pathlib import Path
 import gradio as gr
 
 import flowers_classifier as fc
-from flowers_classifier.explain import explain
+from flowers_classifier.explain import ExplainError, explain
 from flowers_classifier.payload import default_model_path
 from flowers_classifier.preprocess import IMAGE_SUFFIXES
 
@@ -186,6 +186,8 @@ def make_explainer(models: dict) -> Callable[[dict | None, str, bool], list[tupl
                     for m in (chosen if isinstance(chosen, list) else [chosen])]
         except (fc.InvalidImageError, MemoryError) as e:
             raise _bad_image(e, path, name) from e
+        except ExplainError as e:  # e.g. an ONNX model, or a map with no evidence: say why, draw nothing
+            raise gr.Error(html.escape(str(e)), print_exception=False) from e
 
     return explain_choice
 

@@ -253,6 +253,17 @@ def test_heat_maps_one_per_model_of_the_choice(demo, rose, choice, maps):
     assert explain_choice({"path": str(rose)}, choice, False) is None
 
 
+def test_a_map_that_cannot_be_drawn_is_a_message_not_a_bare_error(demo, rose, monkeypatch):
+    from flowers_classifier.explain import ExplainError
+
+    def refuse(model, path):
+        raise ExplainError("Grad-CAM needs gradients: load the .pth <b>instead</b>")
+    monkeypatch.setattr(app, "explain", refuse)
+    with pytest.raises(gr.Error, match="load the .pth &lt;b&gt;instead") as caught:
+        app.make_explainer(demo_models(demo))({"path": str(rose)}, app.CNN, True)
+    assert caught.value.print_exception is False
+
+
 def test_grad_cam_is_on_by_default_for_the_cnn_and_top_k_defaults_to_all(demo):
     (show,) = [c for c in components(demo, gr.Checkbox) if c.elem_id == "show-why"]
     (top_k,) = components(demo, gr.Slider)
