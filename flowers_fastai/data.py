@@ -17,6 +17,7 @@ if __name__ == "__main__":  # run as a CLI: importing fastai below warns, so fil
 
 import argparse
 import io
+import os
 import shutil
 import socket
 import sys
@@ -40,12 +41,18 @@ from fastai.vision.all import (
 )
 from PIL import Image
 
+try:
+    import fcntl
+except ImportError:  # Windows: DataLoader workers are spawned, never see RGBImage.failure_log: one writer
+    fcntl = None
+
 from flowers_classifier.classes import CLASSES, normalize_label
 from flowers_classifier.files import write_json
 from flowers_classifier.preprocess import IMAGE_SUFFIXES, InvalidImageError, Preprocess, load_rgb, resize_center_crop
 
 from .audit import AUDIT_MIN_SIZE, audit_table, conflicting_files, format_report, inspect_files
 from .calibration import split_names
+from .distributed import rank
 
 FLOWERS_URL = "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"
 VALID_PCT = 0.2  # train.py --valid-pct, flowers_dataloaders(valid_pct=)
@@ -232,13 +239,19 @@ class RGBImage(PILImage):
 
 
 def report_late_failure(log: Path | None, path: str, reason: str) -> None:
-    warnings.warn(f"{reason} (it decoded before training; a grey stand-in is used this time)", stacklevel=3)
-    if log is not None:
-        new = not log.exists()
-        with open(log, "a", newline="") as f:
-            if new:
-                f.write("path,reason\n")
-            pd.DataFrame([(path, f"failed during training: {reason}")]).to_csv(f, header=False, index=False)
+    """Warn, and append the file to `log` (skipped.csv) on rank 0 only: its DataLoader workers (which inherit
+    RANK) and its main process append under an exclusive lock on the file, so the header is written once; the
+    other ranks (their run folders may be on other machines) only warn."""
+    me = rank()  # from RANK, which DataLoader workers inherit from their rank's process
+    where = "" if me == 0 else f"; rank {me}: not listed in skipped.csv, which rank 0 alone writes"
+    warnings.warn(f"{reason} (it decoded before training; a grey stand-in is used this time{where})", stacklevel=3)
+    if log is None or me != 0:
+        return
+    row = pd.DataFrame([(path, f"failed during training: {reason}")]).to_csv(header=False, index=False)
+    with open(log, "a", newline="") as f:
+        if fcntl is not None:  # released when the file closes
+            fcntl.flock(f, fcntl.LOCK_EX)
+        f.write(("path,reason\n" if f.seek(0, os.SEEK_END) == 0 else "") + row)
 
 
 class EvalResizeCrop(Transform):

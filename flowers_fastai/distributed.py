@@ -4,7 +4,9 @@ DistributedTrainer (Hugging Face Accelerate + DDP + DistributedDL).
 Launch with `accelerate launch --multi_gpu --num_processes N train.py ...` or `torchrun --nproc_per_node N
 train.py ...`: the launcher sets WORLD_SIZE, RANK and LOCAL_RANK, read here. Every process builds the same
 learner; `distributed_fit` wraps the model in DDP and every DataLoader in a DistributedDL (each process sees its
-shard of every epoch, `--bs` per process). Only rank 0 (`is_main`) writes the run folder.
+shard of every epoch, `--bs` per process). Only rank 0 (`is_main`) writes the run folder, and only rank 0 reads
+it: what the other ranks need from it (the split table, best.pth at a fit's end, last.pth and history.csv on
+--resume) rank 0 sends over the process group (`on_main`, `read_on_main`), so machines need not share a disk.
 
 The small workarounds of fastai/Accelerate behaviour, all here:
 - `check_launch`: `accelerate launch --cpu --num_processes N` runs ONE process (Accelerate's multi-CPU path goes
@@ -25,8 +27,10 @@ The small workarounds of fastai/Accelerate behaviour, all here:
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -76,11 +80,6 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def barrier() -> None:
-    if world_size() > 1 and dist.is_initialized():
-        dist.barrier()
-
-
 def gather(obj) -> list:
     """`obj` of every rank, in rank order (on every rank); [obj] single-process."""
     if world_size() <= 1 or not dist.is_initialized():
@@ -108,6 +107,15 @@ def on_main(fn):
     if kind == "error":
         raise value
     return value
+
+
+def read_on_main(path: str | Path) -> Path | io.BytesIO:
+    """Rank 0's file `path`, for torch.load on every rank (collective with several processes): rank 0 reads it
+    and sends its bytes, so the other ranks need no copy of the run folder (each holds the whole file in memory
+    meanwhile). Rank 0's error, e.g. FileNotFoundError, is raised on every rank. Single-process: `path` itself."""
+    if world_size() <= 1 or not dist.is_initialized():
+        return Path(path)
+    return io.BytesIO(on_main(Path(path).read_bytes))
 
 
 @contextmanager
@@ -206,10 +214,13 @@ def distributed_fit(learn):
 
 def summary(cb: _DistributedTrainer | None, learn) -> dict:
     """Collective (every rank calls it): world size, backend, each rank's train shard size (last fit) and
-    digest of its trained weights (last fit), and whether the digests agree."""
+    digest of its trained weights (last fit), whether those digests agree, and whether the weights every rank
+    ends with (rank 0's best.pth, loaded at the fit's end) agree."""
+    final = weights_digest(learn.model)
     mine = dict(rank=rank(), train_shard=cb.shards[-1] if cb and cb.shards else None,
-                digest=cb.digests[-1] if cb and cb.digests else weights_digest(learn.model))
+                digest=cb.digests[-1] if cb and cb.digests else final, final=final)
     ranks = gather(mine)
     return dict(world_size=world_size(), backend=dist.get_backend() if dist.is_initialized() else None,
                 train_shards=[r["train_shard"] for r in ranks], weights_digests=[r["digest"] for r in ranks],
-                weights_in_sync=len({r["digest"] for r in ranks}) == 1)
+                weights_in_sync=len({r["digest"] for r in ranks}) == 1,
+                final_weights_in_sync=len({r["final"] for r in ranks}) == 1)

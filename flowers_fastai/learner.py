@@ -33,13 +33,14 @@ from fastai.metrics import accuracy
 from fastai.optimizer import Adam
 from fastai.torch_core import get_model, set_seed
 from fastcore.foundation import L
+from fastcore.xtras import join_path_file
 from torch.distributions.beta import Beta
 
 from flowers_classifier.files import atomic_write
 from flowers_classifier.model import ClipClassifier
 
 from . import splitters
-from .distributed import is_main
+from .distributed import is_main, on_main, read_on_main, world_size
 from .export import BEST_NAME
 from .recipes import PRESETS
 
@@ -263,7 +264,8 @@ def save_last(learn: Learner) -> Path:
 def load_last(learn: Learner) -> None:
     """Put save_last's state back: weights and optimizer now, the EMA when its callback's fit starts."""
     device = getattr(learn.dls, "device", None) or "cpu"
-    state = torch.load(learn.path / learn.model_dir / f"{LAST_NAME}.pth", map_location=device, weights_only=True)
+    state = torch.load(read_on_main(learn.path / learn.model_dir / f"{LAST_NAME}.pth"), map_location=device,
+                       weights_only=True)  # rank 0's file, sent to the other ranks
     get_model(learn.model).load_state_dict(state["model"])
     learn.opt.load_state_dict(dict(state["opt"], hypers=L(state["opt"]["hypers"])))
     ema = _ema_callback(learn)
@@ -368,11 +370,18 @@ def _silent(*args, **kwargs) -> None:
 class FlowersLearner(Learner):
     """fastai's Learner, whose `lr_find` runs without the fit-only callbacks: its mock fit skips validation and
     puts the weights back, so it must not be checkpointed, logged to history.csv, early-stopped or averaged
-    into the EMA."""
+    into the EMA; and whose `load` reads rank 0's file with several processes."""
 
     def lr_find(self, *args, **kwargs):
         with self.removed_cbs(fit_only_callbacks(self)):
             return super().lr_find(*args, **kwargs)
+
+    def load(self, file, device=None, **kwargs):
+        """fastai's load; with several processes from rank 0's file, its bytes sent to the other ranks (best.pth
+        at a fit's end, SaveModelCallback; on --resume): machines need not share the run folder."""
+        if isinstance(file, (str, Path)) and world_size() > 1:
+            file = read_on_main(join_path_file(file, self.path / self.model_dir, ext=".pth"))
+        return super().load(file, device=device, **kwargs)
 
 
 def build_learner(dls, model: torch.nn.Module, recipe: Recipe, run_dir: str | Path,
@@ -479,11 +488,15 @@ def resume_learner(learn: Learner, recipe: Recipe) -> int:
     """Put an interrupted run's state back into a fresh learner: weights, optimizer and EMA from last.pth, the
     epoch count and best accuracy from history.csv. Returns the number of finished epochs."""
     import pandas as pd
-    history = pd.read_csv(learn.path / "history.csv")
+
+    def read_history():  # several processes: rank 0 reads its run folder and sends the table
+        history = pd.read_csv(learn.path / "history.csv")
+        if len(history) == 0 or not (learn.path / f"{LAST_NAME}.pth").is_file():
+            raise FileNotFoundError(f"{learn.path} has no finished epoch (history.csv, last.pth) to resume from; "
+                                    f"start a new run instead.")
+        return history
+    history = on_main(read_history)
     done = len(history)
-    if done == 0 or not (learn.path / f"{LAST_NAME}.pth").is_file():
-        raise FileNotFoundError(f"{learn.path} has no finished epoch (history.csv, last.pth) to resume from; "
-                                f"start a new run instead.")
     learn.create_opt()
     load_last(learn)
     if done == recipe.freeze_epochs:  # stage 1 ended: an unbroken run starts stage 2 from its best weights

@@ -367,8 +367,10 @@ def read_metrics(run_dir: Path) -> dict:
 
 
 def resume_args(run_dir: Path) -> argparse.Namespace:
-    """The interrupted run's own options (metrics.json config), pointed back at its folder."""
-    config = read_metrics(run_dir)["config"]
+    """The interrupted run's own options (metrics.json config), pointed back at its folder. Several processes:
+    rank 0's metrics.json, sent to the other ranks (their machines need no copy of the run folder)."""
+    distributed.init()
+    config = distributed.on_main(lambda: read_metrics(run_dir))["config"]
     args = build_parser().parse_args([])
     for key, value in config.items():
         setattr(args, key, Path(value) if key in ("out", "weights", "export") and value else value)
@@ -382,18 +384,19 @@ def train(args: argparse.Namespace) -> Path:
     args = _resolve(args)
     start = time.time()
     run_dir = Path(args.out)
-    resumed = read_metrics(run_dir) if args.resume else None
-    if resumed and resumed.get("world_size", 1) != distributed.world_size():
-        raise ValueError(f"--resume {run_dir}: the run trained with {resumed.get('world_size', 1)} process(es), "
-                         f"this launch has {distributed.world_size()}; resume it with the same number of "
-                         f"processes (the one-cycle schedule and the batches per epoch depend on it).")
     if distributed.world_size() > 1:
         if args.lr_find or args.overfit_batch:
             raise ValueError("--lr-find and --overfit-batch are single-process explorations: run them with "
                              "`python train.py --lr-find ...` (or --overfit-batch), then launch the processes "
                              "with --lr VALUE (or --lr auto).")
         distributed.init()
-    if resumed is None and (run_dir / "metrics.json").exists():
+    # Several processes: only rank 0's run folder counts (read there, sent to the other ranks by on_main).
+    resumed = distributed.on_main(lambda: read_metrics(run_dir)) if args.resume else None
+    if resumed and resumed.get("world_size", 1) != distributed.world_size():
+        raise ValueError(f"--resume {run_dir}: the run trained with {resumed.get('world_size', 1)} process(es), "
+                         f"this launch has {distributed.world_size()}; resume it with the same number of "
+                         f"processes (the one-cycle schedule and the batches per epoch depend on it).")
+    if resumed is None and distributed.on_main((run_dir / "metrics.json").exists):
         raise FileExistsError(f"--out {run_dir} already holds a run; choose another --out folder "
                               f"(or continue it with --resume {run_dir}).")
     # e.g. offline without cached weights, or a missing --weights file: say so before the data scan.
@@ -402,14 +405,15 @@ def train(args: argparse.Namespace) -> Path:
     seed_everything(args.seed)
 
     # 1. Data: every folder problem surfaces here, before a model is built (a resumed run keeps its split).
-    #    Several processes: rank 0 writes split.csv and audit.json, the others then read that split.
-    if not resumed and distributed.is_main():
-        df = prepare_split(args.data, run_dir, args.valid_pct, args.seed, args.max_per_class,
-                           min_size=args.img_size or AUDIT_MIN_SIZE,  # audit.json: duplicates, small images, ...
-                           test_pct=args.test_pct)  # test rows: in split.csv, never in the DataLoaders
-    distributed.barrier()
-    if resumed or not distributed.is_main():
-        df = pd.read_csv(run_dir / "split.csv")
+    #    Several processes: rank 0 writes split.csv and audit.json and sends the table to the others (their
+    #    run folders, on other machines, may not hold it).
+    def split() -> pd.DataFrame:
+        if resumed:
+            return pd.read_csv(run_dir / "split.csv")
+        return prepare_split(args.data, run_dir, args.valid_pct, args.seed, args.max_per_class,
+                             min_size=args.img_size or AUDIT_MIN_SIZE,  # audit.json: duplicates, small images, ...
+                             test_pct=args.test_pct)  # test rows: in split.csv, never in the DataLoaders
+    df = distributed.on_main(split)
     if distributed.is_main():
         print_plan(args, df, weights)
 

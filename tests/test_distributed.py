@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import torch
 from conftest import TINY_CNN
 
 import flowers_classifier as fc
-from flowers_fastai import distributed, train
+from flowers_fastai import data, distributed, train
 
 REPO = Path(__file__).resolve().parents[1]
 FILES = ("split.csv", "audit.json", "history.csv", "metrics.json", "best.pth", "last.pth", "learner.pkl",
@@ -37,6 +38,13 @@ def _torchrun(*args: str) -> list[str]:
 def _tiny(data: Path, out: Path, *args: str) -> list[str]:
     return ["--model", TINY_CNN, "--no-pretrained", "--data", str(data), "--img-size", "32", "--bs", "8",
             "--out", str(out), *args]
+
+
+def _torchrun_per_rank(flag: str, base: Path, *args: str) -> list[str]:
+    """torchrun whose ranks each get their own run folder, `flag base/rank<RANK>`, as on machines that share no
+    disk: a shell per rank adds the flag (torchrun sets RANK; $0 is this Python, "$@" the arguments)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--no-python",
+            "sh", "-c", f'exec "$0" train.py "$@" {flag} "{base}/rank$RANK"', sys.executable, *args]
 
 
 def _run(cmd: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
@@ -173,3 +181,61 @@ def test_sigint_under_torchrun_then_resume_with_two_processes(real_flowers, tmp_
     assert metrics["distributed"]["weights_in_sync"] and metrics["recipe"]["ema_decay"] == 0.9
     hist = pd.read_csv(run / "history.csv")
     assert len(hist) == 3 and list(hist["stage"]) == ["frozen", "unfrozen", "unfrozen"], resumed.stdout[-2000:]
+
+
+def _report_failures(log: Path, start, n: int) -> None:
+    start.wait()  # every writer released at once, onto a log that does not exist yet
+    for i in range(n):
+        data.report_late_failure(log, f"rose/{os.getpid()}-{i}.jpg", "no such file")
+
+
+def test_late_failures_are_listed_once_by_rank_0_and_its_workers(tmp_path, monkeypatch):
+    """skipped.csv: several processes of rank 0 (its DataLoader workers, forked) append at the same moment to a
+    new file: one header, every row. A rank > 0 only warns: its run folder may be on another machine."""
+    monkeypatch.setenv("RANK", "1")
+    with pytest.warns(UserWarning, match="rank 1: not listed in skipped.csv"):
+        data.report_late_failure(tmp_path / "rank1.csv", "rose/a.jpg", "no such file")
+    assert not (tmp_path / "rank1.csv").exists()
+
+    monkeypatch.setenv("RANK", "0")
+    ctx = multiprocessing.get_context("fork")
+    writers, rows = 6, 20
+    for trial in range(5):
+        log = tmp_path / f"skipped{trial}.csv"
+        start = ctx.Barrier(writers)
+        procs = [ctx.Process(target=_report_failures, args=(log, start, rows)) for _ in range(writers)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=60)
+        assert [p.exitcode for p in procs] == [0] * writers
+        lines = log.read_text().splitlines()
+        assert lines[0] == "path,reason" and lines.count("path,reason") == 1, lines[:10]
+        table = pd.read_csv(log)
+        assert len(table) == writers * rows and table["reason"].str.startswith("failed during training").all()
+
+
+def test_ranks_with_their_own_run_folders_train_and_resume(real_flowers, tmp_path):
+    """Ranks whose run folders differ (two machines, no shared disk): only rank 0's folder is written, and what
+    rank 1 needs from it comes over the process group: the split, best.pth at each fit's end (both stages), and
+    on --resume metrics.json, history.csv, last.pth and best.pth (stage 1 just ended: stage 2 starts from its
+    best weights)."""
+    run, other = tmp_path / "rank0", tmp_path / "rank1"
+    _run(_torchrun_per_rank("--out", tmp_path, "--model", TINY_CNN, "--no-pretrained", "--data", str(real_flowers),
+                            "--img-size", "32", "--bs", "8", "--freeze-epochs", "1", "--epochs", "1", "--mixup", "0",
+                            "--no-export"))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "finished" and metrics["world_size"] == 2
+    assert metrics["distributed"]["weights_in_sync"] and metrics["distributed"]["final_weights_in_sync"]
+    assert not list(other.iterdir())  # rank 1 wrote nothing, and read nothing there
+
+    # An interruption right after stage 1, made from the finished run: its stage-2 row dropped.
+    hist = pd.read_csv(run / "history.csv")
+    hist.iloc[:1].to_csv(run / "history.csv", index=False)
+    (run / "metrics.json").write_text(json.dumps(dict(metrics, status="interrupted")))
+    resumed = _run(_torchrun_per_rank("--resume", tmp_path))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "finished", resumed.stdout[-2000:]
+    assert metrics["distributed"]["weights_in_sync"] and metrics["distributed"]["final_weights_in_sync"]
+    assert list(pd.read_csv(run / "history.csv")["stage"]) == ["frozen", "unfrozen"]
+    assert not list(other.iterdir())
