@@ -16,9 +16,11 @@ A plan (keys are train.py's long flags, dashes or underscores; `true` for a swit
     mixup = 0.2
 
 Every configuration runs once per seed, in <out>/<name or k=v,...>-seed<S>. This module owns the plan format,
-the run folders' names, what a second invocation does with each folder (finished: skipped; interrupted:
-resumed as train.py --resume; failed or never started: run again) and the experiment's reports:
-results.csv (a row per run), summary.md (mean ± std over seeds per configuration) and summary.png.
+the run folders' names, what a second invocation does with each folder (finished with the settings the plan
+now resolves to: skipped; finished or interrupted with other settings: moved to <out>/superseded/ and run
+again; interrupted: resumed as train.py --resume; failed, never started or not resumable: run again) and the
+experiment's reports: results.csv (a row per run), summary.md (mean ± std over seeds per configuration) and
+summary.png.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ if __name__ == "__main__":  # run as a CLI: importing fastai below warns, so fil
     quiet_third_party_warnings()
 
 import argparse
+import gc
 import itertools
 import json
 import re
@@ -40,11 +43,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from flowers_classifier.files import atomic_write
 
 from .plots import plot_experiment_summary
-from .train import TrainingInterrupted, build_parser, resume_args, train
+from .train import TrainingInterrupted, _resolve, build_parser, read_metrics, resume_args, train
 
 PLAN_TABLES = ("defaults", "seeds", "grid", "run")
 # Set per run by the experiment itself: the seed from `seeds`, the folder from --out, no export per run
@@ -54,6 +58,9 @@ RESERVED = {"seed": "list the seeds in `seeds = [...]`", "out": "name the experi
             "export": "export the run you choose afterwards with export.py"}
 ERROR_FILE = "error.txt"  # a failed run's exception and traceback, in its run folder
 STATUS_ORDER = ("finished", "failed", "interrupted")
+SUPERSEDED = "superseded"  # <out>/superseded/: run folders of settings the plan no longer asks for, kept
+# train.py options that are no settings of a run: where its folder is (the experiment folder may move).
+NOT_SETTINGS = ("out", "resume")
 
 
 class PlanError(ValueError):
@@ -70,6 +77,7 @@ class Run:
     seed: int
     folder: Path
     argv: list[str] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)  # train.py's resolved options, as metrics.json's "config"
 
 
 def _flag(key: str) -> str:
@@ -189,8 +197,11 @@ def plan_runs(plan: dict, plan_path: Path, out: Path, overrides: dict | None = N
             folder = out / folder_name(config, seed)
             argv = _argv(options, flags) + ["--seed", str(seed), "--out", str(folder), "--no-export"]
             parser.error = lambda msg, config=config: fail(f"plan {plan_path}, configuration {config!r}: {msg}")
-            parser.parse_args(argv)
-            runs.append(Run(config, options, own, seed, folder, argv))
+            try:
+                settings = resolved_settings(parser.parse_args(argv))
+            except ValueError as e:  # a value train.py refuses once resolved (--min-scale, fp16 without CUDA)
+                fail(f"plan {plan_path}, configuration {config!r}: {e}")
+            runs.append(Run(config, options, own, seed, folder, argv, settings))
     names = [r.folder.name for r in runs]
     if len(set(names)) != len(names):
         raise PlanError(f"plan {plan_path}: two runs would share a folder ({names}); give each [[run]] a "
@@ -198,30 +209,81 @@ def plan_runs(plan: dict, plan_path: Path, out: Path, overrides: dict | None = N
     return runs
 
 
-def run_state(folder: Path) -> str:
-    """'finished', 'resume' (interrupted with a finished epoch to continue from), or 'start'."""
-    metrics = folder / "metrics.json"
-    if not metrics.is_file():
-        return "start"
-    status = json.loads(metrics.read_text()).get("status")
-    if status == "finished":
-        return "finished"
-    has_epoch = (folder / "last.pth").is_file() and len((folder / "history.csv").read_text().splitlines()) > 1
-    return "resume" if has_epoch else "start"
+def resolved_settings(args: argparse.Namespace) -> dict:
+    """The options train() runs `args` with (arch presets filled in), as metrics.json's "config" records them."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(_resolve(args)).items()}
+
+
+def changed_settings(run: Run, config: dict) -> list[str]:
+    """The settings `run` resolves to now that differ from `config` (the folder's metrics.json), in words. A
+    flag missing from `config` (new in train.py since that run) counts as unchanged at its default."""
+    parser = build_parser()
+    changes = []
+    for key, value in run.settings.items():
+        before = config.get(key, parser.get_default(key))
+        if key not in NOT_SETTINGS and before != value:
+            changes.append(f"--{_flag(key)} {_label(before)} -> {_label(value)}")
+    return changes
+
+
+def run_state(run: Run) -> tuple[str, str]:
+    """What this invocation does with the run's folder, and why: 'finished' (skip it), 'resume' (interrupted
+    with a finished epoch to continue from), 'rerun' (it ran with other settings: set it aside, train again)
+    or 'start' (train afresh: never started, or nothing train.py --resume can continue)."""
+    path = run.folder / "metrics.json"
+    if not path.is_file():
+        return "start", ""
+    metrics = json.loads(path.read_text())
+    changes = changed_settings(run, metrics.get("config", {}))
+    if changes:
+        return "rerun", f"ran with other settings ({', '.join(changes)})"
+    if metrics.get("status") == "finished":
+        return "finished", ""
+    history = run.folder / "history.csv"
+    if not ((run.folder / "last.pth").is_file() and len(history.read_text().splitlines()) > 1):
+        return "start", "stopped before its first finished epoch"
+    try:
+        read_metrics(run.folder)
+    except ValueError as e:  # e.g. --lr auto interrupted before lr_find chose the LR: stage 2 has no LR yet
+        return "start", f"train.py cannot resume it: {e}"
+    return "resume", ""
+
+
+def set_aside(folder: Path) -> Path:
+    """Move a run folder to <experiment>/superseded/<name> (<name>-2, ... when taken): kept, never deleted."""
+    aside = folder.parent / SUPERSEDED
+    aside.mkdir(exist_ok=True)
+    target, n = aside / folder.name, 1
+    while target.exists():
+        n += 1
+        target = aside / f"{folder.name}-{n}"
+    return folder.rename(target)
 
 
 def execute(run: Run) -> None:
     """Train `run` (or continue it) in-process, through train.py's own train()."""
-    state = run_state(run.folder)
+    state, why = run_state(run)
     if state == "resume":
         (run.folder / ERROR_FILE).unlink(missing_ok=True)  # an earlier failure of this run, tried again now
         print(f"== resuming {run.folder.name}", flush=True)
         train(resume_args(run.folder))
         return
-    if run.folder.exists():  # a crash before a finished epoch, or a failed run: start it afresh
+    if state == "rerun":  # its results belong to other settings: keep them, out of this experiment's table
+        print(f"== {run.folder.name} {why}: moved to {set_aside(run.folder)}", flush=True)
+    elif run.folder.exists():  # a failed run, or nothing to resume: start it afresh
+        print(f"== {run.folder.name}: starting again ({why or 'failed'})", flush=True)
         shutil.rmtree(run.folder)
     print(f"== running {run.folder.name}: train.py {' '.join(run.argv)}", flush=True)
     train(build_parser().parse_args(run.argv))
+
+
+def free_memory() -> None:
+    """Free the last run's learner before the next run builds its own: fastai's Learner and its callbacks
+    reference each other, so only the cycle collector frees its model and optimizer, at a time of its own
+    choosing; on a GPU, hand the freed blocks back too, so a grid of large models does not run out of memory."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def record_failure(run: Run, error: BaseException) -> None:
@@ -232,15 +294,18 @@ def record_failure(run: Run, error: BaseException) -> None:
 
 def result_row(run: Run, varied: list[str]) -> dict:
     """The run's row of results.csv, from its folder (metrics.json, history.csv, error.txt). `varied`: the
-    options any configuration sets, each with this run's value (the plan's, else the run's resolved one)."""
-    row = dict(config=run.config, **{key: run.options.get(key) for key in varied}, seed=run.seed,
-               status="not run", best_accuracy=None, best_epoch=None, final_accuracy=None, final_train_loss=None,
-               final_valid_loss=None, wall_time_s=None, error="", run_dir=run.folder.name)
+    options any configuration sets, each with this run's resolved value. A folder that ran with other
+    settings (an experiment stopped before it ran again) counts as not run: its figures are not this run's."""
+    row = dict(config=run.config, **{key: run.settings.get(key.replace("-", "_")) for key in varied},
+               seed=run.seed, status="not run", best_accuracy=None, best_epoch=None, final_accuracy=None,
+               final_train_loss=None, final_valid_loss=None, wall_time_s=None, error="", run_dir=run.folder.name)
     metrics_path, error_path = run.folder / "metrics.json", run.folder / ERROR_FILE
     if metrics_path.is_file():
         metrics = json.loads(metrics_path.read_text())
-        config = metrics.get("config", {})
-        row.update({key: config.get(key.replace("-", "_")) for key in varied if key not in run.options})
+        changes = changed_settings(run, metrics.get("config", {}))
+        if changes:
+            return row | dict(error=f"its folder ran with other settings ({', '.join(changes)}); run the "
+                                    f"experiment again to train it")
         row.update(status=metrics["status"], best_accuracy=metrics.get("best_accuracy"),
                    best_epoch=metrics.get("best_epoch"), wall_time_s=metrics.get("wall_time_s"))
         history = pd.read_csv(run.folder / "history.csv")
@@ -299,7 +364,7 @@ def run_experiment(runs: list[Run], out: Path, stop_on_error: bool = False) -> p
     """Every run not finished yet, in order; a failure is recorded (error.txt, results.csv) and the next
     run starts unless `stop_on_error`. Ctrl-C stops the whole experiment (run it again to resume)."""
     for run in runs:
-        if run_state(run.folder) == "finished":
+        if run_state(run)[0] == "finished":
             print(f"== {run.folder.name}: finished, skipped", flush=True)
             continue
         try:
@@ -313,6 +378,7 @@ def run_experiment(runs: list[Run], out: Path, stop_on_error: bool = False) -> p
             if stop_on_error:
                 write_reports(runs, out)
                 raise
+        free_memory()  # here, where no exception (whose traceback holds the learner) is alive any more
         write_reports(runs, out)  # after every run: results.csv is current even if the experiment dies
     return write_reports(runs, out)
 
@@ -320,8 +386,8 @@ def run_experiment(runs: list[Run], out: Path, stop_on_error: bool = False) -> p
 def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m flowers_fastai.experiments",
                                 description="Run a TOML plan of train.py runs (grid x seeds and/or named runs) "
-                                            "and summarise them; run it again to skip finished runs and resume "
-                                            "interrupted ones.")
+                                            "and summarise them; run it again to skip finished runs, resume "
+                                            "interrupted ones and train again those whose settings changed.")
     p.add_argument("plan", type=Path, help="the TOML plan (see experiments/ablation.toml)")
     p.add_argument("--out", type=Path, help="experiment folder (default runs/<plan name>)")
     p.add_argument("--data", help="photo folder for every run, over the plan's data key")
@@ -337,9 +403,13 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 
 def dry_run(runs: list[Run]) -> None:
-    actions = {"finished": "skip (finished)", "resume": "resume", "start": "train"}
+    actions = {"finished": "skip (finished)", "resume": "resume", "start": "train", "rerun": "train again"}
     for run in runs:
-        print(f"{actions[run_state(run.folder)]:<16} {run.folder}: train.py {' '.join(run.argv)}")
+        state, why = run_state(run)
+        print(f"{actions[state]:<16} {run.folder}: train.py {' '.join(run.argv)}")
+        if why:
+            aside = f": moved to {run.folder.parent / SUPERSEDED} first" if state == "rerun" else ""
+            print(f"{'':<16} {why}{aside}")
 
 
 def main(argv: list[str] | None = None) -> int:

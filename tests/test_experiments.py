@@ -1,16 +1,22 @@
 """Experiments (flowers_fastai/experiments.py): a 2 x 2 grid of tiny from-scratch runs trains each run once
 into its own folder and summarises it; a second invocation trains nothing; a bad plan key fails before any
-training; a failing run is recorded while the others finish. The grid's plan also turns on --tensorboard,
-whose event files are read back here."""
+training; a failing run is recorded while the others finish; interrupted experiments resume each run as
+they should (skip, resume, start afresh, train again on changed settings); each run frees the last one's
+learner. The grid's plan also turns on --tensorboard, whose event files are read back here."""
 
+import gc
 import json
+import re
+import weakref
 
 import pandas as pd
 import pytest
 from conftest import TINY_CNN, make_image_folder
+from fastai.callback.core import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from flowers_fastai import experiments
+from flowers_fastai import data, experiments, learner
+from flowers_fastai import train as train_mod
 
 TINY = f"""[defaults]
 model = "{TINY_CNN}"
@@ -112,25 +118,106 @@ def test_failed_run_is_recorded_and_the_others_finish(photos, tmp_path):
     assert list(experiments.summarize(results.reset_index()).index) == ["ok"]
 
 
-def test_interrupted_run_is_resumed_and_a_crashed_one_restarted(tmp_path, monkeypatch):
-    """No training: folders as an interrupted run (a finished epoch, last.pth) and a run that crashed before
-    its first epoch leave them; the next invocation resumes the first (train.py --resume) and starts the
-    second afresh."""
-    plan = tmp_path / "plan.toml"
-    plan.write_text('seeds = [0]\n[defaults]\nepochs = 2\n[[run]]\nname = "cut"\n[[run]]\nname = "crashed"\n')
-    out = tmp_path / "exp"
-    cut, crashed = out / "cut-seed0", out / "crashed-seed0"
-    for folder, status in ((cut, "interrupted"), (crashed, "running")):
-        folder.mkdir(parents=True)
-        (folder / "metrics.json").write_text(json.dumps({"status": status}))
-        rows = "0,unfrozen,1.5,1.4,0.5,1e-3,1.0\n" if folder == cut else ""
-        (folder / "history.csv").write_text("epoch,stage,train_loss,valid_loss,accuracy,lr,time\n" + rows)
-    (cut / "last.pth").write_bytes(b"weights")
-    (crashed / "split.csv").write_text("left over")
-    resumed, started = [], []
-    monkeypatch.setattr(experiments, "resume_args", lambda folder: resumed.append(folder) or "resume-args")
-    monkeypatch.setattr(experiments, "train", lambda args: started.append(args))
-    experiments.main([str(plan), "--out", str(out)])
-    assert resumed == [cut] and started[0] == "resume-args"
-    assert len(started) == 2 and started[1].out == crashed and started[1].epochs == 2 and started[1].seed == 0
-    assert not crashed.exists()  # the partial folder was cleared for the fresh start
+class InterruptAfterFirstEpoch(Callback):
+    """Ctrl-C right after the first epoch's checkpoints and history row were written."""
+
+    order = 100
+
+    def after_epoch(self):
+        raise KeyboardInterrupt
+
+
+def ctrl_c(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+def test_second_invocations_skip_resume_restart_and_rerun_what_they_should(photos, tmp_path, monkeypatch, capsys):
+    """A real plan of three tiny runs, run four times. 1: "done" finishes, Ctrl-C after "cut"'s first epoch.
+    2: "done" is skipped, "cut" resumes from its epoch, Ctrl-C in "auto"'s lr_find (--lr auto, after its
+    frozen epoch, before its LR was chosen). 3: "auto" starts afresh (train.py cannot resume it) and
+    finishes. 4: "done"'s lr changed in the plan: it trains again, its old folder kept aside; results.csv
+    labels every run with the settings its metrics.json records."""
+    monkeypatch.setattr(data.RGBImage, "failure_log", None)  # train() sets it; leave no trace for other tests
+    runs = ('[[run]]\nname = "done"\nlr = {lr}\n[[run]]\nname = "cut"\nepochs = 2\n'
+            '[[run]]\nname = "auto"\nlr = "auto"\nfreeze-epochs = 1\nlr-find-iters = 30\n')
+    plan, out = tmp_path / "plan.toml", tmp_path / "exp"
+    write_plan(plan, runs.format(lr=1e-3), photos, top="seeds = [0]\n")
+    done, cut, auto = out / "done-seed0", out / "cut-seed0", out / "auto-seed0"
+    interrupt = {cut}
+
+    def fine_tune(learn, recipe, epochs_done=0):
+        if learn.dls.flowers["run_dir"] in interrupt:
+            interrupt.discard(learn.dls.flowers["run_dir"])
+            learn.add_cb(InterruptAfterFirstEpoch())
+        return learner.fine_tune(learn, recipe, epochs_done)
+
+    def status(folder):
+        return json.loads((folder / "metrics.json").read_text())["status"]
+
+    monkeypatch.setattr(train_mod, "fine_tune", fine_tune)
+    assert experiments.main([str(plan), "--out", str(out)]) == 130
+    assert (status(done), status(cut), auto.exists()) == ("finished", "interrupted", False)
+    first_epoch = pd.read_csv(cut / "history.csv")
+    assert len(first_epoch) == 1
+    done_stamp = (done / "metrics.json").stat().st_mtime_ns
+
+    monkeypatch.setattr(train_mod, "find_lr", ctrl_c)
+    assert experiments.main([str(plan), "--out", str(out)]) == 130
+    assert (done / "metrics.json").stat().st_mtime_ns == done_stamp
+    history = pd.read_csv(cut / "history.csv")
+    assert status(cut) == "finished" and history["epoch"].tolist() == [0, 1]
+    pd.testing.assert_frame_equal(history.iloc[:1], first_epoch)  # resumed, not trained again
+    auto_metrics = json.loads((auto / "metrics.json").read_text())
+    assert auto_metrics["status"] == "interrupted" and auto_metrics["recipe"]["lr"] is None
+    assert len(pd.read_csv(auto / "history.csv")) == 1 and (auto / "last.pth").is_file()
+
+    monkeypatch.undo()
+    monkeypatch.setattr(data.RGBImage, "failure_log", None)
+    assert experiments.main([str(plan), "--out", str(out)]) == 0
+    metrics = json.loads((auto / "metrics.json").read_text())
+    assert metrics["status"] == "finished" and metrics["recipe"]["lr"] == metrics["lr_auto"]["valley"]
+    assert pd.read_csv(auto / "history.csv")["stage"].tolist() == ["frozen", "unfrozen"]
+    assert not (auto / experiments.ERROR_FILE).exists()
+    assert (done / "metrics.json").stat().st_mtime_ns == done_stamp
+
+    write_plan(plan, runs.format(lr=3e-3), photos, top="seeds = [0]\n")
+    capsys.readouterr()
+    assert experiments.main([str(plan), "--out", str(out), "--dry-run"]) == 0
+    dry = capsys.readouterr().out
+    assert re.search(r"^train again +\S*done-seed0: train\.py", dry, re.M) and "--lr 0.001 -> 0.003" in dry
+    assert dry.count("skip (finished)") == 2
+    assert experiments.main([str(plan), "--out", str(out)]) == 0
+    kept = out / experiments.SUPERSEDED / "done-seed0"
+    old = json.loads((kept / "metrics.json").read_text())
+    assert old["status"] == "finished" and old["config"]["lr"] == 1e-3
+    assert (kept / "metrics.json").stat().st_mtime_ns == done_stamp
+    results = pd.read_csv(out / "results.csv").set_index("config")
+    assert list(results["status"]) == ["finished"] * 3
+    for _, row in results.iterrows():
+        ran = json.loads((out / row["run_dir"] / "metrics.json").read_text())["config"]
+        assert row["lr"] == str(ran["lr"]) and row["seed"] == ran["seed"]
+    assert results.loc["done", "lr"] == "0.003"
+
+
+def test_each_run_frees_the_previous_runs_learner(photos, tmp_path, monkeypatch):
+    """When a run's learner is built, nothing of the previous run's learner is left: its model, optimizer
+    state and (on a GPU) their memory are freed by the experiment itself, not whenever Python's cycle
+    collector happens to run (switched off here, so that the test does not depend on its timing)."""
+    monkeypatch.setattr(data.RGBImage, "failure_log", None)
+    plan = write_plan(tmp_path / "plan.toml", "[grid]\nlr = [1e-3, 3e-3]\n", photos)
+    built, alive_at_next = [], []
+
+    def make_learner(*args, **kwargs):
+        alive_at_next.extend(ref() is not None for ref in built)
+        learn = make_learner_real(*args, **kwargs)
+        built.extend([weakref.ref(learn), weakref.ref(learn.model)])
+        return learn
+
+    make_learner_real = train_mod.make_learner
+    monkeypatch.setattr(train_mod, "make_learner", make_learner)
+    gc.disable()
+    try:
+        assert experiments.main([plan, "--out", str(tmp_path / "exp")]) == 0
+    finally:
+        gc.enable()
+    assert len(built) == 4 and alive_at_next == [False, False]
