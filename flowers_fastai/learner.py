@@ -30,7 +30,7 @@ from fastai.callback.tracker import EarlyStoppingCallback, SaveModelCallback, Tr
 from fastai.learner import Learner, Recorder
 from fastai.losses import LabelSmoothingCrossEntropyFlat
 from fastai.metrics import accuracy
-from fastai.optimizer import Adam
+from fastai.optimizer import Adam, Optimizer
 from fastai.torch_core import get_model, set_seed
 from fastcore.foundation import L
 from fastcore.xtras import join_path_file
@@ -42,7 +42,7 @@ from flowers_classifier.model import ClipClassifier
 from . import splitters
 from .distributed import is_main, on_main, read_on_main, world_size
 from .export import BEST_NAME
-from .recipes import PRESETS
+from .recipes import PRESETS, SHARED
 
 LAST_NAME = "last"  # run_dir/last.pth: weights + optimizer after the last finished epoch (--resume)
 TENSORBOARD_DIR = "tensorboard"  # run_dir/tensorboard: event files with --tensorboard
@@ -77,11 +77,18 @@ class Recipe:
     seed: int = _CNN["seed"]
 
 
-def seed_everything(seed: int) -> None:
-    """Python, NumPy and torch RNGs (fastai's set_seed), so a run is repeatable on one machine."""
-    set_seed(seed, reproducible=True)
-    random.seed(seed)
-    np.random.seed(seed)
+def seed_everything(seed: int, deterministic: bool = SHARED["deterministic"]) -> None:
+    """Seed Python, NumPy and torch (fastai's set_seed): the split, init, augmentation and batch order repeat.
+    By default cuDNN benchmarks its kernels and keeps the fastest (fastai's and timm's default), so two GPU
+    runs agree only up to rounding. `deterministic`: bit-reproducible on one machine instead, slower on a
+    GPU: cuDNN's deterministic kernels, benchmark off, and torch's deterministic algorithms (an op that has
+    none warns). Both ways set every flag, so runs in one process (experiments.py) do not inherit them."""
+    set_seed(seed)
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    if deterministic:  # cuBLAS is deterministic only with a fixed workspace; read before the first matmul
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
 def resolve_precision(precision: str) -> str:
@@ -94,7 +101,18 @@ def resolve_precision(precision: str) -> str:
     if precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("--precision fp16 (mixed precision) needs a CUDA GPU; on the CPU use --precision bf16 "
                          "(--bf16, bf16 autocast) or --precision fp32.")
+    if precision == "bf16" and torch.cuda.is_available():
+        check_cuda_bf16()
     return precision
+
+
+def check_cuda_bf16() -> None:
+    """Refuse bf16 on a GPU without bfloat16 hardware (compute capability < 8.0: T4, V100). There torch's
+    is_bf16_supported() still says True, as it can emulate bf16, but training would crawl."""
+    if not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise ValueError("--precision bf16 (--bf16): this GPU has no bfloat16 hardware (it needs compute "
+                         "capability 8.0+, e.g. A100, L4, H100), so torch would only emulate it, far slower than "
+                         "fp16; use --precision fp16 (or auto).")
 
 
 # --------------------------------------------------------------------------- callbacks
@@ -108,8 +126,8 @@ class DeviceMixedPrecision(MixedPrecision):
     def before_fit(self):
         dtype = torch.bfloat16 if self.amp_mode == AMPMode.BF16 else torch.float16
         device = next(self.model.parameters()).device.type  # TrainEvalCallback (order -10) has moved it
-        if device == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-            raise ValueError("--precision bf16: this GPU does not support bfloat16; use --precision fp16.")
+        if device == "cuda" and dtype == torch.bfloat16:
+            check_cuda_bf16()
         self.kwargs["enabled"] = dtype == torch.float16  # bf16 has fp32's range: no loss scaling
         self.autocast, self.learn.scaler, self.scales = (torch.autocast(device, dtype=dtype),
                                                          torch.amp.GradScaler(device, **self.kwargs), L())
@@ -384,6 +402,17 @@ class FlowersLearner(Learner):
         return super().load(file, device=device, **kwargs)
 
 
+def adamw(params, model: torch.nn.Module, **kwargs) -> Optimizer:
+    """fastai's AdamW (Adam, decoupled weight decay) with weight decay off, through fastai's per-parameter
+    `do_wd` state, for splitters.no_weight_decay(model) (timm's rule: 1-D parameters and no_weight_decay()
+    names); fastai's own `wd_bn_bias=False` covers only norms and `.bias`. The Learner calls it in create_opt,
+    once for both stages (fastai keeps `do_wd` through clear_state and saves it with the optimizer state)."""
+    opt = Adam(params, decouple_wd=True, **kwargs)
+    for p in splitters.no_weight_decay(model):
+        opt.state[p]["do_wd"] = False
+    return opt
+
+
 def build_learner(dls, model: torch.nn.Module, recipe: Recipe, run_dir: str | Path,
                   tensorboard: bool = False) -> Learner:
     """A fastai Learner around `model` with the recipe's loss, optimiser, splitter and callbacks;
@@ -403,7 +432,7 @@ def build_learner(dls, model: torch.nn.Module, recipe: Recipe, run_dir: str | Pa
     if recipe.ema_decay:
         cbs.append(EmaCallback(recipe.ema_decay))
     learn = FlowersLearner(dls, model, loss_func=LabelSmoothingCrossEntropyFlat(eps=recipe.label_smoothing),
-                    opt_func=partial(Adam, decouple_wd=True), wd=recipe.wd, metrics=accuracy,
+                    opt_func=partial(adamw, model=model), wd=recipe.wd, metrics=accuracy,
                     splitter=splitters.param_groups, cbs=cbs, path=run_dir, model_dir=".",
                     train_bn=False)  # freeze() must leave the head alone trainable (norms included)
     if not sys.stdout.isatty():

@@ -16,7 +16,8 @@ from __future__ import annotations
 from flowers_classifier.factory import CLIP_DEFAULT, CNN_DEFAULT
 
 SHARED = dict(bs=32, wd=0.05, min_scale=0.35, cutmix=0.0, mix_prob=1.0, switch_prob=0.5, grad_clip=1.0,
-              patience=3, ema=0.0, seed=42, precision="auto", lr_mult=100.0, llrd=1.0, pct_start=0.25)
+              patience=3, ema=0.0, seed=42, deterministic=False, precision="auto", lr_mult=100.0, llrd=1.0,
+              pct_start=0.25)
 PRESETS = {
     "cnn": SHARED | dict(model=CNN_DEFAULT, epochs=5, freeze_epochs=1, head_lr=2e-3, lr=1e-3,
                          label_smoothing=0.1, mixup=0.2),

@@ -4,6 +4,8 @@ upwards, the head last), and which groups each fine-tuning stage trains. The one
 
 from __future__ import annotations
 
+import fnmatch
+
 from torch import nn
 
 from flowers_classifier.model import ClipClassifier
@@ -59,3 +61,18 @@ def stage_start(model: nn.Module, stage: str, unfreeze_last: int | None = None) 
     if stage == "unfrozen":
         return 0 if unfreeze_last is None else unfreeze_index(model, unfreeze_last)
     raise ValueError(f"--lr-find-stage must be one of {', '.join(STAGES)}, not {stage!r}")
+
+
+def no_weight_decay(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters AdamW must not decay, by timm's rule (timm.optim.param_groups_weight_decay): every 1-D
+    one (norms, biases, attention's in_proj_bias, GRN's gamma and beta, CLIP's class embedding) and those a
+    module names in its `no_weight_decay()` (open_clip's ViT: the positional embedding), prefixed by where the
+    module sits, as open_clip's CLIP forwards its tower's. A scale, shift or embedding has no size worth
+    shrinking: decay would only pull it off its pretrained value. Frozen ones count too (a later stage
+    unfreezes them)."""
+    names = set()
+    for prefix, module in model.named_modules():
+        if callable(getattr(module, "no_weight_decay", None)):
+            names |= {f"{prefix}.{n}" if prefix else n for n in module.no_weight_decay()}
+    return [p for name, p in model.named_parameters()
+            if p.ndim <= 1 or name.endswith(".bias") or any(fnmatch.fnmatch(name, n) for n in names)]

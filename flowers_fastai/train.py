@@ -131,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="early stopping patience in epochs, 0 disables")
     o.add_argument("--ema", type=float, default=SHARED["ema"], help="timm ModelEmaV3 decay (e.g. 0.999), 0 disables")
     o.add_argument("--seed", type=int, default=SHARED["seed"], help="seed for split, init, augmentation and order")
+    o.add_argument("--deterministic", action="store_true", default=SHARED["deterministic"],
+                   help="bit-reproducible runs on one machine, slower on a GPU: cuDNN's deterministic kernels with "
+                        "benchmarking off, and torch's deterministic algorithms (an op without one warns). Without "
+                        "it the seeds are still fixed, but cuDNN picks its fastest kernels, so two GPU runs agree "
+                        "only up to rounding")
     o.add_argument("--precision", choices=("auto", "fp16", "bf16", "fp32"), default=SHARED["precision"],
                    help="auto = fp16 mixed precision on CUDA, fp32 on CPU; bf16 mixed precision (autocast, "
                         "fp32 weights) runs on CUDA and on the CPU; fp16 needs CUDA")
@@ -402,7 +407,7 @@ def train(args: argparse.Namespace) -> Path:
     # e.g. offline without cached weights, or a missing --weights file: say so before the data scan.
     weights = "last.pth of the interrupted run" if resumed else check_pretrained(args)
     run_dir.mkdir(parents=True, exist_ok=True)
-    seed_everything(args.seed)
+    seed_everything(args.seed, args.deterministic)
 
     # 1. Data: every folder problem surfaces here, before a model is built (a resumed run keeps its split).
     #    Several processes: rank 0 writes split.csv and audit.json and sends the table to the others (their

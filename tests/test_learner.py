@@ -1,20 +1,24 @@
-"""The Learner and recipe: freeze/unfreeze, discriminative LRs, MixUp/CutMix, EMA, history, checkpoints."""
+"""The Learner and recipe: freeze/unfreeze, discriminative LRs, MixUp/CutMix, EMA, history, checkpoints, weight decay
+and seeding."""
 
+import os
+import random
 import subprocess
 import sys
 from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, TINY_CNN, make_image_folder
+from conftest import ROOT, TINY_CLIP, TINY_CNN, TINY_SIZE, make_image_folder
 from fastai.callback.core import Callback
 from fastai.callback.mixup import MixHandler
 from fastai.losses import LabelSmoothingCrossEntropyFlat
 
 from flowers_classifier import factory
 from flowers_classifier.preprocess import Preprocess
-from flowers_fastai import data, learner
+from flowers_fastai import data, experiments, learner, train
 from flowers_fastai.learner import EarlyStopping, EmaCallback, MixUpOrCutMix, Recipe, build_learner, fine_tune
 
 QUIET = dict(patience=None, grad_clip=1.0)
@@ -246,3 +250,98 @@ def test_training_never_imports_tensorboard_and_asking_without_it_says_what_to_i
                           tensorboard=True)
     finally:
         learner.tensorboard_callback.cache_clear()
+
+
+# --------------------------------------------------------------------------- seeding and determinism
+
+@pytest.fixture
+def restore_determinism(monkeypatch):
+    """seed_everything sets process-wide flags: put them back for the tests that follow."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)  # monkeypatch restores the original
+    cudnn = torch.backends.cudnn
+    saved = (cudnn.benchmark, cudnn.deterministic, torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled())
+    yield
+    cudnn.benchmark, cudnn.deterministic = saved[:2]
+    torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])
+
+
+def determinism() -> tuple[bool, bool, bool]:
+    cudnn = torch.backends.cudnn
+    return cudnn.benchmark, cudnn.deterministic, torch.are_deterministic_algorithms_enabled()
+
+
+def test_seeds_are_fixed_by_default_and_bit_reproducibility_is_opt_in(restore_determinism):
+    learner.seed_everything(3, deterministic=True)
+    assert determinism() == (False, True, True)  # cuDNN's deterministic kernels, torch's deterministic ops
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    first = torch.rand(4), np.random.rand(), random.random()
+    # The default, right after a deterministic run in the same process (as experiments.py runs them):
+    learner.seed_everything(3)
+    assert determinism() == (True, False, False)  # cuDNN free to benchmark and pick the fastest kernels
+    again = torch.rand(4), np.random.rand(), random.random()
+    assert torch.equal(again[0], first[0]) and again[1:] == first[1:]  # the seeds are still fixed
+
+
+def test_deterministic_flag_reaches_the_run_and_experiment_plans(restore_determinism, tmp_path):
+    parse = train.build_parser().parse_args
+    assert not parse([]).deterministic and parse(["--deterministic"]).deterministic
+    images = make_image_folder(tmp_path / "images", per_class=4, size=32)
+    tiny = ["--model", TINY_CNN, "--no-pretrained", "--img-size", "32", "--bs", "8", "--workers", "0"]
+    code = train.main([*tiny, "--data", str(images), "--deterministic", "--lr-find", "--lr-find-iters", "30",
+                       "--out", str(tmp_path / "run")])
+    assert code == 0 and determinism() == (False, True, True)
+    # experiments.py builds each run's command line with train.py's parser: a boolean key is the bare flag
+    runs = experiments.plan_runs({"grid": {"deterministic": [True, False]}}, tmp_path / "plan.toml", tmp_path)
+    assert [parse(run.argv).deterministic for run in runs] == [True, False]
+
+
+# --------------------------------------------------------------------------- weight decay
+
+def tiny_model(arch: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if arch == "cnn":
+        return factory.create_cnn(TINY_CNN, pretrained=None)
+    return factory.create_clip(TINY_CLIP, pretrained=None, image_size=TINY_SIZE, head_init="random")
+
+
+def no_decay_names(model: torch.nn.Module) -> set[str]:
+    """timm's rule, spelled out here: 1-D parameters, and the names the model's no_weight_decay() gives."""
+    listed = {f"visual.{n}" for n in model.visual.no_weight_decay()} if hasattr(model, "visual") else set()
+    return {n for n, p in model.named_parameters() if p.ndim <= 1 or n in listed}
+
+
+@pytest.mark.parametrize("arch", ["cnn", "clip"])
+def test_no_weight_decay_on_1d_parameters_and_the_models_no_weight_decay_names(arch, tiny_dls, tmp_path):
+    model = tiny_model(arch)
+    skip = no_decay_names(model)
+    # what fastai's own wd_bn_bias=False would miss: GRN's gamma, attention's in_proj_bias, CLIP's embeddings
+    missed = {"cnn": "stages.0.blocks.0.mlp.grn.weight", "clip": "visual.transformer.resblocks.0.attn.in_proj_bias"}
+    assert missed[arch] in skip
+    if arch == "clip":
+        assert {"visual.positional_embedding", "visual.class_embedding"} <= skip
+    learn = build_learner(tiny_dls, model, Recipe(**QUIET), tmp_path)
+    learn.create_opt()
+    do_wd = {n: learn.opt.state[p].get("do_wd", True) for n, p in model.named_parameters()}
+    assert {n for n, on in do_wd.items() if not on} == skip  # every 2-D+ weight outside the list decays
+    # A real AdamW step with zero gradients moves nothing but decoupled weight decay: p *= 1 - lr * wd.
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    learn.opt.set_hypers(lr=0.1, wd=0.5)
+    learn.opt.step()
+    for n, p in model.named_parameters():
+        expected = before[n] if n in skip else before[n] * (1 - 0.1 * 0.5)
+        assert torch.allclose(p, expected, rtol=1e-6, atol=0), n
+
+
+def test_no_weight_decay_survives_both_stages_and_resume(tiny_dls, tmp_path):
+    learn = tiny_learner(tiny_dls, tmp_path)
+    skip = no_decay_names(learn.model)
+    fine_tune(learn, Recipe(epochs=1, freeze_epochs=1, **QUIET))  # freeze, clear_state, unfreeze, clear_state
+    off = lambda learn: {n for n, p in learn.model.named_parameters() if learn.opt.state[p].get("do_wd") is False}  # noqa: E731
+    assert off(learn) == skip
+    resumed = tiny_learner(tiny_dls, tmp_path)
+    resumed.create_opt()
+    learner.load_last(resumed)  # --resume: the optimizer state as last.pth saved it
+    assert off(resumed) == skip

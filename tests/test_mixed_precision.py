@@ -209,7 +209,22 @@ def test_precision_choices_on_the_cpu(monkeypatch):
     with pytest.raises(ValueError, match="unknown precision"):
         resolve_precision("fp8")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # an A100 / H100
     assert [resolve_precision(p) for p in ("auto", "fp16", "bf16")] == ["fp16", "fp16", "bf16"]
+
+
+def test_bf16_is_refused_on_a_gpu_that_only_emulates_it(monkeypatch, tmp_path, capsys):
+    """A T4 or V100 (compute capability < 8.0): torch's is_bf16_supported() says True there, by emulation."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert resolve_precision("fp16") == "fp16"
+    with pytest.raises(ValueError, match=r"--precision bf16 \(--bf16\): this GPU has no bfloat16 hardware.*"
+                                         r"--precision fp16"):
+        resolve_precision("bf16")
+    # train.py refuses it before scanning the photos (the folder does not even exist)
+    assert main(["--bf16", "--model", TINY_CNN, "--no-pretrained", "--data", str(tmp_path / "none"),
+                 "--out", str(tmp_path / "run")]) == 2
+    assert "no bfloat16 hardware" in capsys.readouterr().err and not (tmp_path / "run").exists()
 
 
 def test_train_cli_runs_bf16(real_flowers, tmp_path, capsys):
