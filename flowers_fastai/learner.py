@@ -236,9 +236,24 @@ class OnTrainedEpochs(Callback):
 
 
 class AtomicSaveModelCallback(OnTrainedEpochs, SaveModelCallback):
-    """fastai's SaveModelCallback (best weights on the monitored metric), written atomically."""
+    """fastai's SaveModelCallback (best weights on the monitored metric), written atomically. It loads the best
+    weights back only after a fit that trained an epoch: an empty fit (fastai's `fine_tune(freeze_epochs=0)`)
+    has no best.pth to load yet, or one that is not better than the weights it would replace."""
 
     after_trained_epoch = SaveModelCallback.after_epoch
+    trained_in_fit = False
+
+    def before_fit(self):
+        self.trained_in_fit = False
+        super().before_fit()
+
+    def after_train(self):
+        super().after_train()
+        self.trained_in_fit = True
+
+    def after_fit(self):
+        if self.trained_in_fit:
+            super().after_fit()
 
     def _save(self, name):
         self.last_saved_path = atomic_learn_save(self.learn, name, self.with_opt)
@@ -377,6 +392,17 @@ class EarlyStopping(OnTrainedEpochs, EarlyStoppingCallback):
 
     order = HistoryCallback.order + 1
     after_trained_epoch = EarlyStoppingCallback.after_epoch
+    _resume = None
+
+    def resume(self, best: float, wait: int) -> None:
+        """Continue a stage --resume re-enters (its best accuracy and epochs since): applied in before_fit,
+        which fastai's callback starts from scratch."""
+        self._resume = (best, wait)
+
+    def before_fit(self):
+        super().before_fit()
+        if self._resume is not None:
+            (self.best, self.wait), self._resume = self._resume, None
 
 
 # --------------------------------------------------------------------------- learner + recipe
@@ -386,13 +412,23 @@ def _silent(*args, **kwargs) -> None:
 
 
 class FlowersLearner(Learner):
-    """fastai's Learner, whose `lr_find` runs without the fit-only callbacks: its mock fit skips validation and
-    puts the weights back, so it must not be checkpointed, logged to history.csv, early-stopped or averaged
-    into the EMA; and whose `load` reads rank 0's file with several processes."""
+    """fastai's Learner, whose `lr_find`, `validate` and `tta` run without the fit-only callbacks, and whose
+    `load` reads rank 0's file with several processes. lr_find's mock fit skips validation and puts the weights
+    back, so it must not be checkpointed, logged to history.csv, early-stopped or averaged into the EMA; validate
+    and tta fire before_fit/after_fit around an evaluation, which must neither load best.pth over the model nor
+    start a TensorBoard log."""
 
     def lr_find(self, *args, **kwargs):
         with self.removed_cbs(fit_only_callbacks(self)):
             return super().lr_find(*args, **kwargs)
+
+    def validate(self, *args, **kwargs):
+        with self.removed_cbs(fit_only_callbacks(self)):
+            return super().validate(*args, **kwargs)
+
+    def tta(self, *args, **kwargs):
+        with self.removed_cbs(fit_only_callbacks(self)):
+            return super().tta(*args, **kwargs)
 
     def load(self, file, device=None, **kwargs):
         """fastai's load; with several processes from rank 0's file, its bytes sent to the other ranks (best.pth
@@ -461,8 +497,8 @@ def stage2_lrs(learn: Learner, recipe: Recipe) -> slice:
 
 def fit_only_callbacks(learn: Learner) -> list[Callback]:
     """Callbacks that only make sense inside a fit: the trackers (early stopping, best checkpoint), the
-    history writer and the EMA swap. validate() fires epoch events too, and the trackers would read it as
-    an epoch of a fit (and crash before the first one)."""
+    history writer and the EMA swap. validate() and tta() fire fit and epoch events too, and the trackers would
+    read them as a fit (SaveModelCallback loads best.pth at its end)."""
     fit_only = (TrackerCallback, HistoryCallback, EmaCallback, LastCheckpointCallback, TensorBoardLogging)
     return [cb for cb in learn.cbs if isinstance(cb, fit_only)]
 
@@ -487,19 +523,20 @@ def _fit(learn: Learner, epochs: int, lr, recipe: Recipe, stage: str, start_epoc
     learn.fit_one_cycle(epochs, lr, pct_start=recipe.pct_start, start_epoch=start_epoch)
 
 
-def fine_tune(learn: Learner, recipe: Recipe, epochs_done: int = 0) -> Learner:
+def fine_tune(learn: Learner, recipe: Recipe, epochs_done: dict[str, int] | None = None) -> Learner:
     """Stage 1 (freeze_epochs): head only at head_lr. Stage 2 (epochs): the body (or its last
     `unfreeze_last` blocks, see splitters.stage_start) too, with discriminative LRs. Both one-cycle;
-    best weights loaded at the end. `epochs_done` (resume) skips the epochs a run already finished."""
+    best weights loaded at the end. `epochs_done` (resume_learner, per stage) skips a stage that is over
+    and continues a stage begun from its next epoch."""
+    done = {"frozen": 0, "unfrozen": 0, **(epochs_done or {})}
     # Resolved before stage 1, so a bad --unfreeze-last fails before any training.
     stage2_start = splitters.stage_start(learn.model, "unfrozen", recipe.unfreeze_last)
-    if recipe.freeze_epochs > epochs_done:
-        _trainable_from(learn, splitters.stage_start(learn.model, "frozen"), keep_optimizer_state=epochs_done > 0)
-        _fit(learn, recipe.freeze_epochs, recipe.head_lr, recipe, "frozen", start_epoch=epochs_done)
-    done_in_stage2 = max(0, epochs_done - recipe.freeze_epochs)
-    if recipe.epochs > done_in_stage2:
-        _trainable_from(learn, stage2_start, keep_optimizer_state=done_in_stage2 > 0)
-        _fit(learn, recipe.epochs, stage2_lrs(learn, recipe), recipe, "unfrozen", start_epoch=done_in_stage2)
+    if recipe.freeze_epochs > done["frozen"]:
+        _trainable_from(learn, splitters.stage_start(learn.model, "frozen"), keep_optimizer_state=done["frozen"] > 0)
+        _fit(learn, recipe.freeze_epochs, recipe.head_lr, recipe, "frozen", start_epoch=done["frozen"])
+    if recipe.epochs > done["unfrozen"]:
+        _trainable_from(learn, stage2_start, keep_optimizer_state=done["unfrozen"] > 0)
+        _fit(learn, recipe.epochs, stage2_lrs(learn, recipe), recipe, "unfrozen", start_epoch=done["unfrozen"])
     return learn
 
 
@@ -513,9 +550,28 @@ def _trainable_from(learn: Learner, group: int, keep_optimizer_state: bool) -> N
         learn.opt.clear_state()
 
 
-def resume_learner(learn: Learner, recipe: Recipe) -> int:
+def _stage_progress(history, recipe: Recipe) -> dict[str, int]:
+    """Epochs of each stage's one-cycle schedule a run has behind it, from history.csv's `stage` column (a
+    DataFrame). A stage that early stopping ended (recipe.patience epochs without a better accuracy, counted
+    as EarlyStopping counts them) or that stage 2 followed is over: it counts its full epochs."""
+    done = {}
+    for stage, epochs in (("frozen", recipe.freeze_epochs), ("unfrozen", recipe.epochs)):
+        acc = history.loc[history["stage"] == stage, "accuracy"].to_numpy()
+        stopped = bool(recipe.patience) and len(acc) > 0 and _epochs_since_best(acc) >= recipe.patience
+        done[stage] = epochs if stopped else min(len(acc), epochs)
+    if done["unfrozen"] > 0:
+        done["frozen"] = recipe.freeze_epochs
+    return done
+
+
+def _epochs_since_best(acc: np.ndarray) -> int:
+    return len(acc) - 1 - int(np.argmax(acc))  # the first maximum: a tie is no improvement
+
+
+def resume_learner(learn: Learner, recipe: Recipe) -> dict[str, int]:
     """Put an interrupted run's state back into a fresh learner: weights, optimizer and EMA from last.pth, the
-    epoch count and best accuracy from history.csv. Returns the number of finished epochs."""
+    epoch count, best accuracy and early-stopping state from history.csv. Returns the epochs done per stage
+    (fine_tune's `epochs_done`, see _stage_progress)."""
     import pandas as pd
 
     def read_history():  # several processes: rank 0 reads its run folder and sends the table
@@ -525,14 +581,19 @@ def resume_learner(learn: Learner, recipe: Recipe) -> int:
                                     f"start a new run instead.")
         return history
     history = on_main(read_history)
-    done = len(history)
+    done = _stage_progress(history, recipe)
+    stage = history["stage"].iloc[-1]  # the stage of the last finished epoch
+    stage_epochs = recipe.freeze_epochs if stage == "frozen" else recipe.epochs
     learn.create_opt()
     load_last(learn)
-    if done == recipe.freeze_epochs:  # stage 1 ended: an unbroken run starts stage 2 from its best weights
+    if done[stage] >= stage_epochs:  # that stage is over: an unbroken run goes on from its best weights
         learn.load(BEST_NAME, with_opt=False)
     for cb in learn.cbs:
         if isinstance(cb, HistoryCallback):
-            cb.epochs_done = done
+            cb.epochs_done = len(history)
         if isinstance(cb, SaveModelCallback):
             cb.best = float(history["accuracy"].max())  # a worse epoch must not replace best.pth
+        if isinstance(cb, EarlyStopping) and done[stage] < stage_epochs:  # the stage goes on: so does its patience
+            acc = history.loc[history["stage"] == stage, "accuracy"].to_numpy()
+            cb.resume(float(acc.max()), _epochs_since_best(acc))
     return done

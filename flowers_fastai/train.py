@@ -463,7 +463,7 @@ def save_zeroshot(model: torch.nn.Module, run_dir: Path) -> Path:
 
 
 def finish(args: argparse.Namespace, learn, recipe: Recipe, metrics: dict, start: float,
-           epochs_done: int = 0) -> Path:
+           epochs_done: dict[str, int] | None = None) -> Path:
     """Steps 4-5 of a run (also what --resume runs): train, then save, evaluate and export."""
     run_dir = Path(args.out)
     # 4. Train: linear probe, then fine-tune with discriminative LRs; best weights end up loaded. Ctrl-C
@@ -471,7 +471,7 @@ def finish(args: argparse.Namespace, learn, recipe: Recipe, metrics: dict, start
     #    Several processes: data-parallel (distributed.py), rank 0 alone writes; the others stop after training.
     try:
         with distributed.distributed_fit(learn) as trainer:
-            if args.lr == "auto" and not epochs_done:
+            if args.lr == "auto" and epochs_done is None:
                 metrics["lr_auto"] = fine_tune_auto_lr(learn, recipe, run_dir, args.lr_find_iters)
             else:
                 fine_tune(learn, recipe, epochs_done)

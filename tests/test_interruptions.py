@@ -222,3 +222,64 @@ def test_resume_rebuilds_the_model_ema_and_recipe_of_the_run(tmp_path, real_flow
     assert (recipe["precision"], recipe["channels_last"]) == ("fp32", True)
     assert any(isinstance(cb, ChannelsLast) for cb in resumed.cbs)
     assert not any(isinstance(cb, MixedPrecision) for cb in resumed.cbs)
+
+
+class InterruptStage2(Callback):
+    """Ctrl-C as stage 2 (unfrozen) starts training its epoch `epoch`: epochs 0..epoch-1 of it are finished."""
+
+    order = 100
+
+    def __init__(self, epoch: int):
+        self.at = epoch
+
+    def before_train(self):
+        if self.learn.history.stage == "unfrozen" and self.epoch == self.at:
+            raise KeyboardInterrupt
+
+
+class FirstTrainedEpoch(Callback):
+    """Where the resumed run starts training: stage, epoch of its fit's schedule, and what is trainable."""
+
+    order = 100
+    seen = None
+
+    def before_train(self):
+        if self.seen is None:
+            self.seen = dict(stage=self.learn.history.stage, epoch=self.epoch, n_epoch=self.n_epoch,
+                             body_trainable=all(p.requires_grad for p in self.model.parameters()))
+
+
+@pytest.mark.parametrize("stage2_done", [0, 1, 2])
+def test_resume_after_stage_1_stopped_early_continues_stage_2(tmp_path, real_flowers, monkeypatch, stage2_done):
+    """--freeze-epochs 5 --patience 2: stage 1 stops early after 3 epochs (at an LR too small to change a
+    prediction, accuracy never improves), stage 2 finishes `stage2_done` epochs and Ctrl-C comes. --resume
+    goes on with stage 2 (body unfrozen) at its epoch `stage2_done`, with stage 2's patience as it stood:
+    the run ends as an unbroken one would, after 3 epochs of each stage."""
+    from flowers_fastai import learner as learner_mod
+    from flowers_fastai import train as train_mod
+
+    monkeypatch.setattr(data.RGBImage, "failure_log", None)  # train() sets it; leave no trace for other tests
+    run_dir = tmp_path / "run"
+    argv = ["--data", str(real_flowers), "--model", TINY_CNN, "--no-pretrained", "--img-size", "64", "--bs", "16",
+            "--no-export", "--freeze-epochs", "5", "--epochs", "4", "--patience", "2", "--head-lr", "1e-12",
+            "--lr", "1e-12", "--out", str(run_dir)]
+    added = []
+
+    def fine_tune(learn, recipe, epochs_done=None, cb=None):
+        added.append(cb)
+        learn.add_cb(cb)
+        return learner_mod.fine_tune(learn, recipe, epochs_done)
+
+    monkeypatch.setattr(train_mod, "fine_tune", partial(fine_tune, cb=InterruptStage2(stage2_done)))
+    with pytest.raises(train_mod.TrainingInterrupted):
+        train_mod.train(train_mod.build_parser().parse_args(argv))
+    stages = pd.read_csv(run_dir / "history.csv")["stage"].tolist()
+    assert stages == ["frozen"] * 3 + ["unfrozen"] * stage2_done  # stage 1 did stop early
+
+    monkeypatch.setattr(train_mod, "fine_tune", partial(fine_tune, cb=FirstTrainedEpoch()))
+    train_mod.train(train_mod.resume_args(run_dir))
+    assert added[-1].seen == dict(stage="unfrozen", epoch=stage2_done, n_epoch=4, body_trainable=True)
+    hist = pd.read_csv(run_dir / "history.csv")
+    assert hist["stage"].tolist() == ["frozen"] * 3 + ["unfrozen"] * 3
+    assert hist["epoch"].tolist() == list(range(6))
+    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "finished"

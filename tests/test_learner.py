@@ -17,8 +17,9 @@ from fastai.callback.mixup import MixHandler
 from fastai.losses import LabelSmoothingCrossEntropyFlat
 
 from flowers_classifier import factory
+from flowers_classifier.classes import CLASSES
 from flowers_classifier.preprocess import Preprocess
-from flowers_fastai import data, experiments, learner, train
+from flowers_fastai import data, experiments, flowers_dataloaders, flowers_learner, learner, train
 from flowers_fastai.learner import EarlyStopping, EmaCallback, MixUpOrCutMix, Recipe, build_learner, fine_tune
 
 QUIET = dict(patience=None, grad_clip=1.0)
@@ -345,3 +346,54 @@ def test_no_weight_decay_survives_both_stages_and_resume(tiny_dls, tmp_path):
     resumed.create_opt()
     learner.load_last(resumed)  # --resume: the optimizer state as last.pth saved it
     assert off(resumed) == skip
+
+
+@pytest.fixture
+def flowers_learn(real_flowers, tmp_path):
+    """flowers_learner as the README builds it (random init, 64 px, the committed photos), EMA on."""
+    dls = flowers_dataloaders(real_flowers, model=TINY_CNN, img_size=TINY_SIZE, bs=16, pretrained=False,
+                              run_dir=tmp_path / "run")
+    torch.manual_seed(0)
+    return flowers_learner(dls, pretrained=False, ema_decay=0.9)
+
+
+def weights(learn) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in learn.model.state_dict().items()}
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class InterruptSecondEpoch(Callback):
+    """Ctrl-C (a notebook's interrupt) after the first step of a fit's second epoch."""
+
+    def after_step(self):
+        if self.epoch == 1:
+            raise KeyboardInterrupt
+
+
+def test_validate_and_tta_evaluate_and_never_change_the_weights(flowers_learn):
+    """fastai fires before_fit/after_fit around validate() and tta(): the best-checkpoint callback must not read
+    that as a fit (no best.pth yet on a fresh learner; after a fit, best.pth is not the model's weights)."""
+    learn, n_valid = flowers_learn, len(flowers_learn.dls.valid_ds)
+    for trained in (False, True):
+        if trained:  # interrupted in epoch 2: the weights are one step past best.pth (epoch 1's)
+            with pytest.raises(KeyboardInterrupt):
+                learn.fit_one_cycle(2, 1e-3, cbs=InterruptSecondEpoch())
+            assert not same_weights(weights(learn), torch.load(learn.path / "best.pth", weights_only=True))
+        before = weights(learn)
+        loss, acc = learn.validate()
+        preds, targets = learn.tta(n=2)
+        assert 0 <= acc <= 1 and preds.shape == (n_valid, len(CLASSES)) and len(targets) == n_valid
+        assert same_weights(weights(learn), before)
+        assert (learn.path / "best.pth").exists() == trained
+    assert len(pd.read_csv(learn.path / "history.csv")) == 1  # validate/tta logged no epoch
+
+
+@pytest.mark.parametrize("freeze_epochs", [0, 1])
+def test_fastais_own_fine_tune_runs_and_ends_on_the_best_weights(flowers_learn, freeze_epochs):
+    """learn.fine_tune as a new user calls it; freeze_epochs=0 is an empty frozen fit (no epoch, no best.pth)."""
+    flowers_learn.fine_tune(1, 1e-3, freeze_epochs=freeze_epochs)
+    assert len(pd.read_csv(flowers_learn.path / "history.csv")) == 1 + freeze_epochs
+    assert same_weights(weights(flowers_learn), torch.load(flowers_learn.path / "best.pth", weights_only=True))
