@@ -24,10 +24,14 @@ runs one in ~30 µs whatever the map, a fixed cost that dwarfs a 4x4 map's arith
 mix into one small reduction (convnextv2_atto at 64 px, its eight convolutions on 4x4 and 2x2 maps, A/B: the
 model takes 0.89-0.94x the time at batch 1 warm, 0.90-0.96x right after decoding a photo, 0.95-0.96x at batch 8).
 
-A package is only valid where it was built: the same weights (the sha256 of the `.pth` it was compiled
-from), the same torch version (AOTInductor's ABI) and the same CPU instruction set (Inductor compiled its
-kernels for it). `load_cpu_package` checks all three before it loads anything and otherwise says which one
-differs; `load_model` then serves the eager model and warns once, naming the command that rebuilds it.
+A package is only valid where it was built: the same weights (a sha256 of the state dict's tensors and of the
+spec fields that shape the graph, so a re-export that changes only the temperature keeps it), the same torch
+version (AOTInductor's ABI) and a CPU with every instruction set extension of the one that compiled it:
+Inductor compiles with `-march=native` (torch._inductor.config.cpp.march) plus the vector ISA it detected there,
+so the code may use any extension that CPU has (torch.cpu.get_capabilities(), recorded at build): a package built
+on a Sapphire Rapids is refused on a Skylake instead of dying there with SIGILL. `load_cpu_package` checks all
+three before it loads anything and otherwise says which one differs; `load_model` then serves the eager model and
+warns once, naming the command that rebuilds it.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -71,6 +76,7 @@ AUTOTUNE = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN", "aut
 # 4 images at a time (inference.PACKAGE_MICRO_BATCH), yet convnextv2_tiny's package traced and tuned at 4 instead
 # took the same time (A/B). A ViT's main graph serves single images too: traced on 2, its matmuls left to oneDNN.
 TUNED_BATCH = 8
+GRAPH_KEYS = ("family", "model_name", "image_size", "quick_gelu", "classes")  # spec fields a package depends on
 
 
 class CpuPackageError(ValueError):
@@ -83,17 +89,31 @@ def cpu_package_path(weights_path: str | os.PathLike) -> Path:
     return path.with_name(path.stem + CPU_PACKAGE_SUFFIX)
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
+def weights_sha256(payload: dict) -> str:
+    """The sha256 of what a package computes: the state dict's tensors (names, dtypes, shapes, bytes) and the
+    spec fields that shape the graph (GRAPH_KEYS); not the temperature, preprocessing or int8 request, which act
+    outside it. A mapped payload's tensors are read through the file, not copied."""
+    digest = hashlib.sha256(json.dumps({k: payload.get(k) for k in GRAPH_KEYS}, sort_keys=True).encode())
+    for name, tensor in sorted(payload["state_dict"].items()):
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
 
 
+def cpu_features() -> list[str]:
+    """This CPU's instruction set extensions as torch's cpuinfo reports them (avx2, avx512_vnni, amx_tile, ...;
+    an SVE machine's vector length as sve_max_length=N): what code compiled with -march=native here may use."""
+    caps = torch.cpu.get_capabilities()
+    return sorted([k for k, v in caps.items() if v is True] +
+                  [f"{k}={v}" for k, v in caps.items() if k.endswith("_max_length") and isinstance(v, int)])
+
+
 def build_target() -> dict:
-    """What a package is compiled for: torch version and the CPU's vector instruction set."""
-    return dict(torch=torch.__version__, cpu_capability=torch.backends.cpu.get_cpu_capability())
+    """What a package is compiled for: the torch version and the CPU (its architecture and extensions; its name
+    and ATen's capability for the messages)."""
+    return dict(torch=torch.__version__, architecture=platform.machine(), cpu_features=cpu_features(),
+                cpu=torch.cpu.get_capabilities().get("cpu_name", "unknown"),
+                cpu_capability=torch.backends.cpu.get_cpu_capability())
 
 
 def eager_cpu_net(payload: dict) -> nn.Module:
@@ -187,7 +207,7 @@ def _example(payload: dict, n: int) -> torch.Tensor:
 
 def compile_cpu_package(payload: dict, payload_path: str | os.PathLike, out: str | os.PathLike | None = None,
                         ) -> tuple[Path, float]:
-    """Compile the payload written at `payload_path` for this CPU and write it atomically to `out` (default
+    """Compile `payload` (the one written at `payload_path`) for this CPU and write it atomically to `out` (default
     `cpu_package_path(payload_path)`). Returns (path, max abs difference of probabilities vs eager on
     batches of 3 and 1). Raises CpuPackageError, writing nothing, when compiling fails or the result disagrees."""
     out = Path(out) if out else cpu_package_path(payload_path)
@@ -195,21 +215,20 @@ def compile_cpu_package(payload: dict, payload_path: str | os.PathLike, out: str
     # checked against the network as it is, not as rewritten for the compiler
     reference = eager_cpu_net(payload) if any(isinstance(m, SmallMapDepthwiseConv) for m in net.modules()) else net
     graphs = [MAIN_GRAPH] + ([BATCH1_GRAPH] if has_convolutions(net) else [])
-    meta = dict(build_target(), payload_sha256=file_sha256(payload_path), payload_file=Path(payload_path).name,
-                family=payload["family"], model_name=payload["model_name"], image_size=int(payload["image_size"]),
-                graphs=graphs)
     diff: list[float] = []
 
     def write(tmp: str) -> None:
         try:
+            meta = dict(build_target(), weights_sha256=weights_sha256(payload), payload_file=Path(payload_path).name,
+                        family=payload["family"], model_name=payload["model_name"],
+                        image_size=int(payload["image_size"]), graphs=graphs)
             with torch.no_grad(), plain_fp32_micro_gemm():  # Inductor's GEMMs in a form g++ compiles well
                 files = {name: _aot_compile(net, payload, name) for name in graphs}
             from torch._inductor.package import package_aoti
             package_aoti(tmp, files)
-        except Exception as e:  # noqa: BLE001 - compiler missing, export unsupported, ...: one user error
-            raise CpuPackageError(f"{out}: compiling the CPU package failed ({type(e).__name__}: {str(e)[:400]}). "
-                                  f"Compiling needs a C++ compiler (gcc/g++) on PATH; nothing was written, and "
-                                  f"the .pth still serves (eager) without the package.") from e
+        except Exception as e:  # noqa: BLE001 - compiler missing, export unsupported, ...: a user error saying which
+            raise CpuPackageError(f"{out}: {_compile_failure(e)}; nothing was written, and the .pth still serves "
+                                  f"(eager) without the package.") from e
         with zipfile.ZipFile(tmp, "a") as z:  # inside the archive's one top folder, where the loader looks
             z.writestr(f"{z.namelist()[0].split('/')[0]}/{PACKAGE_META}", json.dumps(meta))
         diff.append(_max_prob_diff(_load_runner(tmp, graphs), reference, payload))
@@ -218,6 +237,34 @@ def compile_cpu_package(payload: dict, payload_path: str | os.PathLike, out: str
                                   f"(> {PACKAGE_TOLERANCE}) in probability; nothing was written.")
 
     return atomic_write(out, write, suffix=".tmp.pt2"), diff[0]  # AOTInductor only writes to *.pt2
+
+
+def _compile_failure(e: Exception) -> str:
+    """What stopped a compile, for the user: the C++ compiler (missing or failing), this torch's Inductor API
+    (moved or renamed), or anything else as it is."""
+    what = f"{type(e).__name__}: {str(e)[:400]}"
+    chain = _causes(e)
+    try:
+        from torch._inductor.exc import CppCompileError, InvalidCxxCompiler
+        if any(isinstance(c, (CppCompileError, InvalidCxxCompiler)) for c in chain):
+            return (f"the C++ compiler is missing or failed ({what}). Compiling needs a working C++ compiler "
+                    f"(gcc/g++ on PATH, or the one named by CXX)")
+    except ImportError:  # the API check below says it
+        pass
+    if any(isinstance(c, (ImportError, AttributeError)) for c in chain):
+        return (f"torch {torch.__version__} is not supported by --cpu-package: its AOTInductor API differs from "
+                f"the one this code calls ({what}). Install the torch version pyproject.toml names")
+    return f"compiling the CPU package failed ({what})"
+
+
+def _causes(e: BaseException) -> list[BaseException]:
+    """`e` and what it wraps (`raise ... from`, Inductor's InductorError.inner_exception); not what it was raised
+    while handling, which did not cause it."""
+    chain: list[BaseException] = []
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = getattr(e, "inner_exception", None) or e.__cause__
+    return chain
 
 
 def has_convolutions(net: nn.Module) -> bool:
@@ -285,24 +332,30 @@ def read_package_meta(path: str | os.PathLike) -> dict:
                              f"({type(e).__name__}: {e})") from e
 
 
-def package_mismatch(meta: dict, payload_path: str | os.PathLike) -> str | None:
-    """Why a package cannot serve the payload at `payload_path` on this machine, or None when it can."""
+def package_mismatch(meta: dict, payload: dict, payload_path: str | os.PathLike) -> str | None:
+    """Why a package cannot serve `payload` (read from `payload_path`) on this machine, or None when it can."""
+    if meta.get("torch") != torch.__version__:  # first: the rest is only asked of the torch that built it
+        return f"it was compiled with torch {meta.get('torch')}, this is torch {torch.__version__}"
     here = build_target()
-    if meta.get("torch") != here["torch"]:
-        return f"it was compiled with torch {meta.get('torch')}, this is torch {here['torch']}"
-    if meta.get("cpu_capability") != here["cpu_capability"]:
-        return (f"it was compiled for {meta.get('cpu_capability')} CPUs, this CPU runs "
-                f"{here['cpu_capability']} kernels")
-    if meta.get("payload_sha256") != file_sha256(payload_path):
+    if "cpu_features" not in meta or "weights_sha256" not in meta:
+        return ("it was written by an older export.py, which did not record the CPU features it was compiled for "
+                "(it could crash this CPU)")
+    if meta.get("architecture") != here["architecture"]:
+        return f"it was compiled for {meta.get('architecture')} CPUs, this one is {here['architecture']}"
+    missing = sorted(set(meta["cpu_features"]) - set(here["cpu_features"]))
+    if missing:
+        return (f"it was compiled for a CPU with instructions this one lacks ({', '.join(missing)}; built on "
+                f"{meta.get('cpu')}, this is {here['cpu']}): its code could crash here")
+    if meta["weights_sha256"] != weights_sha256(payload):
         return f"it was compiled from other weights than {Path(payload_path).name} holds now"
     return None
 
 
-def load_cpu_package(path: str | os.PathLike, payload_path: str | os.PathLike) -> PackageForward:
+def load_cpu_package(path: str | os.PathLike, payload: dict, payload_path: str | os.PathLike) -> PackageForward:
     """The compiled forward (N, 3, H, W) fp32 -> (N, num_classes) logits of the package at `path`, checked
-    against the payload file it must serve; CpuPackageError saying why it cannot be used."""
+    against the payload it must serve (read from `payload_path`); CpuPackageError saying why it cannot be used."""
     meta = read_package_meta(path)
-    reason = package_mismatch(meta, payload_path)
+    reason = package_mismatch(meta, payload, payload_path)
     if reason:
         raise CpuPackageError(f"{path}: {reason}")
     try:

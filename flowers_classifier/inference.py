@@ -50,22 +50,36 @@ def cpu_micro_batch(image_size: int, per_224: int = CPU_MICRO_BATCH) -> int:
     return max(1, round(per_224 * (224 / image_size) ** 2))
 
 
-def _build_with_weights(payload: dict) -> nn.Module:
+def _build_with_weights(payload: dict, path: str | os.PathLike = "payload") -> nn.Module:
     """The payload's architecture holding its weights. Built on the meta device and given the payload's
     tensors: no random init to throw away and no second copy of the weights (a faster cold start, half
-    the peak memory). Built for real when that cannot work: a builder that moves its tensors (open_clip
-    calls .to()) or a tensor that the state dict does not cover (it would stay meta)."""
+    the peak memory). Built for real when that cannot work: a builder that fails on meta tensors (open_clip
+    calls .to()) or a tensor that the state dict does not cover (it would stay meta). ModelFileError saying
+    "weights do not fit" only when the state dict does not match the architecture, "cannot build" when the
+    architecture itself cannot be built here."""
     try:
         with torch.device("meta"):
             net = build_from_spec(payload)
-    except NotImplementedError:  # "Cannot copy out of meta tensor"
+    except Exception:  # noqa: BLE001 - only a shortcut: whatever stops it, the real build below says what it is
         net = None
     if net is not None:
-        net.load_state_dict(payload["state_dict"], strict=True, assign=True)
+        _load_weights(net, payload, path, assign=True)
     if net is None or any(t.is_meta for t in itertools.chain(net.parameters(), net.buffers())):
-        net = build_from_spec(payload)
-        net.load_state_dict(payload["state_dict"], strict=True)
+        try:
+            net = build_from_spec(payload)
+        except Exception as e:  # noqa: BLE001 - unknown model name, library API change, ...: one user error
+            raise ModelFileError(f"{path}: cannot build {payload['model_name']!r} ({payload['family']}) with the "
+                                 f"installed timm/open_clip ({type(e).__name__}: {str(e)[:300]}); install the versions "
+                                 f"it was exported with, or export it again.") from e
+        _load_weights(net, payload, path)
     return net
+
+
+def _load_weights(net: nn.Module, payload: dict, path: str | os.PathLike, assign: bool = False) -> None:
+    try:
+        net.load_state_dict(payload["state_dict"], strict=True, assign=assign)
+    except (RuntimeError, KeyError, ValueError) as e:  # missing, unexpected or misshapen tensors
+        raise ModelFileError(f"{path}: weights do not fit {payload['model_name']} ({e})") from e
 
 
 def load_model(weights_path: str | os.PathLike, family: str | None = None,
@@ -101,13 +115,15 @@ def load_model(weights_path: str | os.PathLike, family: str | None = None,
         raise ModelFileError(f"{path}: holds a {payload['family']!r} model, not {family!r}; use {loader}().")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     serves_fp32_on_cpu = device.type == "cpu" and not compile and not _int8_on(device, payload, path, int8)
-    package = _fitting_cpu_package(path, cpu_package) if serves_fp32_on_cpu and cpu_package is not False else None
+    package = None
+    if serves_fp32_on_cpu and cpu_package is not False:
+        package = _fitting_cpu_package(payload, path, cpu_package)
     if package is None:
         payload = load_payload(path)
     return model_from_payload(payload, device, dtype, compile, calibrated, path, int8, package)
 
 
-def _fitting_cpu_package(payload_path: Path, required: bool | None) -> Callable | None:
+def _fitting_cpu_package(payload: dict, payload_path: Path, required: bool | None) -> Callable | None:
     """The compiled forward of the package beside the payload file when there is one that fits (see aot.py);
     None when there is none, or (with a warning saying why) when it does not fit. `required`: an error instead."""
     package = cpu_package_path(payload_path)
@@ -117,7 +133,7 @@ def _fitting_cpu_package(payload_path: Path, required: bool | None) -> Callable 
             raise ModelFileError(f"{package}: no CPU package beside {payload_path}; write one with {rebuild}.")
         return None
     try:
-        return load_cpu_package(package, payload_path)
+        return load_cpu_package(package, payload, payload_path)
     except (CpuPackageError, ModelFileError) as e:
         if required:
             raise ModelFileError(f"{e}; write it again with {rebuild}.") from e
@@ -168,10 +184,7 @@ def _eager_net(payload: dict, device: torch.device, dtype: torch.dtype, int8: bo
                path: str | os.PathLike) -> nn.Module:
     """The payload's network in eval mode on `device`, with the CPU's fast paths (int8 when asked; Linear
     layers as 1x1 convolutions; the ConvNeXt channels_last)."""
-    try:
-        net = _build_with_weights(payload).to(device, dtype).eval()
-    except (RuntimeError, KeyError, ValueError) as e:
-        raise ModelFileError(f"{path}: weights do not fit {payload['model_name']} ({e})") from e
+    net = _build_with_weights(payload, path).to(device, dtype).eval()
     if device.type != "cpu":
         return net
     if int8:

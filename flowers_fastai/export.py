@@ -154,14 +154,10 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, half: bool | 
     return atomic_write(out, lambda tmp: torch.save(payload, tmp))
 
 
-def load_source(source: str | Path, calibrate: bool = True, data: str | Path | None = None) -> dict:
-    """The payload of a run folder (its best weights, fp32, calibrated when its images are there) or of an
-    exported .pth (validated on load)."""
-    source = Path(source)
-    if source.is_dir():
-        return run_payload(source, half=False, calibrate=calibrate, data=data)[0]
+def load_exported(path: str | Path) -> dict:
+    """The payload of an exported .pth (validated on load); ExportError naming the file otherwise."""
     try:
-        return load_payload(source)
+        return load_payload(path)
     except ModelFileError as e:
         raise ExportError(str(e)) from e
 
@@ -189,6 +185,10 @@ calibrated like any other. `python -m flowers_fastai.evaluate RUN_DIR --wise-ft-
 and `probabilities`; the preprocessing spec as JSON in its metadata) and prints how far ONNX Runtime's
 probabilities are from PyTorch's. With --onnx, a .pth is written only when --out is given too.
 
+Every file one command writes (.pth, .onnx, CPU package) holds the same weights (WiSE-FT and fp16 storage
+included) and the same temperature: the payload is made and calibrated once, and each file is written from it.
+A CLIP run's weights are stored fp16 whenever a .pth is written (unless --fp32); an ONNX graph alone is fp32.
+
 --cpu-package compiles the .pth (the one written, or MODEL.pth) for this machine's CPU with AOTInductor
 (torch.export, frozen weights; a C++ compiler and a minute or more) into NAME.cpu.pt2 beside it, which
 flowers_classifier.load_model then serves on the CPU instead of the eager model. It is valid for this torch
@@ -202,9 +202,7 @@ int8 quantisation of the fp32 graph instead.
 """
 
 
-def _export_onnx(source: Path, out: Path, opset: int | None, calibrate: bool, data: Path | None,
-                 int8: bool = False) -> None:
-    payload = load_source(source, calibrate, data)  # a run folder's payload: calibrated
+def _export_onnx(payload: dict, out: Path, opset: int | None, int8: bool = False) -> None:
     path, diff = export_onnx(payload, out, opset, int8=int8)
     what = "int8 ONNX vs fp32 torch" if int8 else "p_onnx - p_torch"
     check = (f"max |{what}| = {diff:.2e} in probability on a random batch of 3" if diff is not None
@@ -212,17 +210,16 @@ def _export_onnx(source: Path, out: Path, opset: int | None, calibrate: bool, da
     print(f"exported {path} ({path.stat().st_size / 2**20:.1f} MiB); {check}")
 
 
-def _export_cpu_package(pth: Path) -> None:
-    payload = load_source(pth)
+def _export_cpu_package(payload: dict, pth: Path) -> None:
+    """The package of `payload`, the one written at `pth`, beside it."""
     print(f"compiling {pth} for this CPU (AOTInductor; a minute or more) ...", flush=True)
     path, diff = compile_cpu_package(payload, pth)
     print(f"exported {path} ({path.stat().st_size / 2**20:.1f} MiB); max |p_compiled - p_eager| = {diff:.2e} "
           f"on a random batch of 3")
 
 
-def _int8_copy(source: Path, out: Path) -> None:
+def _int8_copy(payload: dict, source: Path, out: Path) -> None:
     """An exported payload, unchanged but for the int8 request."""
-    payload = load_source(source)
     payload[QUANTIZE_KEY] = INT8
     path = atomic_write(out, lambda tmp: torch.save(payload, tmp))
     print(f"exported {path} ({path.stat().st_size / 2**20:.1f} MiB, served int8 on the CPU; weights, "
@@ -268,24 +265,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.out and from_pth and not int8_copy:
         p.error(f"--out writes a .pth from a run folder (or with --int8 alone), and {args.run_dir} is not one; "
                 f"drop --out")
+    writes_pth = not from_pth and (not args.onnx or args.out or args.cpu_package)
     try:
+        # One payload, made (and calibrated) once: every file below is written from it.
+        if from_pth:
+            payload, record = load_exported(args.run_dir), None
+        else:
+            half = False if args.half is None and not writes_pth else args.half  # fp16 is a .pth's storage
+            payload, record = run_payload(args.run_dir, half, args.wise_ft, not args.no_calibrate, args.data,
+                                          int8=args.int8)
         if int8_copy:
-            _int8_copy(args.run_dir, args.out)
+            _int8_copy(payload, args.run_dir, args.out)
             return 0
         if args.onnx:
-            _export_onnx(args.run_dir, args.onnx, args.opset, not args.no_calibrate, args.data, args.int8)
-        if args.run_dir.is_dir() and (not args.onnx or args.out or args.cpu_package):
-            payload, record = run_payload(args.run_dir, args.half, args.wise_ft, not args.no_calibrate, args.data,
-                                          int8=args.int8)
-            out = args.out or default_model_path(payload["family"])
-            path = atomic_write(out, lambda tmp: torch.save(payload, tmp))
+            _export_onnx(payload, args.onnx, args.opset, args.int8)
+            if record is not None and not writes_pth:
+                print(calibration_note(record))
+        pth = args.run_dir
+        if writes_pth:
+            pth = atomic_write(args.out or default_model_path(payload["family"]), lambda tmp: torch.save(payload, tmp))
             wise = f", WiSE-FT alpha {args.wise_ft:g}" if args.wise_ft is not None else ""
             wise += ", served int8 on the CPU" if args.int8 else ""
-            print(f"exported {path} ({path.stat().st_size / 2**20:.1f} MiB{wise}); {calibration_note(record)}")
-            if args.cpu_package:
-                _export_cpu_package(path)
-        elif args.cpu_package:  # an exported .pth: its package beside it
-            _export_cpu_package(args.run_dir)
+            print(f"exported {pth} ({pth.stat().st_size / 2**20:.1f} MiB{wise}); {calibration_note(record)}")
+        if args.cpu_package:
+            _export_cpu_package(payload, pth)
     except (ExportError, OnnxExportError, CpuPackageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -7,13 +7,16 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import shutil
+import types
 import warnings
 import zipfile
 
 import pytest
 import torch
 from conftest import TINY_CLIP, TINY_SIZE, require
+from torch._inductor.exc import CppCompileError, InductorError, InvalidCxxCompiler
 
 import flowers_classifier as fc
 from flowers_classifier import aot, inference
@@ -51,8 +54,9 @@ def test_export_writes_the_package_beside_the_pth_and_nothing_else(packaged_cnn,
     assert package.name == "cnn_flowers.cpu.pt2" and package.is_file()
     assert sorted(p.name for p in packaged_cnn.parent.iterdir()) == ["cnn_flowers.cpu.pt2", "cnn_flowers.pth"]
     meta = aot.read_package_meta(package)
-    assert meta["payload_sha256"] == aot.file_sha256(packaged_cnn)
-    assert (meta["torch"], meta["cpu_capability"]) == (torch.__version__, torch.backends.cpu.get_cpu_capability())
+    assert meta["weights_sha256"] == aot.weights_sha256(load_payload(packaged_cnn))
+    assert (meta["torch"], meta["cpu_features"]) == (torch.__version__, aot.cpu_features())
+    assert {"avx2", "avx512_f"} & set(meta["cpu_features"]) or meta["architecture"] != "x86_64"
     load_payload(packaged_cnn)  # the .pth itself is untouched and still loads weights_only
 
 
@@ -181,15 +185,22 @@ def _rewrite_meta(package, **changes) -> None:
             z.writestr(name, data)
 
 
-@pytest.mark.parametrize("change, reason", [
-    (dict(torch="2.0.0"), "compiled with torch 2.0.0"),
-    (dict(cpu_capability="NO AVX"), "compiled for NO AVX CPUs"),
-    (dict(payload_sha256="0" * 64), "other weights than cnn_flowers.pth"),
-])
-def test_a_package_that_does_not_fit_is_skipped_with_a_warning(packaged_cnn, tmp_path, change, reason):
+def _copy_package(packaged_cnn, tmp_path):
     pth = tmp_path / "cnn_flowers.pth"
     shutil.copy(packaged_cnn, pth)
     shutil.copy(aot.cpu_package_path(packaged_cnn), aot.cpu_package_path(pth))
+    return pth
+
+
+@pytest.mark.parametrize("change, reason", [
+    (dict(torch="2.0.0"), "compiled with torch 2.0.0"),
+    (dict(architecture="riscv64"), "compiled for riscv64 CPUs"),
+    (dict(cpu_features=["avx2", "an_isa_this_cpu_lacks"]), r"instructions this one lacks \(an_isa_this_cpu_lacks;"),
+    (dict(cpu_features=None), "older export.py.*CPU features"),  # from before they were recorded: unknown
+    (dict(weights_sha256="0" * 64), "other weights than cnn_flowers.pth"),
+])
+def test_a_package_that_does_not_fit_is_skipped_with_a_warning(packaged_cnn, tmp_path, change, reason):
+    pth = _copy_package(packaged_cnn, tmp_path)
     _rewrite_meta(aot.cpu_package_path(pth), **change)
     with pytest.warns(UserWarning, match=reason) as record:
         model = fc.load_model(pth, device="cpu")
@@ -198,6 +209,37 @@ def test_a_package_that_does_not_fit_is_skipped_with_a_warning(packaged_cnn, tmp
     assert model.probabilities(_images(1)).shape == (1, 5)
     with pytest.raises(fc.ModelFileError, match=reason):
         fc.load_model(pth, device="cpu", cpu_package=True)
+
+
+def test_a_package_is_refused_on_a_cpu_without_an_extension_it_was_compiled_for(packaged_cnn, tmp_path,
+                                                                             monkeypatch):
+    """Inductor compiles with -march=native: a package built on a CPU with, say, AVX-512 VNNI or AMX may use them,
+    and on a CPU of the same ATen capability ("AVX512") without them it would die with SIGILL. Here: this CPU,
+    as if it lacked the last extension the package was built with."""
+    pth = _copy_package(packaged_cnn, tmp_path)
+    lost = aot.read_package_meta(aot.cpu_package_path(pth))["cpu_features"][-1]
+    caps = dict(torch.cpu.get_capabilities())
+    older = types.MappingProxyType({**caps, lost.split("=")[0]: False if "=" not in lost else -1})
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: older)
+    with pytest.warns(UserWarning, match=rf"instructions this one lacks \({lost};.*could crash") as record:
+        model = fc.load_model(pth, device="cpu")
+    assert model.compiled is None and f"export.py {pth} --cpu-package" in str(record[0].message)
+    with pytest.raises(fc.ModelFileError, match=f"lacks \\({lost};"):
+        fc.load_model(pth, device="cpu", cpu_package=True)
+
+
+def test_a_temperature_only_re_export_keeps_the_package(packaged_cnn, tmp_path):
+    """The package computes logits from the weights; the temperature divides them outside it."""
+    pth = _copy_package(packaged_cnn, tmp_path)
+    payload = load_payload(pth)
+    payload[payload_module.TEMPERATURE_KEY] = 1.7
+    torch.save(payload, pth)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = fc.load_model(pth, device="cpu")
+    assert model.compiled is not None and model.temperature == 1.7
+    x = _images(2)
+    assert torch.allclose(model.probabilities(x), (model.logits(x) / 1.7).softmax(-1), atol=1e-6)
 
 
 def test_new_weights_in_the_pth_make_the_old_package_stale(packaged_cnn, tmp_path, tiny_cnn_pth):
@@ -228,16 +270,33 @@ def test_cpu_package_true_without_a_package_names_the_command(tiny_cnn_pth, tmp_
         assert fc.load_model(pth, device="cpu").compiled is None
 
 
-def test_a_failed_compile_writes_nothing_and_says_why(tiny_cnn_pth, tmp_path, monkeypatch, capsys):
+def _failing_compile(error: Exception):
+    def compile(*args, **kwargs):
+        raise error
+    return compile
+
+
+@pytest.mark.parametrize("failure, says, never", [
+    (_failing_compile(InvalidCxxCompiler("g++")), r"C\+\+ compiler is missing or failed.*g\+\+", "not supported"),
+    (_failing_compile(InductorError(CppCompileError(["g++"], "internal compiler error"), None)),
+     r"C\+\+ compiler is missing or failed.*internal compiler error", "not supported"),
+    (None, rf"torch {re.escape(torch.__version__)} is not supported by --cpu-package.*aot_compile", "C++ compiler"),
+    (_failing_compile(RuntimeError("a lowering bug")), "compiling the CPU package failed.*a lowering bug",
+     "C++ compiler"),
+], ids=["no compiler", "compiler error", "inductor api moved", "other failure"])
+def test_a_failed_compile_writes_nothing_and_names_its_cause(tiny_cnn_pth, tmp_path, monkeypatch, capsys, failure,
+                                                            says, never):
+    """Only a missing or failing compiler is blamed on the compiler; an Inductor API that moved (here: gone, as
+    after a torch upgrade) names the torch version."""
     pth = tmp_path / "cnn_flowers.pth"
     shutil.copy(tiny_cnn_pth, pth)
-
-    def no_compiler(*args, **kwargs):
-        raise RuntimeError("Compiler not found: g++")
-    monkeypatch.setattr(torch._inductor, "aot_compile", no_compiler)
+    if failure is None:
+        monkeypatch.delattr(torch._inductor, "aot_compile")
+    else:
+        monkeypatch.setattr(torch._inductor, "aot_compile", failure)
     assert export.main([str(pth), "--cpu-package"]) == 2
     err = capsys.readouterr().err
-    assert "compiling the CPU package failed" in err and "g++" in err and "C++ compiler" in err
+    assert re.search(says, err, re.S) and never not in err and "nothing was written" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn_flowers.pth"]  # no package, no temp file
 
 

@@ -167,3 +167,33 @@ def test_cnn_factory_uses_fast_grn_unless_asked_not_to():
     kinds = lambda net: {type(m).__name__ for m in net.modules() if type(m).__name__.endswith("GlobalResponseNorm")}  # noqa: E731
     assert kinds(factory.create_cnn(TINY_CNN, pretrained=None)) == {"FastGlobalResponseNorm"}
     assert kinds(factory.create_cnn(TINY_CNN, pretrained=None, fast_grn=False)) == {"GlobalResponseNorm"}
+
+
+def test_a_builder_that_fails_on_the_meta_device_is_built_for_real(tiny_cnn_pth, monkeypatch):
+    """The meta-device build is a shortcut: any failure of it (not only NotImplementedError) falls back to the
+    real build, and the model serves the file's weights instead of being called a misfit."""
+    import flowers_classifier as fc
+    from flowers_classifier import inference
+    build = inference.build_from_spec
+
+    def meta_shy(spec, *args, **kwargs):
+        if torch.empty(0).is_meta:  # under `with torch.device("meta")`
+            raise RuntimeError("Tensor.item() cannot be called on meta tensors")
+        return build(spec, *args, **kwargs)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    expected = fc.load_model(tiny_cnn_pth, device="cpu").probabilities(x)
+    monkeypatch.setattr(inference, "build_from_spec", meta_shy)
+    assert torch.allclose(fc.load_model(tiny_cnn_pth, device="cpu").probabilities(x), expected)
+
+
+def test_an_architecture_that_cannot_be_built_is_not_called_a_weights_misfit(tiny_cnn_pth, monkeypatch):
+    import flowers_classifier as fc
+    from flowers_classifier import inference
+
+    def unknown(spec, *args, **kwargs):
+        raise ValueError(f"--model {spec['model_name']}: not a timm model name")
+    monkeypatch.setattr(inference, "build_from_spec", unknown)
+    with pytest.raises(fc.ModelFileError, match="cnn_flowers.pth: cannot build 'convnextv2_atto'.*not a timm model") \
+            as error:
+        fc.load_model(tiny_cnn_pth, device="cpu")
+    assert "do not fit" not in str(error.value)

@@ -6,14 +6,16 @@ text tower, so a real zero-shot head, without a download."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY_CLIP, TINY_SIZE
+from conftest import TINY_CLIP, TINY_SIZE, require
 from test_clip import save_random_clip
 
 import flowers_classifier as fc
@@ -90,6 +92,44 @@ def test_wise_ft_export_is_calibrated_like_any_other(clip_run, tmp_path, capsys)
     payload = _export(run, tmp_path / "w.pth", "--wise-ft", "0.3")
     assert "WiSE-FT alpha 0.3" in capsys.readouterr().out
     assert payload[TEMPERATURE_KEY] > 0 and payload["dtype"] == "float16"  # CLIP default: fp16 storage
+
+
+@pytest.fixture(scope="module")
+def moved_run(clip_run, tmp_path_factory) -> Path:
+    """The CLIP run with a fine-tuned head far from its zero-shot one (a seeded random head; the zero-shot head is
+    it with the classes shifted): the 1-epoch tiny run barely moves its weights and its near-uniform
+    probabilities fit T at its bound, so that mixing them, or fitting T twice, would go unseen."""
+    run = tmp_path_factory.mktemp("moved") / "run"
+    run.mkdir()
+    for name in ("metrics.json", "split.csv"):
+        shutil.copy(clip_run[0] / name, run / name)
+    best = torch.load(clip_run[0] / "best.pth", weights_only=True)
+    zeroshot = torch.load(clip_run[0] / "zeroshot.pth", weights_only=True)
+    best["head.weight"] = 3 * torch.randn(best["head.weight"].shape, generator=torch.Generator().manual_seed(0))
+    zeroshot["head.weight"] = best["head.weight"].roll(1, 0)
+    torch.save(best, run / "best.pth")
+    torch.save(zeroshot, run / "zeroshot.pth")
+    return run
+
+
+@pytest.mark.parametrize("flags", [("--wise-ft", "0.5"), ()])
+def test_one_command_writes_one_set_of_weights_and_one_temperature(moved_run, real_flowers, tmp_path, monkeypatch,
+                                                                    flags):
+    """.pth, .onnx and CPU package of one export come from the same payload: WiSE-FT weights, fp16 storage and the
+    temperature fitted once on them (the package's compile is replaced by a probe of what it was given)."""
+    require(importlib.util.find_spec("onnxruntime") is not None, "the ONNX check needs onnxruntime")
+    run = moved_run
+    pth, onnx_path, compiled = tmp_path / "w.pth", tmp_path / "w.onnx", []
+    monkeypatch.setattr(export, "compile_cpu_package", lambda payload, path: compiled.append(payload) or (path, 0.0))
+    payload = _export(run, pth, *flags, "--onnx", str(onnx_path), "--cpu-package")
+    onnx_model = fc.load_model(onnx_path)
+    assert payload["dtype"] == "float16" and onnx_model.temperature == payload[TEMPERATURE_KEY] != 1.0
+    photos = _valid_photos(run, real_flowers)
+    np.testing.assert_allclose(_probs(onnx_model, photos), _probs(fc.load_model(pth, device="cpu"), photos),
+                               atol=1e-4)
+    (package_payload,) = compiled
+    assert package_payload[TEMPERATURE_KEY] == payload[TEMPERATURE_KEY]
+    assert all(torch.equal(package_payload["state_dict"][k], v) for k, v in payload["state_dict"].items())
 
 
 def test_sweep_reports_every_alpha(clip_run, tmp_path, capsys):
