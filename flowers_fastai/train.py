@@ -237,7 +237,8 @@ def print_plan(args: argparse.Namespace, df: pd.DataFrame, weights: str) -> None
     cuda = torch.cuda.is_available()
     device = f"cuda ({torch.cuda.get_device_name(0)})" if cuda else "cpu"
     n = split_names(df).value_counts()
-    images = [f"images: {', '.join(f'{n.get(s, 0)} {s}' for s in SPLITS)} (from {args.data})"]
+    shown = [s for s in SPLITS if s != "test" or n.get(s, 0)]  # no test split: the plan reads as before
+    images = [f"images: {', '.join(f'{n.get(s, 0)} {s}' for s in shown)} (from {args.data})"]
     audit = Path(args.out) / "audit.json"
     dropped = json.loads(audit.read_text()).get("dropped_from_training", []) if audit.is_file() else []
     if dropped:
