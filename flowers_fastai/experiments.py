@@ -48,7 +48,7 @@ import torch
 from flowers_classifier.files import atomic_write
 
 from .plots import plot_experiment_summary
-from .train import TrainingInterrupted, _resolve, build_parser, read_metrics, resume_args, train
+from .train import TrainingInterrupted, build_parser, read_metrics, resolve_args, resume_args, train
 
 PLAN_TABLES = ("defaults", "seeds", "grid", "run")
 # Set per run by the experiment itself: the seed from `seeds`, the folder from --out, no export per run
@@ -211,7 +211,7 @@ def plan_runs(plan: dict, plan_path: Path, out: Path, overrides: dict | None = N
 
 def resolved_settings(args: argparse.Namespace) -> dict:
     """The options train() runs `args` with (arch presets filled in), as metrics.json's "config" records them."""
-    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(_resolve(args)).items()}
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(resolve_args(args)).items()}
 
 
 def changed_settings(run: Run, config: dict) -> list[str]:

@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _resolve(args: argparse.Namespace) -> argparse.Namespace:
+def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill unset options from the arch's preset (recipes.py), from scratch with --no-pretrained."""
     for key, value in preset(args.arch, pretrained=not args.no_pretrained).items():
         if getattr(args, key, None) is None:
@@ -387,7 +387,7 @@ def resume_args(run_dir: Path) -> argparse.Namespace:
 def train(args: argparse.Namespace) -> Path:
     """Run one training as configured by `args` (see build_parser); returns the run folder."""
     distributed.check_launch()
-    args = _resolve(args)
+    args = resolve_args(args)
     start = time.time()
     run_dir = Path(args.out)
     if distributed.world_size() > 1:

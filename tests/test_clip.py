@@ -39,13 +39,13 @@ from flowers_fastai.data import make_dataloaders, prepare_split
 from flowers_fastai.export import export_run
 from flowers_fastai.learner import build_learner, fine_tune, resolve_precision
 from flowers_fastai.train import (
-    _resolve,
     build_model,
     build_parser,
     check_clip_args,
     main,
     make_recipe,
     model_spec,
+    resolve_args,
 )
 
 TINY_BLOCKS = 12  # ViT-S-32 has 12 transformer blocks
@@ -56,7 +56,7 @@ TINY_BLOCKS = 12  # ViT-S-32 has 12 transformer blocks
 def clip_args(*extra: str):
     """Parsed + resolved `train.py --arch clip` arguments for the tiny ViT-S-32 at 64 px."""
     argv = ["--arch", "clip", "--model", TINY_CLIP, "--img-size", str(TINY_SIZE), *extra]
-    return _resolve(build_parser().parse_args(argv))
+    return resolve_args(build_parser().parse_args(argv))
 
 
 def save_random_clip(path: Path, seed: int = 0, quick_gelu: bool = False) -> Path:

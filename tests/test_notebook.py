@@ -19,7 +19,7 @@ from nbclient import NotebookClient
 from flowers_fastai import flowers_dataloaders, flowers_learner
 from flowers_fastai.data import prepare_split
 from flowers_fastai.learner import stage2_lrs
-from flowers_fastai.train import _resolve, build_parser, make_learner
+from flowers_fastai.train import build_parser, make_learner, resolve_args
 
 NOTEBOOK = ROOT / "notebooks" / "quickstart.ipynb"
 SKIP_TAG = "skip-execution"  # the demo cell: it starts a server
@@ -55,7 +55,7 @@ def _venv_kernel_manager():
 
 
 def _cli_args(data: Path, out: Path, *extra: str) -> argparse.Namespace:
-    return _resolve(build_parser().parse_args(
+    return resolve_args(build_parser().parse_args(
         ["--arch", "cnn", "--model", TINY_CNN, "--data", str(data), "--img-size", str(TINY_SIZE), "--bs", "8",
          "--out", str(out), "--no-export", *extra]))
 

@@ -158,13 +158,13 @@ def test_existing_run_folder_is_not_overwritten(trained):
 
 
 def test_from_scratch_defaults_and_min_scale_flag(tmp_path):
-    from flowers_fastai.train import _resolve, build_parser
-    scratch = _resolve(build_parser().parse_args(["--no-pretrained", "--out", str(tmp_path / "a")]))
+    from flowers_fastai.train import build_parser, resolve_args
+    scratch = resolve_args(build_parser().parse_args(["--no-pretrained", "--out", str(tmp_path / "a")]))
     assert (scratch.mixup, scratch.label_smoothing, scratch.min_scale, scratch.freeze_epochs) == (0.0, 0.0, 0.6, 0)
-    pretrained = _resolve(build_parser().parse_args(["--out", str(tmp_path / "b")]))
+    pretrained = resolve_args(build_parser().parse_args(["--out", str(tmp_path / "b")]))
     assert (pretrained.mixup, pretrained.label_smoothing, pretrained.min_scale) == (0.2, 0.1, 0.35)
-    given = _resolve(build_parser().parse_args(["--no-pretrained", "--min-scale", "0.2", "--mixup", "0.4",
+    given = resolve_args(build_parser().parse_args(["--no-pretrained", "--min-scale", "0.2", "--mixup", "0.4",
                                                 "--out", str(tmp_path / "c")]))
     assert (given.min_scale, given.mixup) == (0.2, 0.4)  # flags win over the defaults
     with pytest.raises(ValueError, match="--min-scale 1.5"):
-        _resolve(build_parser().parse_args(["--min-scale", "1.5", "--out", str(tmp_path / "d")]))
+        resolve_args(build_parser().parse_args(["--min-scale", "1.5", "--out", str(tmp_path / "d")]))
