@@ -1,6 +1,6 @@
 """Declared versions are versions that run: pyproject.toml's ranges admit this venv's packages (what CI tests)
-and the torch of the offline GPU server (README's wheelhouse command); torch's floor and the Dockerfile's base
-image are one of those two, not an older release that nothing here runs."""
+and the torch of the offline GPU server (the wheelhouse command of docs/offline.md); torch's floor and the
+Dockerfile's base image are one of those two, not an older release that nothing here runs."""
 
 from __future__ import annotations
 
@@ -42,9 +42,9 @@ def docker_torch() -> Version:
 
 
 def gpu_server_torch() -> Version:
-    """The torch the README's wheelhouse command names for the offline GPU server (--exclude torch==X)."""
-    found = re.search(r"--exclude torch==(\d+\.\d+\.\d+)", (ROOT / "README.md").read_text())
-    assert found, "README.md: no wheelhouse command with --exclude torch==X"
+    """The torch the wheelhouse command of docs/offline.md names for the offline GPU server (--exclude torch==X)."""
+    found = re.search(r"--exclude torch==(\d+\.\d+\.\d+)", (ROOT / "docs" / "offline.md").read_text())
+    assert found, "docs/offline.md: no wheelhouse command with --exclude torch==X"
     return Version(found[1])
 
 
@@ -61,7 +61,8 @@ def test_the_venvs_packages_are_within_the_declared_ranges(name):
 def test_torch_range_admits_the_docker_image_and_the_gpu_server(tmp_path):
     spec = declared()["torch"].specifier
     assert spec.contains(docker_torch()), f"Dockerfile's base image has torch {docker_torch()}, outside {spec}"
-    assert spec.contains(gpu_server_torch()), f"README's GPU server torch {gpu_server_torch()} is outside {spec}"
+    assert spec.contains(gpu_server_torch()), (f"docs/offline.md's GPU server torch "
+                                              f"{gpu_server_torch()} is outside {spec}")
     # The wheelhouse resolves the server's torch as a stub wheel: the project must accept that stub.
     stub = wh.read_wheel(wh.make_stub("torch", str(gpu_server_torch()), tmp_path))
     assert spec.contains(stub.version), f"the wheelhouse's stub torch {stub.version} is outside {spec}"
