@@ -745,7 +745,7 @@ def run_clip(device: torch.device, sizes: Sizes, peak: float | None, run: Run) -
                     run.clip.append(row)
                     log(f"  {precision} ckpt {ckpt}: batch {row['bs']}, {fmt_rate(row['images_per_s'])} img/s, "
                         f"MFU {fmt_pct(row['mfu'])}")
-        # The computed estimate next to the batch the search found (on the GPU): a check of the README's table.
+        # The computed estimate next to the batch the search found (on the GPU): checks docs/training.md's table.
         est = run.stage("clip memory estimate (computed)", lambda: memory_estimate(model, device), device)
         run.meta["clip_memory_estimate"] = est
         if est and device.type == "cuda":
