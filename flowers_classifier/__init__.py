@@ -17,10 +17,12 @@ Payloads are read with `torch.load(weights_only=True)`: a file holding pickled o
 without running anything. Modules: `classes`, `preprocess` (decoding, eval crop), `model` (modules),
 `factory` (building models, pretrained weights), `payload` (the .pth format), `inference` (load +
 predict), `onnx_model` (ONNX export and serving), `aot` (the compiled CPU package), `quantize` (int8 on
-the CPU), `threads` (pinning OpenMP workers), `cli`.
+the CPU), `threads` (pinning OpenMP workers), `errors` (`FlowersError`, the base of every error the project
+raises), `cli`.
 """
 
 from .classes import CLASSES
+from .errors import FlowersError
 from .inference import (
     find_images,
     iter_predictions,
@@ -40,7 +42,7 @@ from .payload import MODELS_DIR, ModelFileError, load_payload
 from .preprocess import InvalidImageError
 
 __version__ = "0.2.0"
-__all__ = ["CLASSES", "FlowerClassifier", "InvalidImageError", "MODELS_DIR", "ModelFileError",
+__all__ = ["CLASSES", "FlowerClassifier", "FlowersError", "InvalidImageError", "MODELS_DIR", "ModelFileError",
            "OnnxFlowerClassifier", "find_images", "iter_predictions", "iter_probabilities", "load_cnn_model",
            "load_ensemble", "load_model", "load_onnx_model", "load_payload", "load_vit_model",
            "model_from_payload", "predict", "predict_batch", "predict_proba"]

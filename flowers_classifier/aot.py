@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import FlowersError
 from .factory import build_from_spec
 from .files import atomic_write
 from .micro_gemm import plain_fp32_micro_gemm
@@ -79,7 +80,7 @@ TUNED_BATCH = 8
 GRAPH_KEYS = ("family", "model_name", "image_size", "quick_gelu", "classes")  # spec fields a package depends on
 
 
-class CpuPackageError(ValueError):
+class CpuPackageError(FlowersError, ValueError):
     """A CPU package cannot be built or used. The message says why and what to do."""
 
 

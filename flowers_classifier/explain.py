@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from .errors import FlowersError
 from .model import FlowerClassifier
 from .onnx_model import OnnxFlowerClassifier
 from .preprocess import load_rgb, resize_center_crop, to_tensor
@@ -40,7 +41,7 @@ OVERLAY_ALPHA = 0.5  # weight of the heat colours over the photo
 MAX_OVERLAY_SIDE = 512  # the overlay is for a web page: no need for the photo's full resolution
 
 
-class ExplainError(ValueError):
+class ExplainError(FlowersError, ValueError):
     """Grad-CAM cannot explain this model or photo (no PyTorch network, a flat map); the message says why
     and what to do."""
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .classes import CLASSES
+from .errors import FlowersError
 from .model import ClipClassifier, use_fast_grn
 from .preprocess import Preprocess
 
@@ -41,11 +42,11 @@ OFFLINE_HINT = ("Pass --weights FILE to load a local weights file, or --no-pretr
                 "from random init.")
 
 
-class PretrainedWeightsUnavailable(RuntimeError):
+class PretrainedWeightsUnavailable(FlowersError, RuntimeError):
     """Pretrained weights were asked for but can be neither downloaded nor found in the cache."""
 
 
-class WeightsFileError(ValueError):
+class WeightsFileError(FlowersError, ValueError):
     """A local weights file is missing, unreadable or does not fit the architecture."""
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .classes import CLASSES
+from .errors import FlowersError
 from .factory import build_from_spec
 from .files import atomic_write
 from .model import FlowerClassifier, calibrated_softmax
@@ -34,7 +35,7 @@ ONNX_TOLERANCE = 1e-4  # max abs difference of probabilities, ONNX Runtime vs Py
 ONNX_INT8_OPS = ("MatMul", "Gemm")
 
 
-class OnnxExportError(ValueError):
+class OnnxExportError(FlowersError, ValueError):
     """The ONNX graph cannot be written as asked (it disagrees with PyTorch). The message says what to try."""
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .classes import CLASSES
+from .errors import FlowersError
 
 FORMAT_VERSION = 1
 SUPPORTED_FORMATS = (1,)
@@ -34,7 +35,7 @@ MODELS_DIR = Path("models")  # where train.py/export.py write, relative to the w
 CPU_PACKAGE_SUFFIX = ".cpu.pt2"  # cnn_flowers.pth -> cnn_flowers.cpu.pt2, its compiled CPU form (aot.py)
 
 
-class ModelFileError(ValueError):
+class ModelFileError(FlowersError, ValueError):
     """A model file that is missing, unsafe, damaged or of the wrong kind. The message names it."""
 
 

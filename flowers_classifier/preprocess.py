@@ -17,13 +17,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import FlowersError
+
 # The file suffixes a folder of photos is scanned for (training data, batch prediction, demo examples).
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
              "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
 
 
-class InvalidImageError(ValueError):
+class InvalidImageError(FlowersError, ValueError):
     """An input that is not a decodable image. The message names the file."""
 
 

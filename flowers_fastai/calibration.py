@@ -19,13 +19,14 @@ import pandas as pd
 
 import flowers_classifier as fc
 from flowers_classifier.classes import CLASSES
+from flowers_classifier.errors import FlowersError
 
 TEMPERATURE_BOUNDS = (0.05, 20.0)
 SPLITS = ("train", "valid", "test")  # split.csv's `split` column
 _GOLDEN = (math.sqrt(5) - 1) / 2
 
 
-class EvaluationError(ValueError):
+class EvaluationError(FlowersError, ValueError):
     """The model or the images to evaluate cannot be found. The message names the path and the flag."""
 
 

@@ -47,6 +47,7 @@ except ImportError:  # Windows: DataLoader workers are spawned, never see RGBIma
     fcntl = None
 
 from flowers_classifier.classes import CLASSES, normalize_label
+from flowers_classifier.errors import FlowersError
 from flowers_classifier.files import write_json
 from flowers_classifier.preprocess import IMAGE_SUFFIXES, InvalidImageError, Preprocess, load_rgb, resize_center_crop
 
@@ -59,7 +60,7 @@ VALID_PCT = 0.2  # train.py --valid-pct, flowers_dataloaders(valid_pct=)
 TEST_PCT = 0.0   # train.py --test-pct: no test split unless asked (small folders need every photo)
 
 
-class DatasetError(ValueError):
+class DatasetError(FlowersError, ValueError):
     """The data folder cannot be trained on as it is. The message says why and what to change."""
 
 

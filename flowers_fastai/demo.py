@@ -24,6 +24,7 @@ from pathlib import Path
 import gradio as gr
 
 import flowers_classifier as fc
+from flowers_classifier.errors import FlowersError
 from flowers_classifier.explain import ExplainError, explain
 from flowers_classifier.payload import default_model_path
 from flowers_classifier.preprocess import IMAGE_SUFFIXES
@@ -54,7 +55,7 @@ NO_MODEL_ERROR = (f"No model is loaded. Train and export one with 'python train.
                   f"Then restart app.py.")
 
 
-class AuthError(ValueError):
+class AuthError(FlowersError, ValueError):
     """An --auth / $FLOWERS_DEMO_AUTH value that is not USER:PASS. The message says which."""
 
 
@@ -74,7 +75,7 @@ def parse_auth(value: str | None, source: str = "--auth") -> tuple[str, str] | N
     return user, password
 
 
-class ExamplesError(ValueError):
+class ExamplesError(FlowersError, ValueError):
     """An `--examples` folder that is missing or holds no photos. The message names it."""
 
 
@@ -305,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         if auth and args.mcp:
             raise AuthError(MCP_WITH_AUTH_ERROR)
         demo = build_demo(args.cnn, args.vit, args.examples)
-    except (fc.ModelFileError, ExamplesError, AuthError) as e:
+    except FlowersError as e:  # ModelFileError, ExamplesError, AuthError
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:

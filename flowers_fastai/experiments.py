@@ -45,6 +45,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from flowers_classifier.errors import FlowersError
 from flowers_classifier.files import atomic_write
 
 from .plots import plot_experiment_summary
@@ -63,7 +64,7 @@ SUPERSEDED = "superseded"  # <out>/superseded/: run folders of settings the plan
 NOT_SETTINGS = ("out", "resume")
 
 
-class PlanError(ValueError):
+class PlanError(FlowersError, ValueError):
     """The plan cannot be run as written; the message names the plan file and key."""
 
 

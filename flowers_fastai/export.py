@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from flowers_classifier.aot import CpuPackageError, compile_cpu_package
+from flowers_classifier.errors import FlowersError
 from flowers_classifier.files import atomic_write
 from flowers_classifier.onnx_model import OnnxExportError, export_onnx
 from flowers_classifier.payload import (
@@ -32,7 +33,7 @@ BEST_NAME = "best"  # run_dir/best.pth: the best weights on valid accuracy (Save
 ZEROSHOT_NAME = "zeroshot"  # run_dir/zeroshot.pth: a pretrained CLIP run's zero-shot model, for WiSE-FT
 
 
-class ExportError(ValueError):
+class ExportError(FlowersError, ValueError):
     """The run folder cannot be exported. The message names the missing file."""
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from fastai.callback.schedule import SuggestionMethod
 
+from flowers_classifier.errors import FlowersError
 from flowers_classifier.files import write_json
 
 from .learner import fit_only_callbacks
@@ -21,7 +22,7 @@ from .splitters import stage_start
 LR_FIND_METHODS = ("valley", "slide", "minimum", "steep")  # fastai's SuggestionMethod, in plot order
 
 
-class SanityCheckError(RuntimeError):
+class SanityCheckError(FlowersError, RuntimeError):
     """The model cannot train as set up (non-finite loss, no gradient, cannot overfit one batch)."""
 
 

@@ -27,6 +27,7 @@ import torch
 
 from flowers_classifier import factory
 from flowers_classifier.classes import CLASSES
+from flowers_classifier.errors import FlowersError
 from flowers_classifier.files import atomic_write, write_json
 from flowers_classifier.payload import FAMILIES, default_model_path
 from flowers_classifier.preprocess import Preprocess
@@ -36,7 +37,7 @@ from .api import check_min_scale, cnn_drop_path, create_model, default_run_dir, 
 from .api import make_recipe as api_make_recipe
 from .audit import AUDIT_MIN_SIZE
 from .calibration import SPLITS, split_names
-from .data import TEST_PCT, VALID_PCT, DatasetError, prepare_split
+from .data import TEST_PCT, VALID_PCT, prepare_split
 from .evaluate import evaluate_run, headline
 from .export import ZEROSHOT_NAME, export_run
 from .learner import (
@@ -354,7 +355,7 @@ def _best_from_history(path: Path) -> tuple[float, int]:
     return float(hist.loc[best, "accuracy"]), int(hist.loc[best, "epoch"])
 
 
-class TrainingInterrupted(Exception):
+class TrainingInterrupted(FlowersError):
     """Ctrl-C during training; the message says how to resume."""
 
 
@@ -520,16 +521,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         train(resume_args(args.resume) if args.resume else args)
-    except (DatasetError, factory.PretrainedWeightsUnavailable, factory.WeightsFileError,
-            FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingInterrupted as e:
+    except TrainingInterrupted as e:  # this and SanityCheckError before FlowersError, which both are
         print(f"\n{e}", file=sys.stderr)
         return 130
     except SanityCheckError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except (FlowersError, FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         distributed.shutdown()
     return 0

@@ -52,6 +52,8 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name, parse_wheel_filename
 from packaging.version import InvalidVersion, Version
 
+from flowers_classifier.errors import FlowersError
+
 PROJECT = "flowers-fastai"
 SOURCE = Path(__file__).resolve().parents[1]  # the checkout holding this module: the project wheel is built from it
 # What "a machine with PyTorch" has: torch's CUDA dependencies come with it (CUDA_PATTERNS, always left out).
@@ -63,7 +65,7 @@ MANIFEST = "MANIFEST.txt"
 MAX_PASSES = 4  # resolution passes: each adds the requirements only the target's markers asked for
 
 
-class WheelhouseError(Exception):
+class WheelhouseError(FlowersError):
     """A wrong option or a failed step, with what to do about it."""
 
 

@@ -1,0 +1,95 @@
+"""One exception base: every error the project defines is a `FlowersError` and still the built-in it was
+before (so `except ValueError` around a call keeps catching it), and one `except fc.FlowersError` catches the
+failures of the public API. The CLIs keep their exit codes."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+
+import pytest
+
+import flowers_classifier as fc
+import flowers_fastai
+
+# Every exception class of both packages -> the built-in it derived from before FlowersError. A new one must be
+# listed here, which makes its author choose a FlowersError base.
+EXCEPTIONS = {
+    "flowers_classifier.aot.CpuPackageError": ValueError,
+    "flowers_classifier.explain.ExplainError": ValueError,
+    "flowers_classifier.factory.PretrainedWeightsUnavailable": RuntimeError,
+    "flowers_classifier.factory.WeightsFileError": ValueError,
+    "flowers_classifier.onnx_model.OnnxExportError": ValueError,
+    "flowers_classifier.payload.ModelFileError": ValueError,
+    "flowers_classifier.preprocess.InvalidImageError": ValueError,
+    "flowers_fastai.calibration.EvaluationError": ValueError,
+    "flowers_fastai.data.DatasetError": ValueError,
+    "flowers_fastai.demo.AuthError": ValueError,
+    "flowers_fastai.demo.ExamplesError": ValueError,
+    "flowers_fastai.experiments.PlanError": ValueError,
+    "flowers_fastai.export.ExportError": ValueError,
+    "flowers_fastai.probes.SanityCheckError": RuntimeError,
+    "flowers_fastai.train.TrainingInterrupted": Exception,
+    "flowers_fastai.wheelhouse.WheelhouseError": Exception,
+}
+
+
+def defined_exceptions() -> dict[str, type[BaseException]]:
+    """module.Name -> class, for every exception class defined (not imported) in a module of both packages."""
+    found = {}
+    for pkg in (fc, flowers_fastai):
+        for info in pkgutil.iter_modules(pkg.__path__):
+            if info.name == "__main__":  # running it is the CLI
+                continue
+            module = importlib.import_module(f"{pkg.__name__}.{info.name}")
+            for name, obj in vars(module).items():
+                if inspect.isclass(obj) and issubclass(obj, BaseException) and obj.__module__ == module.__name__:
+                    found[f"{module.__name__}.{name}"] = obj
+    return found
+
+
+def test_every_project_exception_is_a_flowers_error_and_keeps_its_builtin_base():
+    found = defined_exceptions()
+    assert found.pop("flowers_classifier.errors.FlowersError") is fc.FlowersError
+    assert fc.FlowersError.__bases__ == (Exception,)
+    assert sorted(found) == sorted(EXCEPTIONS), "list a new exception in EXCEPTIONS, with FlowersError as a base"
+    for name, cls in found.items():
+        assert issubclass(cls, fc.FlowersError), f"{name} does not derive from FlowersError"
+        assert issubclass(cls, EXCEPTIONS[name]), f"{name} lost its built-in base {EXCEPTIONS[name].__name__}"
+
+
+def test_one_except_clause_catches_the_public_api_failures(tmp_path, tiny_cnn_pth):
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a torch file")
+    for path in (tmp_path / "missing.pth", garbage):
+        with pytest.raises(fc.FlowersError, match=str(path)):
+            fc.load_model(path)
+    not_an_image = tmp_path / "notes.jpg"
+    not_an_image.write_text("not an image")
+    model = fc.load_model(tiny_cnn_pth, device="cpu")
+    try:
+        fc.predict(model, not_an_image)
+    except fc.FlowersError as e:
+        assert isinstance(e, ValueError) and str(not_an_image) in str(e)  # still what `except ValueError` caught
+    else:
+        pytest.fail("predicting a text file raised no FlowersError")
+
+
+@pytest.mark.parametrize("error, code", [("TrainingInterrupted", 130), ("SanityCheckError", 1),
+                                         ("DatasetError", 2), ("PretrainedWeightsUnavailable", 2),
+                                         ("WeightsFileError", 2), ("FileExistsError", 2)])
+def test_train_main_exit_codes_are_kept(error, code, monkeypatch, capsys):
+    # TrainingInterrupted and SanityCheckError are FlowersErrors too: main must still tell them apart.
+    from flowers_classifier import factory
+    from flowers_fastai import data, probes, train
+    cls = {c.__name__: c for c in (train.TrainingInterrupted, probes.SanityCheckError, data.DatasetError,
+                                    factory.PretrainedWeightsUnavailable, factory.WeightsFileError, FileExistsError)}
+    message = f"what went wrong ({error})"
+
+    def fail(args):
+        raise cls[error](message)
+
+    monkeypatch.setattr(train, "train", fail)
+    assert train.main([]) == code
+    assert message in capsys.readouterr().err
