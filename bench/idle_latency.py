@@ -2,14 +2,11 @@
 vs ONNX Runtime, on the same preprocessed image.
 
     python bench/idle_latency.py [--models atto@64] [--pause 0.2] [--rounds 60] [--calls 3] [--threads 2]
-                                 [--free-threads]
 
 A demo or an API mostly sees one image now and then, not a stream. After a pause, a runtime whose worker
 threads went to sleep pays for waking them: torch's OpenMP team does at each parallel region of the first
 call (libgomp spins for a while after a region, then sleeps; a scheduler that wakes the worker onto the
-CPU where the caller spins makes it wait), ONNX Runtime's own thread pool much less so. load_model's CPU
-models pin their OpenMP workers against that (flowers_classifier/threads.py); --free-threads measures
-them without (`model.pin_threads = False`: a run of its own, since a thread's team stays pinned once pinned).
+CPU where the caller spins makes it wait), ONNX Runtime's own thread pool much less so.
 bench/inference.py's turns (3 calls after a 0.2 s pause) mix such calls into its p50; this script times
 them apart. Each round: pause, then --calls calls in a row, per contender, contenders in turn (one process,
 the same input): the model alone on the preprocessed tensor, and predict_proba from the JPEG file (whose
@@ -59,7 +56,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=60)
     p.add_argument("--calls", type=int, default=3, help="calls in a row after each pause (default 3)")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads for torch and ORT alike (default 2)")
-    p.add_argument("--free-threads", action="store_true", help="ours without pinning its OpenMP workers")
     args = p.parse_args(argv)
     photos = sample_photos(require_flowers("idle_latency"), 1)
     import numpy as np
@@ -69,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     print(machine_info())
     print(f"pause {args.pause} s, then {args.calls} calls in a row; {args.rounds} rounds, contenders in turn; "
-          f"threads {args.threads}; ours' OpenMP workers {'free' if args.free_threads else 'pinned'}\n")
+          f"threads {args.threads}\n")
     with tempfile.TemporaryDirectory() as tmp:
         for name, size in parse_models(args.models):
             info = make_models(name, size, Path(tmp) / f"{name}-{size}", photos, 1, cpu_package=True)
@@ -77,7 +73,6 @@ def main(argv: list[str] | None = None) -> int:
             ours, ort = fc.load_model(info["pth"], device="cpu"), fc.load_model(info["onnx"], device="cpu")
             if ours.compiled is None:
                 raise SystemExit(f"{name}@{size}: the CPU package did not load; see the warning above")
-            ours.pin_threads = not args.free_threads
             contenders = {"ours": partial(ours.probabilities, x), "ORT": partial(ort.probabilities, x),
                           "ours e2e": partial(fc.predict_proba, ours, photos[0]),  # from the JPEG file
                           "ORT e2e": partial(fc.predict_proba, ort, photos[0])}

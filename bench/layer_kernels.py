@@ -6,9 +6,8 @@ ONNX Runtime's:
     python bench/layer_kernels.py [--threads 1 2] [--copies 6] [--calls 60] [--rounds 5]
 
 Matmuls (M rows x K -> N, with bias):
-  Inductor GEMM   the C++ GEMM Inductor generates (max-autotune, CPP backend only), as torch writes it
-  ours            the same with its inner loop as flowers_classifier/micro_gemm.py writes it: the batch-1 graph's
-                  usual pick in our CPU package
+  Inductor GEMM   the C++ GEMM Inductor generates (max-autotune, CPP backend only): the batch-1 graph's usual
+                  pick in our CPU package (docs/cpu-gemm-finding.md: what g++ makes of its inner loop)
   oneDNN packed   torch.ops.mkldnn._linear_pointwise on weights packed once: AOTInductor's ATen choice
   MKL packed      torch.ops.mkl._mkl_linear on weights packed once: torch.compile's ATen choice with frozen weights,
                   which AOTInductor never uses (an MKL-packed matrix cannot be moved, and a package's weights are)
@@ -40,7 +39,7 @@ if __package__ in (None, ""):  # run as `python bench/NAME.py` (not -m): make `b
 from bench.common import machine_info, markdown_table, rotated, time_calls  # noqa: E402
 
 MODEL, IMAGE_SIZE = "convnextv2_atto", 64
-MATMULS = ("Inductor GEMM", "ours", "oneDNN packed", "MKL packed", "torch F.linear", "ORT Gemm")
+MATMULS = ("Inductor GEMM", "oneDNN packed", "MKL packed", "torch F.linear", "ORT Gemm")
 DEPTHWISE = ("oneDNN packed", "Inductor mix", "ORT Conv")
 
 
@@ -82,15 +81,10 @@ def ort_session(nodes: list, inits: list, name: str, shape: list[int], threads: 
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def compiled(layers, x, plain_loops: bool = True):
+def compiled(layers, x):
     """`layers` (run on the same input) compiled as the package's batch-1 graph compiles: frozen weights,
-    Inductor's generated GEMMs only, a C++ wrapper (no Python between the kernels, as in a package), their
-    inner loop rewritten by micro_gemm.py unless `plain_loops` is False."""
-    from contextlib import nullcontext
-
+    Inductor's generated GEMMs only, a C++ wrapper (no Python between the kernels, as in a package)."""
     import torch
-
-    from flowers_classifier.micro_gemm import plain_fp32_micro_gemm
 
     class Layers(torch.nn.Module):
         def __init__(self):
@@ -100,8 +94,7 @@ def compiled(layers, x, plain_loops: bool = True):
         def forward(self, x):
             return [layer(x) for layer in self.layers]
 
-    rewrite = plain_fp32_micro_gemm() if plain_loops else nullcontext()
-    with rewrite, torch._inductor.config.patch(freezing=True, cpp_wrapper=True, fx_graph_cache=False):
+    with torch._inductor.config.patch(freezing=True, cpp_wrapper=True, fx_graph_cache=False):
         fn = torch.compile(Layers().eval(), options={"max_autotune": True, "max_autotune_gemm_backends": "CPP",
                                                      "autotune_num_choices_displayed": 0})
         fn(x)  # compile now, under the patched config
@@ -126,8 +119,7 @@ def matmul_contenders(m: int, k: int, n: int, copies: int, threads: int) -> dict
     nodes = [helper.make_node("Gemm", ["x", f"w{i}", f"b{i}"], [f"y{i}"], transB=1) for i in range(copies)]
     session, feed = ort_session(nodes, inits, "x", [m, k], threads), {"x": x.numpy()}
     return {
-        "Inductor GEMM": compiled(linears, x, plain_loops=False),
-        "ours": compiled(linears, x),
+        "Inductor GEMM": compiled(linears, x),
         "oneDNN packed": lambda: [torch.ops.mkldnn._linear_pointwise(x, p, b, "none", [], "")
                                   for p, b in zip(onednn, biases, strict=True)],
         "MKL packed": lambda: [torch.ops.mkl._mkl_linear(x, p, w, b, m)

@@ -17,8 +17,7 @@ Payloads are read with `torch.load(weights_only=True)`: a file holding pickled o
 without running anything. Modules: `classes`, `preprocess` (decoding, eval crop), `model` (modules),
 `factory` (building models, pretrained weights), `payload` (the .pth format), `inference` (load +
 predict), `onnx_model` (ONNX export and serving), `aot` (the compiled CPU package), `quantize` (int8 on
-the CPU), `threads` (pinning OpenMP workers), `errors` (`FlowersError`, the base of every error the project
-raises), `cli`.
+the CPU), `errors` (`FlowersError`, the base of every error the project raises), `cli`.
 """
 
 from .classes import CLASSES

@@ -13,10 +13,10 @@ depthwise convolution reorders its weights at every call, which is most of a sma
 (convnextv2_atto at 64 px: 1.2-1.3x faster at batch 1 with a static graph, measured A/B here). So a network that
 keeps convolutions after `compiled_net`'s rewrites also gets a graph compiled for one image (BATCH1_GRAPH),
 and single images, a demo's and an API's usual call, go through it; its matmuls are autotuned at export
-(AUTOTUNE), and Inductor's generated GEMMs are compiled with their inner loop in a form g++ keeps in
-registers (micro_gemm.py: atto's batch-1 graph 1.4x faster on one thread). The main graph then serves batches
-only, so it is traced and autotuned at TUNED_BATCH images. A ViT keeps no convolution (its patch embedding
-becomes a Linear) and gets one graph: a second copy of ViT-L/14's 1.2 GB would buy nothing.
+(AUTOTUNE; Inductor's generated GEMMs are compiled as torch writes them: docs/cpu-gemm-finding.md says what
+g++ makes of their inner loop). The main graph then serves batches only, so it is traced and autotuned at
+TUNED_BATCH images. A ViT keeps no convolution (its patch embedding becomes a Linear) and gets one graph: a
+second copy of ViT-L/14's 1.2 GB would buy nothing.
 
 On small maps a ConvNeXt's 7x7 depthwise convolutions are compiled as what they are there, a dense
 per-channel mix of the map's positions (SmallMapDepthwiseConv, maps of SMALL_MAP positions or fewer): oneDNN
@@ -50,7 +50,6 @@ from torch import nn
 from .errors import FlowersError
 from .factory import build_from_spec
 from .files import atomic_write
-from .micro_gemm import plain_fp32_micro_gemm
 from .model import replace_modules
 from .payload import CPU_PACKAGE_SUFFIX, ModelFileError
 from .quantize import as_linears
@@ -223,7 +222,7 @@ def compile_cpu_package(payload: dict, payload_path: str | os.PathLike, out: str
             meta = dict(build_target(), weights_sha256=weights_sha256(payload), payload_file=Path(payload_path).name,
                         family=payload["family"], model_name=payload["model_name"],
                         image_size=int(payload["image_size"]), graphs=graphs)
-            with torch.no_grad(), plain_fp32_micro_gemm():  # Inductor's GEMMs in a form g++ compiles well
+            with torch.no_grad():
                 files = {name: _aot_compile(net, payload, name) for name in graphs}
             from torch._inductor.package import package_aoti
             package_aoti(tmp, files)

@@ -33,7 +33,6 @@ from .payload import (
 )
 from .preprocess import IMAGE_SUFFIXES, InvalidImageError, Preprocess, preprocess_image, tta_views
 from .quantize import quantize_int8
-from .threads import available_cpus
 
 CPU_MICRO_BATCH = 2  # images per eager forward pass on the CPU at 224 px; more at smaller sizes (cpu_micro_batch)
 # Images per call of a compiled CPU package at 224 px. Its fused kernels make fewer passes over the activations,
@@ -89,9 +88,8 @@ def load_model(weights_path: str | os.PathLike, family: str | None = None,
     """Build the architecture the payload describes (no download), load its weights, eval mode.
     `family` ("cnn" or "clip") makes a file of the other family an error. Uses CUDA when available.
     On the CPU, Linear layers run as 1x1 convolutions (`_LinearAsConv`), a ConvNeXt runs channels_last and
-    batches go through the network in cache-sized chunks (`cpu_micro_batch`). Where torch's threads span all
-    the CPUs, each calling thread's OpenMP workers are pinned one per CPU and the caller to the one left during
-    a forward, so the first call after a pause is not slow (threads.py; `model.pin_threads = False`: not pinned).
+    batches go through the network in cache-sized chunks (`cpu_micro_batch`). No thread's CPU affinity is
+    changed: the process's threads (a server's too) keep every CPU they had.
     `compile=True` adds torch.compile (see `_compile`): faster still on the CPU, mostly at batch sizes
     above 1, but the first call at each new batch-size range compiles (seconds to a minute); for
     long-running servers.
@@ -168,7 +166,6 @@ def model_from_payload(payload: dict, device: str | torch.device | None = None, 
     model.int8 = int8 and device.type == "cpu"
     if device.type == "cpu":
         model.channels_last = model.family == "cnn"  # the eager ConvNeXt and the package both take NHWC
-        model.pin_threads = True  # no slow first call after a pause (threads.py)
         # Activations of a couple of images stay in the CPU's caches; those of 32 do not, and then the
         # elementwise ops between the convolutions (GELU, GRN, LayerNorm) run at memory speed: chunks of 2
         # are ~2x faster per image than one pass of 32 at 224 px (bench/cpu_kernels.py, bench/RESULTS.md).
@@ -321,6 +318,14 @@ def _load_or_error(load: Callable, path: Path, prep: Preprocess) -> torch.Tensor
         return load(path, prep)
     except InvalidImageError as e:
         return str(e)
+
+
+def available_cpus() -> list[int]:
+    """The CPUs the calling thread may run on (its affinity mask, the process's unless the thread was given its
+    own; all of os.cpu_count() where the OS has no affinity masks)."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
 
 
 ACCELERATOR_DECODERS = 4  # decoding threads beside a GPU's forward (one per CPU at most; not tuned: no GPU here)

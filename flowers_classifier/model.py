@@ -5,7 +5,6 @@ classes and preprocessing it is served with. How they are created lives in `fact
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +13,6 @@ from torch import nn
 
 from .classes import CLASSES
 from .preprocess import Preprocess
-from .threads import pinned_team
 
 
 class ClipClassifier(nn.Module):
@@ -73,7 +71,6 @@ class FlowerClassifier(nn.Module):
     temperature: float = 1.0  # logits / temperature before the softmax: load_model sets the payload's calibration
     compiled: Callable[[torch.Tensor], torch.Tensor] | None = None  # load_model sets the CPU package's forward
     int8: bool = False  # load_model sets it when it quantised the net (quantize.py)
-    pin_threads: bool = False  # load_model sets it on the CPU: OpenMP workers and caller pinned (threads.py)
 
     def __init__(self, net: nn.Module | None, family: str, model_name: str, classes: tuple[str, ...],
                  prep: Preprocess, build_net: Callable[[], nn.Module] | None = None,
@@ -109,8 +106,7 @@ class FlowerClassifier(nn.Module):
         memory_format = torch.channels_last if self.channels_last else torch.preserve_format
         chunks = batch.split(self.micro_batch) if self.micro_batch else (batch,)
         forward = self.compiled or self.net  # the compiled package computes what self.net does (aot.py)
-        with pinned_team() if self.pin_threads else nullcontext():
-            logits = [forward(c.to(self.device, dtype, memory_format=memory_format)) for c in chunks]
+        logits = [forward(c.to(self.device, dtype, memory_format=memory_format)) for c in chunks]
         return torch.cat(logits).float().cpu()
 
     @torch.inference_mode()

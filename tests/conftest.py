@@ -8,7 +8,11 @@ would let the run pass without testing the product."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +41,25 @@ def require(ok: bool, why: str) -> None:
     if IN_CI:
         pytest.fail(f"CI=true and a prerequisite is missing: {why}", pytrace=False)
     pytest.skip(why)
+
+
+def thread_cpus_after(code: str) -> tuple[list[int], dict[str, list[int]]]:
+    """Run `code` in a fresh interpreter and return the CPUs the process could use before it ran, and the CPUs
+    each of its live threads may use after it ({tid: cpus}, from /proc/self/task): a fresh process, so that
+    nothing an earlier test did to its threads counts. Linux only (sched_getaffinity)."""
+    script = "import os, json\nstart = sorted(os.sched_getaffinity(0))\n" + textwrap.dedent(code) + textwrap.dedent("""
+        threads = {}
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                threads[tid] = sorted(os.sched_getaffinity(int(tid)))
+            except ProcessLookupError:  # a thread that ended meanwhile
+                pass
+        print(json.dumps([start, threads]))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    start, threads = json.loads(done.stdout.strip().splitlines()[-1])
+    return start, threads
 
 
 @pytest.fixture(scope="session")

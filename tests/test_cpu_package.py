@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import re
 import shutil
 import types
@@ -15,7 +16,7 @@ import zipfile
 
 import pytest
 import torch
-from conftest import TINY_CLIP, TINY_SIZE, require
+from conftest import TINY_CLIP, TINY_SIZE, require, thread_cpus_after
 from torch._inductor.exc import CppCompileError, InductorError, InvalidCxxCompiler
 
 import flowers_classifier as fc
@@ -79,6 +80,21 @@ def test_load_model_serves_the_package_with_the_eager_probabilities(packaged_cnn
     compiled.compiled = (lambda f: lambda x: calls.append(x.shape) or f(x))(compiled.compiled)
     fc.predict(compiled, photo)
     assert calls, "predict did not go through the compiled package"
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else ()) < 2,
+                    reason="a thread's CPU set can only be narrowed on Linux with 2 or more CPUs")
+def test_serving_the_package_narrows_no_threads_cpus(packaged_cnn, real_photos):
+    photos = [str(p) for p in real_photos["rose"] + real_photos["tulip"]]
+    start, threads = thread_cpus_after(f"""
+        import flowers_classifier as fc
+        model = fc.load_model({str(packaged_cnn)!r})
+        assert model.compiled is not None, "the package did not serve"
+        fc.predict(model, {photos[0]!r})
+        fc.predict_batch(model, {photos!r}, bs=4)
+    """)
+    assert len(threads) > 1  # the forward's OpenMP workers are among them
+    assert all(cpus == start for cpus in threads.values()), threads
 
 
 def test_a_convnext_package_serves_single_images_through_its_batch1_graph(packaged_cnn):

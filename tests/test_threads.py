@@ -1,104 +1,34 @@
-"""Pinning each calling thread's OpenMP workers (flowers_classifier/threads.py): every worker on a CPU of its own,
-the caller free (on the CPU no worker holds during a forward), only where torch's team spans all the CPUs; and
-load_model's CPU models doing it around their forwards; batches decoded on the CPUs the forward leaves free."""
+"""How the runtime's CPU forwards use the process's threads: a default load and its predictions leave every
+thread of the process free to run on every CPU the process had (nothing pinned: a server's threads share those
+CPUs), and batches are decoded on the CPUs the forward leaves free."""
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import subprocess
-import sys
-import textwrap
 import threading
 from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import thread_cpus_after
 
 import flowers_classifier as fc
 
 CPUS = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-gnu_openmp_team = pytest.mark.skipif(
-    len(CPUS) < 2 or "OpenMP" not in torch.__config__.parallel_info(),
-    reason="pinning applies to a torch built with OpenMP on Linux with 2 or more CPUs")
 
 
-def _affinities_after(code: str) -> dict:
-    """Run `code` in a fresh interpreter (a fresh OpenMP team; nothing pinned in this one) and return what it
-    prints as JSON on its last line, plus every thread's CPU set as {"threads": {tid: [cpus]}}."""
-    script = textwrap.dedent(code) + textwrap.dedent("""
-        import os, json
-        out["threads"] = {}
-        for t in os.listdir("/proc/self/task"):
-            try:
-                out["threads"][t] = sorted(os.sched_getaffinity(int(t)))
-            except ProcessLookupError:  # a thread that ended meanwhile (the other caller's team)
-                pass
-        print(json.dumps(out))
+@pytest.mark.skipif(len(CPUS) < 2, reason="a thread's CPU set can only be narrowed on Linux with 2 or more CPUs")
+@pytest.mark.parametrize("pth, options", [("tiny_cnn_pth", ""), ("tiny_cnn_pth", "int8=True"), ("tiny_vit_pth", "")])
+def test_a_default_load_and_its_predictions_narrow_no_threads_cpus(pth, options, request, real_photos):
+    photos = [str(p) for p in real_photos["rose"] + real_photos["tulip"]]
+    start, threads = thread_cpus_after(f"""
+        import flowers_classifier as fc
+        model = fc.load_model({str(request.getfixturevalue(pth))!r}, {options})
+        fc.predict(model, {photos[0]!r})
+        fc.predict_batch(model, {photos!r}, bs=4)
     """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-@gnu_openmp_team
-def test_each_worker_of_each_callers_team_gets_a_cpu_of_its_own_and_the_callers_stay_free():
-    out = _affinities_after(f"""
-        import os, threading, torch
-        from flowers_classifier.threads import pin_openmp_workers, pinned_team
-        torch.set_num_threads({len(CPUS)})
-        out = dict(main=threading.get_native_id(), results=[pin_openmp_workers(), pin_openmp_workers()])
-        def in_a_thread():
-            out["other"] = threading.get_native_id()
-            out["results"].append(pin_openmp_workers())
-        t = threading.Thread(target=in_a_thread); t.start(); t.join()
-        with pinned_team():
-            out["caller_during_a_call"] = sorted(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, set(os.sched_getaffinity(0)) - {{min(os.sched_getaffinity(0))}})
-        with pinned_team():  # the caller's CPU was taken from this thread since: it is left as it is
-            out["caller_restricted"] = sorted(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, set({CPUS}))
-    """)
-    assert out["results"] == [True, True, True]
-    assert out["caller_during_a_call"] == CPUS[:1]  # the CPU no worker holds, during the forward only
-    assert out["caller_restricted"] == CPUS[1:]
-    threads = out["threads"]
-    assert threads[str(out["main"])] == CPUS  # and afterwards every CPU again
-    pinned = [cpus[0] for cpus in threads.values() if len(cpus) == 1]
-    # main's team: one worker on each CPU but the first (the other thread's team may have exited with it)
-    assert sorted(set(pinned)) == CPUS[1:] and len(pinned) >= len(CPUS) - 1, threads
-
-
-@gnu_openmp_team
-def test_nothing_is_pinned_when_the_team_does_not_span_every_cpu():
-    out = _affinities_after("""
-        import os, torch
-        from flowers_classifier.threads import pin_openmp_workers
-        torch.set_num_threads(1)
-        torch.zeros(1 << 17).add_(0)
-        out = dict(results=[pin_openmp_workers(), pin_openmp_workers(len(os.sched_getaffinity(0)) + 1)])
-    """)
-    assert out["results"] == [False, False]
-    assert all(cpus == CPUS for cpus in out["threads"].values()), out["threads"]
-
-
-def test_load_models_cpu_model_pins_on_its_calls_and_can_be_told_not_to(tiny_cnn_pth, monkeypatch, real_photos):
-    calls = []
-
-    @contextlib.contextmanager
-    def spy():
-        calls.append(1)
-        yield
-
-    monkeypatch.setattr("flowers_classifier.model.pinned_team", spy)
-    model = fc.load_model(tiny_cnn_pth, device="cpu")
-    assert model.pin_threads
-    fc.predict(model, real_photos["rose"][0])
-    assert calls == [1]
-    model.pin_threads = False
-    fc.predict(model, real_photos["rose"][0])
-    assert calls == [1]
+    assert len(threads) > 1  # the forward's OpenMP workers are among them
+    assert all(cpus == start for cpus in threads.values()), threads
 
 
 def test_batches_are_decoded_on_the_cpus_the_forward_leaves_free(tiny_cnn_pth, monkeypatch, real_photos):
