@@ -1,7 +1,7 @@
 """Accuracy proxy: our recipe (train.py) vs the plain PyTorch loop, from scratch, same data and epochs.
 
-    python bench/accuracy_proxy.py [--quick] [--seeds 0,1,2] [--epochs N] [--img-size PX]
-                                   [--max-per-class N] [--wait-quiet] [--json OUT]
+    python -m bench.accuracy_proxy [--quick] [--seeds 0,1,2] [--epochs N] [--img-size PX]
+                                   [--max-per-class N] [--wait-quiet] [--json OUT | --no-save]
 
 Per seed: `train.py --arch cnn --model convnextv2_atto --no-pretrained --patience 0 --seed S` (the whole
 train.py path: audit, split, fastai recipe, evaluation), then bench/plain_loop.py on the very split.csv
@@ -23,13 +23,19 @@ import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python bench/NAME.py` (not -m): make `bench.common` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import (
+    ROOT,
+    add_output_args,
+    machine_info,
+    markdown_table,
+    require_flowers,
+    save_results,
+    wait_for_quiet,
+)
+from bench.plain_loop import PlainConfig, train_plain
+from bench.report import GOALS
 
-from bench.common import ROOT, machine_info, markdown_table, require_flowers, wait_for_quiet  # noqa: E402
-from bench.plain_loop import PlainConfig, train_plain  # noqa: E402
-
-GOAL_POINTS = 5.0  # our recipe >= the plain loop + 5 accuracy points
+GOAL_POINTS = GOALS["accuracy"].threshold  # our recipe >= the plain loop + this many accuracy points
 MODEL = "convnextv2_atto"
 
 
@@ -70,7 +76,7 @@ def mean_std(values: list[float]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="bench/accuracy_proxy.py", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench.accuracy_proxy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="64 px, 150 photos per class, 8 epochs (< 10 min on 2 cores)")
     p.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1, 2],
@@ -83,7 +89,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                           "default)")
     p.add_argument("--ours-args", default="", help="extra train.py flags for our side, e.g. '--lr 4e-3 --mixup 0'")
     p.add_argument("--wait-quiet", action="store_true", help="first wait (<= 15 min) for a 1-min load below 0.7")
-    p.add_argument("--json", type=Path, help="also write the measurements to this JSON file")
+    add_output_args(p)
     args = p.parse_args(argv)
     args.epochs = args.epochs or (8 if args.quick else 15)
     args.max_per_class = args.max_per_class or (150 if args.quick else None)
@@ -94,7 +100,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    root = require_flowers("bench/accuracy_proxy.py")
+    root = require_flowers("bench.accuracy_proxy")
     load_start = wait_for_quiet() if args.wait_quiet else round(os.getloadavg()[0], 2)
     start = time.perf_counter()
     results = {"ours": [], "plain": []}
@@ -105,9 +111,9 @@ def main(argv: list[str] | None = None) -> int:
             results["ours"].append(run_ours(root, run_dir, args, seed))
             print(f"seed {seed}: plain loop ...", file=sys.stderr, flush=True)
             results["plain"].append(run_plain(root, run_dir, args, seed))
-    meta = dict(machine_info(), load_start=load_start, load_end=round(os.getloadavg()[0], 2),
+    meta = dict(machine_info("accuracy_proxy", argv), load_start=load_start, load_end=round(os.getloadavg()[0], 2),
                 total_s=time.perf_counter() - start)
-    print(f"# bench/accuracy_proxy.py {' '.join(sys.argv[1:])}")
+    print(f"# {meta['command']}")
     print(json.dumps({k: meta[k] for k in ("date", "cpu", "cores", "torch")}))
     print(f"{MODEL} from scratch at {args.img_size} px, {args.epochs} epochs, bs {args.bs}, "
           f"{args.max_per_class or 'all'} photos per class (80/20 split per seed), seeds {args.seeds}; "
@@ -122,9 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                   - statistics.mean(r["final"] for r in results["plain"]))
     print(f"\n- ours - plain (last epoch, mean over seeds): {gain:+.1f} points "
           f"(goal >= +{GOAL_POINTS:.0f}: {'met' if gain >= GOAL_POINTS else 'NOT met'})")
-    if args.json:
-        args.json.write_text(json.dumps(dict(meta=meta, args=vars(args) | {"json": str(args.json)},
-                                             results=results), indent=2))
+    save_results("accuracy_proxy", args, dict(meta=meta, args=vars(args), results=results), argv)
     return 0
 
 

@@ -1,15 +1,21 @@
 """What every benchmark shares: where the photos are (FLOWERS128_DIR, skipped cleanly when absent),
-machine facts for the report, waiting for a quiet machine, timing statistics, peak RSS and tables.
+the run's facts (machine, torch, commit, date, command) and where its results go, waiting for a quiet
+machine, timing statistics, peak RSS and tables.
 
-Benchmarks are scripts (`python bench/NAME.py`), not tests: speed goals live here, never in tests/.
+Benchmarks are modules run from the repository root (`python -m bench.NAME`), not tests: speed goals live
+here, never in tests/. Each writes its results to bench/results/NAME-<UTC time>.json, from which
+`python -m bench.report` generates bench/README.md.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
 import resource
+import shlex
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -18,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "bench" / "results"
 CLASS_NAMES = ("daisy", "dandelion", "rose", "sunflower", "tulip")  # flowers_fastai.classes, without its import
 
 
@@ -54,17 +61,69 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def machine_info() -> dict:
+def git_commit() -> str | None:
+    """HEAD's short hash, with "+dirty" when a tracked file differs from it (untracked files, such as earlier
+    results, do not change the code); None outside a git checkout."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
+def machine_info(script: str | None = None, argv: Sequence[str] | None = None) -> dict:
+    """The facts a result needs to be read later: machine, versions, commit, UTC date and, given the script's
+    name, the command line that made it (`argv`: its arguments, sys.argv[1:] by default)."""
     import torch
-    info = dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), cpu=cpu_model(),
+    info = dict(date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), cpu=cpu_model(),
                 cores=os.cpu_count(), torch=torch.__version__, torch_threads=torch.get_num_threads(),
-                python=platform.python_version(), loadavg_1min=round(os.getloadavg()[0], 2))
+                python=platform.python_version(), commit=git_commit(), loadavg_1min=round(os.getloadavg()[0], 2))
+    if script:
+        info["script"] = script
+        info["command"] = shlex.join(["python", "-m", f"bench.{script}", *(sys.argv[1:] if argv is None else argv)])
     try:
         import onnxruntime
         info["onnxruntime"] = onnxruntime.__version__
     except ImportError:
         pass
     return info
+
+
+def add_output_args(parser: argparse.ArgumentParser) -> None:
+    """--json OUT and --no-save: by default a run's results go to bench/results/ (see results_path)."""
+    out = parser.add_mutually_exclusive_group()
+    out.add_argument("--json", type=Path, metavar="OUT",
+                     help="write the results to OUT instead of bench/results/NAME-<UTC time>.json")
+    out.add_argument("--no-save", action="store_true", help="write no result file (a trial run)")
+
+
+def results_path(script: str, args: argparse.Namespace, date: str) -> Path | None:
+    """Where a run's results go: --json OUT, else bench/results/SCRIPT-<date as YYYYmmddTHHMMSSZ>.json (a file
+    per run, which bench/report.py reads), or None with --no-save."""
+    if getattr(args, "no_save", False):
+        return None
+    if getattr(args, "json", None):
+        return args.json
+    stamp = datetime.datetime.fromisoformat(date).astimezone(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    return RESULTS_DIR / f"{script}-{stamp}.json"
+
+
+def save_results(script: str, args: argparse.Namespace, results: dict,
+                 argv: Sequence[str] | None = None) -> Path | None:
+    """Write `results` atomically to results_path(), its `meta` completed with machine_info(script, argv)'s
+    facts (a script's own meta keys win: its load average, its model); says where on stderr."""
+    meta = results.setdefault("meta", {})
+    for key, value in machine_info(script, argv).items():
+        meta.setdefault(key, value)
+    path = results_path(script, args, meta["date"])
+    if path is not None:
+        from flowers_classifier.files import write_json
+        write_json(path, results)
+        print(f"results: {path}", file=sys.stderr)
+    return path
 
 
 def wait_for_quiet(threshold: float = 0.7, poll_s: float = 20.0, give_up_s: float = 900.0) -> float:

@@ -1,6 +1,6 @@
 """The two CPU measurements behind our ConvNeXt V2 speed-ups, each contender timed in turn:
 
-    python bench/cpu_kernels.py [--runs 20] [--rounds 5] [--package]
+    python -m bench.cpu_kernels [--runs 20] [--rounds 5] [--package] [--json OUT | --no-save]
 
 1. Global Response Norm: timm's GlobalResponseNorm vs flowers_classifier.model.FastGlobalResponseNorm (same function)
    on the activations of convnextv2_tiny at 224 px (NHWC, the MLP's 4x width), forward and forward + backward.
@@ -8,7 +8,7 @@
    convnextv2_tiny at 224 px, the whole batch in one forward pass vs chunks of 1, 2, 4 and 8 images
    (CPU_MICRO_BATCH is the default), ms per image. With --package, the same for the model's compiled CPU package
    (export.py --cpu-package; compiling it takes a few minutes), whose default is PACKAGE_MICRO_BATCH, and at 8
-   images too (the batch of bench/inference.py's throughput goal).
+   images too (the batch of bench/inference.py's throughput goal). The result file holds the tables' rows.
 """
 
 from __future__ import annotations
@@ -19,10 +19,7 @@ import tempfile
 from functools import partial
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python bench/NAME.py` (not -m): make `bench.common` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import machine_info, markdown_table, time_calls  # noqa: E402
+from bench.common import add_output_args, machine_info, markdown_table, save_results, time_calls
 
 # (N, H, W, 4C) at the input of each stage's GRN in convnextv2_tiny at 224 px; batch 1 (serving) and 32 (training)
 GRN_SHAPES = [(1, 56, 56, 384), (1, 28, 28, 768), (1, 14, 14, 1536), (1, 7, 7, 3072), (32, 14, 14, 1536)]
@@ -51,7 +48,7 @@ def forward_backward(module, x) -> None:
     module(x).sum().backward()
 
 
-def grn_table(runs: int, rounds: int) -> str:
+def grn_table(runs: int, rounds: int) -> dict:
     import torch
     from timm.layers.grn import GlobalResponseNorm
 
@@ -68,8 +65,8 @@ def grn_table(runs: int, rounds: int) -> str:
         rows.append(["x".join(map(str, shape)), 1e3 * t["timm fwd"], 1e3 * t["fast fwd"],
                      f"{t['timm fwd'] / t['fast fwd']:.1f}x", 1e3 * t["timm fwd+bwd"], 1e3 * t["fast fwd+bwd"],
                      f"{t['timm fwd+bwd'] / t['fast fwd+bwd']:.1f}x"])
-    return markdown_table(["activation NHWC", "timm fwd ms", "fast fwd ms", "speed-up", "timm fwd+bwd ms",
-                           "fast fwd+bwd ms", "speed-up"], rows)
+    return dict(header=["activation NHWC", "timm fwd ms", "fast fwd ms", "speed-up", "timm fwd+bwd ms",
+                        "fast fwd+bwd ms", "speed-up"], rows=rows)
 
 
 def tiny_224_model(package: bool = False):
@@ -93,7 +90,7 @@ def tiny_224_model(package: bool = False):
         return fc.load_model(pth, device="cpu", cpu_package=package)  # the package's runner is loaded here
 
 
-def micro_batch_table(model, runs: int, rounds: int, images: int = 32) -> str:
+def micro_batch_table(model, runs: int, rounds: int, images: int = 32) -> dict:
     import torch
     batch = torch.randn(images, 3, 224, 224)
 
@@ -103,34 +100,40 @@ def micro_batch_table(model, runs: int, rounds: int, images: int = 32) -> str:
     sizes = [k for k in MICRO_BATCHES if k is None or k < images]
     t = in_turn({k: partial(probabilities, k) for k in sizes}, max(rounds, runs // 4), rounds)
     whole = t[None]
-    return markdown_table(["images per forward pass", "ms per image", f"speed-up vs one pass of {images}"],
-                          [[f"{images} (one pass)" if k is None else k, 1e3 * t[k] / images, f"{whole / t[k]:.2f}x"]
-                           for k in sizes])
+    return dict(header=["images per forward pass", "ms per image", f"speed-up vs one pass of {images}"],
+                rows=[[f"{images} (one pass)" if k is None else k, 1e3 * t[k] / images, f"{whole / t[k]:.2f}x"]
+                      for k in sizes])
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="bench/cpu_kernels.py", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench.cpu_kernels", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=20, help="timed calls per contender (default 20)")
     p.add_argument("--rounds", type=int, default=5, help="rounds the calls are spread over, in turn (default 5)")
     p.add_argument("--package", action="store_true",
                    help="also time micro-batches through the compiled CPU package (compiles it: a few minutes)")
+    add_output_args(p)
     args = p.parse_args(argv)
     if args.runs < 1 or args.rounds < 1:
         p.error("--runs and --rounds must be >= 1")
     import json
-    info = machine_info()
-    print(f"# bench/cpu_kernels.py {' '.join(sys.argv[1:])}")
+    info = machine_info("cpu_kernels", argv)
+    print(f"# {info['command']}")
     print(json.dumps({k: info[k] for k in ("date", "cpu", "cores", "torch", "torch_threads", "loadavg_1min")}))
-    print("\nGlobal Response Norm, median of the timed calls:\n")
-    print(grn_table(args.runs, args.rounds))
-    print("\nflowers_classifier on 32 images, convnextv2_tiny 224 px, by micro-batch:\n")
-    print(micro_batch_table(tiny_224_model(), args.runs, args.rounds))
+    tables = {}
+
+    def show(title: str, table: dict) -> None:
+        tables[title] = table
+        print(f"\n{title}:\n\n{markdown_table(**table)}")
+    show("Global Response Norm, median of the timed calls", grn_table(args.runs, args.rounds))
+    show("flowers_classifier on 32 images, convnextv2_tiny 224 px, by micro-batch",
+         micro_batch_table(tiny_224_model(), args.runs, args.rounds))
     if args.package:
         model = tiny_224_model(package=True)
         for images in (32, 8):
-            print(f"\nthe same through its compiled CPU package, {images} images, by micro-batch:\n")
-            print(micro_batch_table(model, args.runs, args.rounds, images=images))
+            show(f"the same through its compiled CPU package, {images} images, by micro-batch",
+                 micro_batch_table(model, args.runs, args.rounds, images=images))
+    save_results("cpu_kernels", args, dict(meta=info, args=vars(args), tables=tables), argv)
     return 0
 
 

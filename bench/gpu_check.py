@@ -1,8 +1,8 @@
 """The one-command GPU check: does training work and how fast is it on a CUDA GPU, measured in one run.
 
-    python bench/gpu_check.py [--data DIR] [--json OUT]      # on a CUDA machine (sized for 6-8 min on an H100)
-    python bench/gpu_check.py --estimate-memory              # ViT-L/14 batch sizes per GPU size, computed (CPU)
-    python bench/gpu_check.py --cpu-smoke [--json OUT]       # dev: the same stages, tiny, on the CPU (tests)
+    python -m bench.gpu_check [--data DIR] [--json OUT]      # on a CUDA machine (sized for 6-8 min on an H100)
+    python -m bench.gpu_check --estimate-memory              # ViT-L/14 batch sizes per GPU size, computed (CPU)
+    python -m bench.gpu_check --cpu-smoke [--json OUT]       # dev: the same stages, tiny, on the CPU (tests)
 
 Random-init weights throughout; photos: --data DIR (<class>/<images>, at most --per-class each) or, by
 default, synthetic class-coloured JPEGs (learnable: each class has its own hue). Stages, each a function of
@@ -32,6 +32,8 @@ Without a CUDA GPU the check prints one line and exits 2. --cpu-smoke runs every
 settings (convnextv2_atto, open_clip ViT-S-32 at 64 px, bf16 autocast; fp16 skipped, memory "n/a") so that
 tests prove the script runs. Exit 0 when every stage ran and every check passed (finite losses, falling CNN
 loss, parity), else 1; the goals (ours/plain >= 1.0x, ViT-L/14 bf16 MFU >= 40%) are reported, not enforced.
+The results go to bench/results/gpu_check-<UTC time>.json (--json OUT elsewhere, --no-save none), written after
+every stage; --cpu-smoke and --estimate-memory write only to --json OUT.
 """
 
 from __future__ import annotations
@@ -42,7 +44,6 @@ import contextlib
 import gc
 import json
 import math
-import platform
 import sys
 import tempfile
 import time
@@ -54,16 +55,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if __package__ in (None, ""):  # `python bench/gpu_check.py`: this checkout's bench/ and packages, not an install's
-    sys.path.insert(0, str(ROOT))
+from bench.common import CLASS_NAMES, add_output_args, machine_info, markdown_table, results_path
+from bench.report import GOALS
 
-from bench.common import CLASS_NAMES, cpu_model, markdown_table  # noqa: E402
-
-NO_CUDA = ("bench/gpu_check.py: no CUDA GPU found (torch.cuda.is_available() is False); run it on a GPU machine "
+NO_CUDA = ("python -m bench.gpu_check: no CUDA GPU found (torch.cuda.is_available() is False); run it on a GPU machine "
            "(--cpu-smoke runs the stages on the CPU, tiny, as a test; --estimate-memory needs no GPU)")
-RATIO_GOAL = 1.0     # ours images/s >= the plain loop's
-MFU_GOAL = 0.40      # ViT-L/14 bf16 training on an H100
+RATIO_GOAL = GOALS["gpu_train_throughput"].threshold  # ours images/s / the plain loop's
+MFU_GOAL = GOALS["gpu_mfu"].threshold                 # ViT-L/14 bf16 training on an H100
 PARITY_TOL = 1e-4    # max |p_served - p_learner|: the CPU parity tests' tolerance for the fp32 CNN export
 PARITY_MIN_SPREAD = 0.01  # some class's probability must move this much across the parity images (100x the tol)
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
@@ -638,7 +636,8 @@ class Run:
 
     def save(self) -> None:
         if self.json_path:
-            self.json_path.write_text(json.dumps(self.as_dict(), indent=2, default=str))
+            from flowers_classifier.files import write_json
+            write_json(self.json_path, self.as_dict())
 
     def as_dict(self) -> dict:
         return dict(meta=self.meta, cnn=self.cnn, clip=self.clip, ratios=ratios(self.cnn), checks=checks(self),
@@ -664,11 +663,12 @@ def checks(run: Run) -> dict:
                 parity=all(r.get("parity_ok") for r in ours))  # a stage that did not run: stages_ran says so
 
 
-def machine(device: torch.device, mode: str, sizes: Sizes, data: Path | None, peak: float | None) -> dict:
-    info = dict(mode=mode, date=time.strftime("%Y-%m-%dT%H:%M:%S%z"), python=platform.python_version(),
-                torch=torch.__version__, cuda=torch.version.cuda, device=str(device), cpu=cpu_model(),
-                cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-                data=str(data) if data else "synthetic", sizes=asdict(sizes), bf16_matmul_tflops=peak)
+def machine(device: torch.device, mode: str, sizes: Sizes, data: Path | None, peak: float | None,
+            argv: Sequence[str] | None = None) -> dict:
+    info = machine_info("gpu_check", argv) | dict(
+        mode=mode, cuda=torch.version.cuda, device=str(device),
+        cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        data=str(data) if data else "synthetic", sizes=asdict(sizes), bf16_matmul_tflops=peak)
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(gpu=props.name, gpu_memory_gib=props.total_memory / GIB,
@@ -800,7 +800,7 @@ HEADER = ["run", "model", "px", "precision", "channels_last", "grad ckpt", "batc
 
 def print_report(run: Run, argv: Sequence[str]) -> None:
     m = run.meta
-    print(f"# bench/gpu_check.py {' '.join(argv)}")
+    print(f"# python -m bench.gpu_check {' '.join(argv)}")
     print(json.dumps({k: m.get(k) for k in ("date", "gpu", "gpu_memory_gib", "capability", "torch", "cuda", "cudnn",
                                             "python", "mode")}))
     peak = m.get("bf16_matmul_tflops")
@@ -834,11 +834,11 @@ def print_report(run: Run, argv: Sequence[str]) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="bench/gpu_check.py", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, help="<class>/<images> photo folder (default: synthetic photos)")
     p.add_argument("--per-class", type=int, help="photos per class (default 500; with --data: at most)")
-    p.add_argument("--json", type=Path, help="also write every measurement to this JSON file")
+    add_output_args(p)
     p.add_argument("--skip", default="", help="comma-separated stages to leave out: cnn, clip")
     p.add_argument("--estimate-memory", action="store_true",
                    help="only compute ViT training batch sizes for 24/40/80 GB GPUs (CPU, no GPU needed)")
@@ -854,11 +854,12 @@ def estimate_main(args: argparse.Namespace) -> int:
     model = build_clip(name, None, torch.device("cpu"))
     log("forwards at batch 1 and 2, without and with grad checkpointing ...")
     est = memory_estimate(model, torch.device("cpu"))
-    print(f"# bench/gpu_check.py --estimate-memory {name}; torch {torch.__version__}, CPU bf16 autocast\n")
+    print(f"# python -m bench.gpu_check --estimate-memory {name}; torch {torch.__version__}, CPU bf16 autocast\n")
     print_estimate(name, clip_image_size(model), est)
-    if args.json:
-        args.json.write_text(json.dumps(dict(model=name, image_size=clip_image_size(model), estimate=est,
-                                             table=estimate_table(est)), indent=2))
+    if args.json:  # computed, not measured: bench/results/ holds measurements only
+        from flowers_classifier.files import write_json
+        write_json(args.json, dict(meta=machine_info("gpu_check"), model=name,
+                                   image_size=clip_image_size(model), estimate=est, table=estimate_table(est)))
     return 0
 
 
@@ -877,7 +878,9 @@ def main(argv: list[str] | None = None) -> int:
     log(f"{'CPU smoke' if args.cpu_smoke else 'GPU check'} on {device}: {sizes}")
     peak = matmul_peak_tflops(device, sizes.matmul_n, sizes.matmul_reps)
     log(f"bf16 matmul peak {peak:.1f} TFLOP/s")
-    run = Run(args.json, machine(device, "cpu-smoke" if args.cpu_smoke else "cuda", sizes, args.data, peak))
+    meta = machine(device, "cpu-smoke" if args.cpu_smoke else "cuda", sizes, args.data, peak, argv)
+    # a smoke run is a test of the script, not a measurement: it writes only where --json says
+    run = Run(args.json if args.cpu_smoke else results_path("gpu_check", args, meta["date"]), meta)
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         work = Path(tmp)
         if "cnn" not in skip:

@@ -1,7 +1,7 @@
 """Latency of the first images after an idle pause: flowers_classifier (load_model defaults, the CPU package)
 vs ONNX Runtime, on the same preprocessed image.
 
-    python bench/idle_latency.py [--models atto@64] [--pause 0.2] [--rounds 60] [--calls 3] [--threads 2]
+    python -m bench.idle_latency [--models atto@64] [--pause 0.2] [--rounds 60] [--calls 3] [--threads 2]
 
 A demo or an API mostly sees one image now and then, not a stream. After a pause, a runtime whose worker
 threads went to sleep pays for waking them: torch's OpenMP team does at each parallel region of the first
@@ -18,24 +18,22 @@ cleanly when absent).
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from functools import partial
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python bench/NAME.py` (not -m): make `bench.common` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import (  # noqa: E402
+from bench.common import (
+    add_output_args,
     machine_info,
     markdown_table,
     require_flowers,
     rotated,
     sample_photos,
+    save_results,
     time_calls,
 )
-from bench.inference import make_models, parse_models  # noqa: E402
+from bench.inference import make_models, parse_models
 
 
 def time_after_pauses(forwards: dict, pause: float, rounds: int, calls: int) -> dict:
@@ -50,14 +48,16 @@ def time_after_pauses(forwards: dict, pause: float, rounds: int, calls: int) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.idle_latency", description=__doc__.split("\n")[0])
+    add_output_args(p)
     p.add_argument("--models", default="atto@64", help="comma-separated NAME@SIZE, as bench/inference.py")
     p.add_argument("--pause", type=float, default=0.2, help="idle seconds before each round's calls (default 0.2)")
     p.add_argument("--rounds", type=int, default=60)
     p.add_argument("--calls", type=int, default=3, help="calls in a row after each pause (default 3)")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads for torch and ORT alike (default 2)")
     args = p.parse_args(argv)
-    photos = sample_photos(require_flowers("idle_latency"), 1)
+    photos = sample_photos(require_flowers("bench.idle_latency"), 1)
+    results = []  # per model: p50 ms of each call position after the pause, per contender
     import numpy as np
     import torch
 
@@ -78,11 +78,13 @@ def main(argv: list[str] | None = None) -> int:
                           "ORT e2e": partial(fc.predict_proba, ort, photos[0])}
             times = time_after_pauses(contenders, args.pause, args.rounds, args.calls)
             p50 = {k: np.median(v, axis=0) * 1e3 for k, v in times.items()}
+            results.append(dict(model=name, image_size=size, p50_ms={k: v.tolist() for k, v in p50.items()}))
             for what, a, b in (("model only (tensor)", "ours", "ORT"), ("end to end (file)", "ours e2e", "ORT e2e")):
                 rows = [[f"call {c + 1}", p50[a][c], p50[b][c], f"{p50[a][c] / p50[b][c]:.2f}x"]
                         for c in range(args.calls)]
                 print(f"{name} at {size} px, {what}: p50 ms by position after the pause")
                 print(markdown_table(["call", "ours ms", "ORT ms", "ours/ORT"], rows) + "\n")
+    save_results("idle_latency", args, dict(args=vars(args), results=results), argv)
     return 0
 
 

@@ -1,8 +1,9 @@
 """Inference benchmark: flowers_classifier vs the raw torch module vs ONNX Runtime, on this CPU, at several
 model sizes in one run.
 
-    python bench/inference.py [--models atto@64,tiny@224,vit-l14@224] [--runs N] [--rounds N] [--threads N]
-                              [--batch-sizes 1,8] [--compile] [--no-cpu-package] [--wait-quiet] [--json OUT]
+    python -m bench.inference [--models atto@64,tiny@224,vit-l14@224] [--runs N] [--rounds N] [--threads N]
+                              [--batch-sizes 1,8] [--compile] [--no-cpu-package] [--wait-quiet]
+                              [--json OUT | --no-save]
 
 Each model (`NAME@SIZE`: atto = convnextv2_atto, tiny = convnextv2_tiny, vit-l14 = open_clip ViT-L-14, or a
 full timm/open_clip name), random init (weights do not change the speed), is exported to a .pth payload, to
@@ -42,11 +43,9 @@ import time
 from functools import partial
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python bench/NAME.py` (not -m): make `bench.common` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import (  # noqa: E402
+from bench.common import (
     ROOT,
+    add_output_args,
     latency_ms,
     machine_info,
     markdown_table,
@@ -54,14 +53,16 @@ from bench.common import (  # noqa: E402
     require_flowers,
     rotated,
     sample_photos,
+    save_results,
     time_calls,
     verdict,
     wait_for_quiet,
 )
+from bench.report import GOAL_BATCH, GOALS
 
 VARIANTS = ("ours", "ours_eager", "ours_compiled", "torch", "ort", "ours_onnx")
-GOAL_LATENCY, GOAL_THROUGHPUT = 1.10, 0.95  # ours/ORT: latency at most 1.10x, throughput at least 0.95x
-GOAL_BATCH = 8  # the batch size the throughput goal is set at
+# ours/ORT: latency at most GOAL_LATENCY, throughput at batch GOAL_BATCH at least GOAL_THROUGHPUT
+GOAL_LATENCY, GOAL_THROUGHPUT = GOALS["inference_latency"].threshold, GOALS["inference_throughput"].threshold
 ALIASES = {"atto": "convnextv2_atto", "tiny": "convnextv2_tiny", "base": "convnextv2_base", "vit-l14": "ViT-L-14",
            "vit-b16": "ViT-B-16"}
 DEFAULT_MODELS = "atto@64,tiny@224,vit-l14@224"
@@ -134,7 +135,7 @@ class Worker:
     times what it is asked to, one chunk at a time, while the other workers wait idle."""
 
     def __init__(self, variant: str, models_info: dict, files: list[Path], args: argparse.Namespace, tmp: Path):
-        cmd = [sys.executable, __file__, "--child", variant, "--child-models", json.dumps(models_info),
+        cmd = [sys.executable, "-m", "bench.inference", "--child", variant, "--child-models", json.dumps(models_info),
                "--threads", str(args.threads), "--batch-sizes", ",".join(map(str, args.batch_sizes)),
                "--files", *map(str, files)]
         # An empty inductor cache: the compiled variant's cold start is a first compile, as on a fresh machine.
@@ -368,7 +369,7 @@ def summary(results: list[dict]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="bench/inference.py", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench.inference", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated NAME@SIZE (default {DEFAULT_MODELS}; "
                                                              f"aliases: {', '.join(ALIASES)})")
@@ -387,7 +388,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-cpu-package", action="store_true",
                    help="do not compile the CPU package: 'ours' is then the eager model")
     p.add_argument("--wait-quiet", action="store_true", help="first wait (<= 15 min) for a 1-min load below 0.7")
-    p.add_argument("--json", type=Path, help="also write every measurement to this JSON file")
+    add_output_args(p)
     p.add_argument("--rounds", type=int,
                    help="turns per contender and measurement, each 1/rounds of its runs (default 30, so 3 calls "
                         "per latency turn; 10 for ViT-L/14). With 10 turns, atto@64's latency ratio over 30 calls "
@@ -441,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
         return child_main(args)
-    root = require_flowers("bench/inference.py")
+    root = require_flowers("bench.inference")
     files = sample_photos(root, max(64, max(args.batch_sizes)))
     load_start = wait_for_quiet() if args.wait_quiet else round(os.getloadavg()[0], 2)
     results = []
@@ -449,13 +450,13 @@ def main(argv: list[str] | None = None) -> int:
         for model_name, size in args.models:
             results.append(run_model(model_name, size, files, args, Path(tmp)))
             results[-1]["meta"]["load_end"] = round(os.getloadavg()[0], 2)
-    facts = {k: machine_info().get(k) for k in ("date", "cpu", "cores", "torch", "onnxruntime")}
-    print(f"# bench/inference.py {' '.join(sys.argv[1:])}\n{json.dumps(facts)}\n1-min load at start {load_start}\n")
+    meta = machine_info("inference", argv)
+    facts = {k: meta.get(k) for k in ("date", "cpu", "cores", "torch", "onnxruntime", "commit")}
+    print(f"# {meta['command']}\n{json.dumps(facts)}\n1-min load at start {load_start}\n")
     for r in results:
         print(report(r["cold"], r["speed"], r["meta"], args.batch_sizes) + "\n")
     print(summary(results))
-    if args.json:
-        args.json.write_text(json.dumps(dict(machine=machine_info(), results=results), indent=2))
+    save_results("inference", args, dict(meta=meta, args=vars(args), results=results), argv)
     return 0
 
 

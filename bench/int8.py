@@ -1,9 +1,9 @@
 """int8 on the CPU: flowers_classifier fp32 vs int8 (load_model(int8=...)) vs ONNX Runtime fp32 vs ONNX
 Runtime's own int8 quantisation, speed and top-1 agreement.
 
-    python bench/int8.py --model-file RUN/vit_flowers.pth [--agreement N]   # a model trained on the photos
-    python bench/int8.py --random-vit-l14 [--runs 5] [--batches 2]          # speed of a random ViT-L/14 at 224
-    options: --threads 2 --rounds R --warmup W --engines fbgemm,onednn --json OUT
+    python -m bench.int8 --model-file RUN/vit_flowers.pth [--agreement N]   # a model trained on the photos
+    python -m bench.int8 --random-vit-l14 [--runs 5] [--batches 2]          # speed of a random ViT-L/14 at 224
+    options: --threads 2 --rounds R --warmup W --engines fbgemm,onednn --json OUT | --no-save
 
 The contenders, each with --threads intra-op threads, all behind FlowerClassifier.probabilities on the same
 preprocessed tensors:
@@ -32,22 +32,22 @@ import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python bench/NAME.py` (not -m): make `bench.common` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import (  # noqa: E402
+from bench.common import (
     CLASS_NAMES,
+    add_output_args,
     latency_ms,
     machine_info,
     markdown_table,
     require_flowers,
     sample_photos,
+    save_results,
     time_calls,
     verdict,
 )
+from bench.report import GOALS
 
-GOAL_SPEEDUP = 1.5  # ViT-L/14: ours int8 vs ORT fp32, p50 latency and batch-8 throughput
-GOAL_AGREEMENT = 0.99  # top-1 agreement of int8 with fp32 on the photos, trained model
+GOAL_SPEEDUP = GOALS["int8_speed"].threshold  # ViT-L/14: ours int8 vs ORT fp32, p50 latency and batch-8 throughput
+GOAL_AGREEMENT = GOALS["int8_agreement"].threshold  # top-1 agreement of int8 with fp32 on the photos, trained model
 
 
 def random_vit_l14_payload() -> dict:
@@ -164,8 +164,9 @@ def report(models, load_s, speed, agreement, info, args) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.int8", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--model-file", type=Path, help="an exported .pth (a model trained on the photos)")
     which.add_argument("--random-vit-l14", action="store_true", help="a random-init ViT-L/14 at 224 (speed only)")
@@ -176,16 +177,16 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed batch-1 calls (and one batch of 8) first")
     p.add_argument("--agreement", type=int, default=0, help="photos for the agreement (default: all)")
     p.add_argument("--engines", default="", help="comma-separated extra quantised engines to time ours int8 with")
-    p.add_argument("--json", type=Path, help="also write the numbers here")
-    args = p.parse_args()
-    root = require_flowers("bench/int8.py")
+    add_output_args(p)
+    args = p.parse_args(argv)
+    root = require_flowers("bench.int8")
     import torch
 
     from flowers_classifier.payload import load_payload
     from flowers_classifier.preprocess import Preprocess, preprocess_image
     torch.set_num_threads(args.threads)
     payload = random_vit_l14_payload() if args.random_vit_l14 else load_payload(args.model_file)
-    info = machine_info() | dict(model=payload["model_name"], image_size=payload["image_size"],
+    info = machine_info("int8", argv) | dict(model=payload["model_name"], image_size=payload["image_size"],
                                  threads=args.threads, quantized_engine=torch.backends.quantized.engine)
     engines = [e for e in args.engines.split(",") if e]
     with tempfile.TemporaryDirectory(prefix="bench-int8-") as tmp:
@@ -200,9 +201,8 @@ def main() -> None:
             info["agreement_photos"] = n
     print(json.dumps(info))
     print(report(models, load_s, speed, agreement, info, args))
-    if args.json:
-        args.json.write_text(json.dumps(dict(info=info, load_s=load_s, agreement=agreement,
-                                             speed={n: [list(a), list(b)] for n, (a, b) in speed.items()}), indent=1))
+    save_results("int8", args, dict(meta=info, args=vars(args), load_s=load_s, agreement=agreement,
+                                    speed={n: [a.tolist(), b.tolist()] for n, (a, b) in speed.items()}), argv)
 
 
 if __name__ == "__main__":

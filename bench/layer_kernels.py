@@ -3,7 +3,7 @@ convnextv2_atto runs at 64 px and batch 1, in the form the CPU package computes 
 downsampling layers as Linear layers, channels_last), timed through the kernels our package calls and through
 ONNX Runtime's:
 
-    python bench/layer_kernels.py [--threads 1 2] [--copies 6] [--calls 60] [--rounds 5]
+    python -m bench.layer_kernels [--threads 1 2] [--copies 6] [--calls 60] [--rounds 5] [--json OUT | --no-save]
 
 Matmuls (M rows x K -> N, with bias):
   Inductor GEMM   the C++ GEMM Inductor generates (max-autotune, CPP backend only): the batch-1 graph's usual
@@ -31,12 +31,8 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import Counter
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python bench/NAME.py` (not -m): make `bench.common` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import machine_info, markdown_table, rotated, time_calls  # noqa: E402
+from bench.common import add_output_args, machine_info, markdown_table, rotated, save_results, time_calls
 
 MODEL, IMAGE_SIZE = "convnextv2_atto", 64
 MATMULS = ("Inductor GEMM", "oneDNN packed", "MKL packed", "torch F.linear", "ORT Gemm")
@@ -180,12 +176,13 @@ def table(shapes: Counter, make, names: tuple, label: str, args, threads: int) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="bench/layer_kernels.py", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench.layer_kernels", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts to measure (default 1 2)")
     p.add_argument("--copies", type=int, default=6, help="layers of a shape per timed call (default 6)")
     p.add_argument("--calls", type=int, default=60, help="timed calls per contender and round (default 60)")
     p.add_argument("--rounds", type=int, default=5, help="rounds, the contenders in turn (default 5)")
+    add_output_args(p)
     args = p.parse_args(argv)
     if min(args.threads + [args.copies, args.calls, args.rounds]) < 1:
         p.error("--threads, --copies, --calls and --rounds must be >= 1")
@@ -194,22 +191,28 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
     torch.manual_seed(0)
-    print(f"# bench/layer_kernels.py {' '.join(sys.argv[1:])}")
-    info = machine_info()
+    info = machine_info("layer_kernels", argv)
+    print(f"# {info['command']}")
     print(json.dumps({k: info.get(k) for k in ("date", "cpu", "cores", "torch", "onnxruntime", "loadavg_1min")}))
     matmuls, depthwise = layer_shapes()
     # every compiled contender stays in Dynamo's cache (one entry per module, found by its guards): a reset would
     # drop the others, which would then recompile at their next call without the options they were built with
     torch._dynamo.config.recompile_limit = torch._dynamo.config.accumulated_recompile_limit = 1024
+    tables = {}
     for threads in args.threads:
         torch.set_num_threads(threads)
         torch._dynamo.reset()  # kernels compiled for another thread count
         with torch.inference_mode():
             print(f"\n{MODEL} at {IMAGE_SIZE} px, batch 1, {threads} thread(s): matmuls, us per layer "
                   f"(1-min load {os.getloadavg()[0]:.2f})\n")
-            print(table(matmuls, matmul_contenders, MATMULS, "M {} x K {} -> N {}", args, threads))
+            tables[f"matmuls, {threads} thread(s)"] = table(matmuls, matmul_contenders, MATMULS, "M {} x K {} -> N {}",
+                                                            args, threads)
+            print(tables[f"matmuls, {threads} thread(s)"])
             print(f"\ndepthwise 7x7 convolutions, us per layer, {threads} thread(s)\n")
-            print(table(depthwise, depthwise_contenders, DEPTHWISE, "C {} on {} x {}", args, threads))
+            tables[f"depthwise, {threads} thread(s)"] = table(depthwise, depthwise_contenders, DEPTHWISE,
+                                                              "C {} on {} x {}", args, threads)
+            print(tables[f"depthwise, {threads} thread(s)"])
+    save_results("layer_kernels", args, dict(meta=info, args=vars(args), tables=tables), argv)  # markdown tables
     return 0
 
 

@@ -1,8 +1,8 @@
 """Training throughput: our fastai path vs a plain PyTorch + timm loop, same model, data, size and batch.
 
-    python bench/train_throughput.py [--epochs 1] [--max-images 1600] [--model convnextv2_atto]
+    python -m bench.train_throughput [--epochs 1] [--max-images 1600] [--model convnextv2_atto]
                                      [--img-size 112] [--bs 32] [--workers 0,2] [--repeats 2] [--channels-last]
-                                     [--ours-timm-grn] [--wait-quiet] [--json OUT]
+                                     [--ours-timm-grn] [--wait-quiet] [--json OUT | --no-save]
 
 ours:  flowers_fastai.data.make_dataloaders + learner.build_learner + fine_tune (the CNN recipe from random
        init as `train.py --no-pretrained` runs it: gradient clipping, one-cycle, per-epoch checkpoints,
@@ -31,13 +31,19 @@ import time
 from functools import partial
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python bench/NAME.py` (not -m): make `bench.common` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import (
+    add_output_args,
+    machine_info,
+    markdown_table,
+    require_flowers,
+    save_results,
+    verdict,
+    wait_for_quiet,
+)
+from bench.plain_loop import PlainConfig, train_plain
+from bench.report import GOALS
 
-from bench.common import machine_info, markdown_table, require_flowers, verdict, wait_for_quiet  # noqa: E402
-from bench.plain_loop import PlainConfig, train_plain  # noqa: E402
-
-GOAL = 1.0  # ours images/s >= the plain loop's
+GOAL = GOALS["train_throughput"].threshold  # ours images/s / the plain loop's
 
 
 def split_table(root: Path, max_images: int | None, seed: int):
@@ -125,7 +131,7 @@ def summarise(name: str, workers: int, results: list[dict]) -> dict:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="bench/train_throughput.py", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench.train_throughput", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--max-images", type=int, default=1600, help="photos used, train + valid (default 1600; 0: all)")
@@ -141,7 +147,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="ablation: our loop with timm's GlobalResponseNorm instead of FastGlobalResponseNorm")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--wait-quiet", action="store_true", help="first wait (<= 15 min) for a 1-min load below 0.7")
-    p.add_argument("--json", type=Path, help="also write the measurements to this JSON file")
+    add_output_args(p)
     args = p.parse_args(argv)
     if args.epochs < 1 or args.bs < 1 or args.repeats < 1 or args.img_size < 32 or min(args.workers) < 0:
         p.error("--epochs, --bs and --repeats must be >= 1, --img-size >= 32, --workers >= 0")
@@ -153,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
     args = parse_args(argv)
-    root = require_flowers("bench/train_throughput.py")
+    root = require_flowers("bench.train_throughput")
     df = split_table(root, args.max_images, args.seed)
     load_start = wait_for_quiet() if args.wait_quiet else round(os.getloadavg()[0], 2)
     from flowers_classifier.classes import CLASSES
@@ -170,10 +176,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"workers {workers}, repeat {r + 1}: {name} ...", file=sys.stderr, flush=True)
                 runs[name].append(train[name]())
         rows += [summarise(name, workers, results) for name, results in runs.items()]
-    meta = dict(machine_info(), load_start=load_start, load_end=round(os.getloadavg()[0], 2),
+    meta = dict(machine_info("train_throughput", argv), load_start=load_start, load_end=round(os.getloadavg()[0], 2),
                 torch_threads=torch.get_num_threads(), train_images=int((~df.is_valid).sum()),
                 valid_images=int(df.is_valid.sum()))
-    print(f"# bench/train_throughput.py {' '.join(sys.argv[1:])}")
+    print(f"# {meta['command']}")
     print(json.dumps({k: meta[k] for k in ("date", "cpu", "cores", "torch", "torch_threads")}))
     print(f"{args.model} at {args.img_size} px, bs {args.bs}, {args.epochs} epoch(s) x {args.repeats} repeats (ABBA), "
           f"{meta['train_images']} train / "
@@ -193,8 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     best_ours = max(v for (loop, _), v in by.items() if loop.startswith("ours"))
     best_plain = max(v for (loop, _), v in by.items() if loop.startswith("plain"))
     print(f"- best of each: ours / plain {verdict(best_ours / best_plain, GOAL, True)}")
-    if args.json:
-        args.json.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
+    save_results("train_throughput", args, dict(meta=meta, args=vars(args), rows=rows), argv)
     return 0
 
 

@@ -28,7 +28,7 @@ from .model import replace_modules
 # MLP pair (1024 -> 4096 -> 1024 over 257 tokens, int8 per channel) timed in turn, batch 1 / batch 8, p50 ms:
 # "x86" 116 / 900, "fbgemm" 148 / 812, "onednn" 152 / 777 on the shared, noisy 2-core machine: no engine won
 # both, and the differences were within that machine's noise. So torch's default, "x86" (it picks fbgemm or
-# oneDNN per layer), stays; `python bench/int8.py --engines fbgemm,onednn` times the whole model with others.
+# oneDNN per layer), stays; `python -m bench.int8 --engines fbgemm,onednn` times the whole model with others.
 # The packed weights remember their engine: it only matters while quantising.
 ENGINE = "x86"
 

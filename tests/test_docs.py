@@ -1,5 +1,6 @@
-"""The user's docs: README.md stays a short guide and every relative link or image in it and in docs/*.md
-resolves (the file exists; an #anchor into a markdown file names one of its headings, slugged as GitHub does)."""
+"""The user's docs: README.md stays a short guide and every relative link or image in it, in docs/*.md and in
+bench/README.md (generated from the result files) resolves (the file exists; an #anchor into a markdown file names
+one of its headings, slugged as GitHub does)."""
 import re
 from pathlib import Path
 
@@ -7,7 +8,7 @@ import pytest
 from conftest import ROOT
 
 MAX_README_LINES = 300
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "bench" / "README.md"]  # the last: generated
 LINK = re.compile(r"!?\[[^\]]*\]\(\s*([^)\s]+)(?:\s+\"[^\"]*\")?\s*\)")
 
 

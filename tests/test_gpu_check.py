@@ -1,10 +1,9 @@
-"""bench/gpu_check.py without a GPU: the one-line exit where there is no CUDA, the --cpu-smoke run of every stage
-end to end, and the arithmetic the GPU run rests on (FLOP counting, MFU, the max-batch search, the memory
+"""`python -m bench.gpu_check` without a GPU: the one-line exit where there is no CUDA, the --cpu-smoke run of every
+stage end to end, and the arithmetic the GPU run rests on (FLOP counting, MFU, the max-batch search, the memory
 estimate), so that the script does not rot between the rare runs on a lent GPU."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -17,26 +16,16 @@ import pytest
 import torch
 from torch import nn
 
+from bench import gpu_check as gc
+
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "bench" / "gpu_check.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_gpu_check", SCRIPT)  # bench/ holds scripts, no package
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-gc = _load()
 
 
 def _run(*args: str, timeout: float) -> subprocess.CompletedProcess:
     nice = ["nice", "-n", "19"] if shutil.which("nice") else []
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")  # no GPU, even on a machine with one
-    return subprocess.run([*nice, sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run([*nice, sys.executable, "-m", "bench.gpu_check", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def test_without_cuda_it_says_so_in_one_line_and_exits_2():
@@ -54,6 +43,7 @@ def test_cpu_smoke_runs_every_stage_end_to_end(tmp_path):
     assert report["errors"] == [] and all(report["checks"].values()), report["checks"]
     meta = report["meta"]
     assert meta["mode"] == "cpu-smoke" and meta["bf16_matmul_tflops"] > 0
+    assert meta["command"].startswith("python -m bench.gpu_check --cpu-smoke") and meta["date"].endswith("+00:00")
     flops = meta["clip_flops_per_image"]
     assert 2 * flops["forward"] < flops["training"] < 4 * flops["forward"]
 
