@@ -87,18 +87,27 @@ def tiny_224_model(package: bool = False):
         torch.save(payload, pth)
         if package:
             compile_cpu_package(payload, pth)
-        return fc.load_model(pth, device="cpu", cpu_package=package)  # the package's runner is loaded here
+        # the package's runner is loaded here
+        return fc.load_model(pth, device="cpu", backend="cpu-package" if package else "eager")
 
 
 def micro_batch_table(model, runs: int, rounds: int, images: int = 32) -> dict:
+    import dataclasses
+
     import torch
+
+    from flowers_classifier.backends import CpuPackageBackend, EagerBackend
     batch = torch.randn(images, 3, 224, 224)
 
-    def probabilities(micro_batch):
-        model.micro_batch = micro_batch
-        model.probabilities(batch)
+    def with_micro_batch(k: int | None):  # chosen when a backend is built: one per size, the same network
+        served, k = model.backend, k or images  # None: the whole batch in one pass
+        if served.name == "cpu-package":
+            backend = CpuPackageBackend(served.package, model.family, 224, eager=lambda: served.net, micro_batch=k)
+        else:
+            backend = EagerBackend(served.net, model.family, 224, micro_batch=k)
+        return dataclasses.replace(model, backend=backend)
     sizes = [k for k in MICRO_BATCHES if k is None or k < images]
-    t = in_turn({k: partial(probabilities, k) for k in sizes}, max(rounds, runs // 4), rounds)
+    t = in_turn({k: partial(with_micro_batch(k).probabilities, batch) for k in sizes}, max(rounds, runs // 4), rounds)
     whole = t[None]
     return dict(header=["images per forward pass", "ms per image", f"speed-up vs one pass of {images}"],
                 rows=[[f"{images} (one pass)" if k is None else k, 1e3 * t[k] / images, f"{whole / t[k]:.2f}x"]

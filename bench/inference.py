@@ -13,7 +13,7 @@ its compiled CPU package (`export.py --cpu-package`: NAME.cpu.pt2 beside the .pt
   ours          flowers_classifier.predict_proba from the JPEG file (decode, resize, crop, normalise, model),
                 load_model's defaults on the CPU: the compiled CPU package beside the .pth (AOTInductor)
   ours model    FlowerClassifier.probabilities on an already preprocessed tensor
-  ours eager    the same without the package (load_model(cpu_package=False): Linear layers as 1x1
+  ours eager    the same without the package (load_model(backend="eager"): Linear layers as 1x1
                 convolutions, ConvNeXt channels_last, micro-batches of 2), what a .pth alone gives
   ours compiled load_model(compile=True) (torch.compile at load, inductor freezing; only with --compile)
   torch eager   the module as timm/open_clip build it, NCHW, under torch.inference_mode: what a plain script does
@@ -231,8 +231,8 @@ def load_contender(variant: str, models_info: dict, threads: int):
     if variant == "ours_onnx":
         model = fc.load_onnx_model(models_info["onnx"], threads=threads)
     else:  # "ours" takes load_model's defaults: the CPU package beside the .pth when there is one
-        model = fc.load_model(models_info["pth"], device="cpu", compile=variant == "ours_compiled",
-                              cpu_package=False if variant == "ours_eager" else None)
+        backend = "eager" if variant in ("ours_eager", "ours_compiled") else "auto"
+        model = fc.load_model(models_info["pth"], device="cpu", backend=backend, compile=variant == "ours_compiled")
     return (lambda path: fc.predict_proba(model, path)), model.probabilities, model
 
 

@@ -1,4 +1,4 @@
-"""int8 on the CPU: flowers_classifier fp32 vs int8 (load_model(int8=...)) vs ONNX Runtime fp32 vs ONNX
+"""int8 on the CPU: flowers_classifier fp32 vs int8 (load_model(backend="int8")) vs ONNX Runtime fp32 vs ONNX
 Runtime's own int8 quantisation, speed and top-1 agreement.
 
     python -m bench.int8 --model-file RUN/vit_flowers.pth [--agreement N]   # a model trained on the photos
@@ -9,7 +9,7 @@ The contenders, each with --threads intra-op threads, all behind FlowerClassifie
 preprocessed tensors:
 
   ours fp32   load_model's default CPU path (Linear layers as oneDNN 1x1 convolutions, micro-batches of 2)
-  ours int8   load_model(int8=True): flowers_classifier/quantize.py (dynamic int8 Linear, attention and 1x1
+  ours int8   load_model(backend="int8"): flowers_classifier/quantize.py (dynamic int8 Linear, attention and 1x1
               convolutions included), quantised at load time (the load column includes it)
   ORT fp32    onnxruntime on export_onnx's graph
   ORT int8    onnxruntime on quantize_onnx_int8's graph (ORT's quantize_dynamic: QInt8 weights per channel,
@@ -77,12 +77,12 @@ def load_contenders(payload: dict, tmp: Path, threads: int, engines: list[str]) 
         load_s[name] = time.perf_counter() - start
         print(f"loaded {name} in {load_s[name]:.1f} s", file=sys.stderr, flush=True)
 
-    timed("ours fp32", lambda: model_from_payload(payload, "cpu", int8=False))
-    timed("ours int8", lambda: model_from_payload(payload, "cpu", int8=True))
+    timed("ours fp32", lambda: model_from_payload(payload, device="cpu"))
+    timed("ours int8", lambda: model_from_payload(payload, backend="int8"))
     for engine in engines:
         default, quantize.ENGINE = quantize.ENGINE, engine
         try:
-            timed(f"ours int8 {engine}", lambda: model_from_payload(payload, "cpu", int8=True))
+            timed(f"ours int8 {engine}", lambda: model_from_payload(payload, backend="int8"))
         finally:
             quantize.ENGINE = default
     start = time.perf_counter()

@@ -8,18 +8,20 @@ torch, timm, open_clip and PIL only: no fastai, no network.
     fc.predict_batch(model, fc.find_images(["photos/"]), bs=32)   # -> one record per image
     model = fc.load_model("cnn_flowers.onnx")       # ONNX Runtime instead of torch (`export.py --onnx`)
     model = fc.load_model("cnn_flowers.pth", calibrated=False)  # raw softmax, ignoring the fitted temperature
-    model = fc.load_model("vit_flowers.pth", int8=True)  # int8 Linear layers on the CPU (`export.py --int8`)
-    # On the CPU, the compiled cnn_flowers.cpu.pt2 beside the .pth serves when it fits (`export.py --cpu-package`)
+    model = fc.load_model("vit_flowers.pth", backend="int8")  # int8 Linear layers on the CPU
+    # backend="auto" (default) picks one: see load_model and backends.py
 
     python -m flowers_classifier PATH... [--model models/cnn_flowers.pth] [--top-k 3] [--json OUT] [--bs N]
 
 Payloads are read with `torch.load(weights_only=True)`: a file holding pickled objects is refused
-without running anything. Modules: `classes`, `preprocess` (decoding, eval crop), `model` (modules),
-`factory` (building models, pretrained weights), `payload` (the .pth format), `inference` (load +
-predict), `onnx_model` (ONNX export and serving), `aot` (the compiled CPU package), `quantize` (int8 on
-the CPU), `errors` (`FlowersError`, the base of every error the project raises), `cli`.
+without running anything. Modules: `classes`, `preprocess` (decoding, eval crop), `model` (modules,
+`FlowerClassifier`), `factory` (building models, pretrained weights), `payload` (the .pth format), `inference`
+(load + predict), `backends` (eager, int8, cpu-package, onnx: what runs the network), `onnx_model` (ONNX export
+and serving), `aot` (the compiled CPU package), `quantize` (int8 on the CPU), `errors` (`FlowersError`, the
+base of every error the project raises), `cli`.
 """
 
+from .backends import BackendError
 from .classes import CLASSES
 from .errors import FlowersError
 from .inference import (
@@ -36,12 +38,12 @@ from .inference import (
     predict_proba,
 )
 from .model import FlowerClassifier
-from .onnx_model import OnnxFlowerClassifier, load_onnx_model
+from .onnx_model import load_onnx_model
 from .payload import MODELS_DIR, ModelFileError, load_payload
 from .preprocess import InvalidImageError
 
 __version__ = "0.2.0"
-__all__ = ["CLASSES", "FlowerClassifier", "FlowersError", "InvalidImageError", "MODELS_DIR", "ModelFileError",
-           "OnnxFlowerClassifier", "find_images", "iter_predictions", "iter_probabilities", "load_cnn_model",
+__all__ = ["CLASSES", "BackendError", "FlowerClassifier", "FlowersError", "InvalidImageError", "MODELS_DIR",
+           "ModelFileError", "find_images", "iter_predictions", "iter_probabilities", "load_cnn_model",
            "load_ensemble", "load_model", "load_onnx_model", "load_payload", "load_vit_model",
            "model_from_payload", "predict", "predict_batch", "predict_proba"]

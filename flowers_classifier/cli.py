@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .backends import BACKENDS
 from .classes import CLASSES
 from .inference import error_record, find_images, iter_predictions, load_model
 from .payload import default_model_path
@@ -59,10 +60,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--uncalibrated", action="store_true",
                    help="raw softmax confidences, ignoring the temperature the model was calibrated with at export")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--int8", dest="int8", action="store_const", const=True,
-                   help="serve a .pth int8 on the CPU (default: what the file says; export.py --int8 asks for it)")
-    g.add_argument("--fp32", dest="int8", action="store_const", const=False,
-                   help="serve a .pth unquantised even if it asks for int8")
+    g.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
+                   help="what runs the model (default auto: see load_model)")
+    g.add_argument("--int8", dest="backend", action="store_const", const="int8",
+                   help="serve a .pth int8 on the CPU (as --backend int8)")
+    g.add_argument("--fp32", dest="backend", action="store_const", const="eager",
+                   help="serve a .pth unquantised even if it asks for int8 (as --backend eager)")
     args = p.parse_args(argv)
     if not 1 <= args.top_k <= len(CLASSES):
         p.error(f"--top-k must be between 1 and {len(CLASSES)}, not {args.top_k}")
@@ -77,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     quiet_third_party_warnings()
     try:
-        model = load_model(args.model, calibrated=not args.uncalibrated, int8=args.int8)
-    except ValueError as e:  # ModelFileError, or --int8 where the model would run on a GPU
+        model = load_model(args.model, backend=args.backend, calibrated=not args.uncalibrated)
+    except ValueError as e:  # ModelFileError, or BackendError (--int8 where the model would run on a GPU)
         print(f"error: {e} (--model)", file=sys.stderr)
         return 2
     paths, records = [], []

@@ -13,7 +13,7 @@ the parts outside the centered crop were not seen, and get 0. A small hook-based
 than the `grad-cam` package: it runs on the served model as loaded (channels_last, `_LinearAsConv` on
 the CPU), needs no parameter gradients and leaves the model untouched. Pure torch/numpy/PIL.
 A model whose network passes no gradient is explained from the fp32 network of the same weights
-(`gradient_net`: int8's quantised layers have no backward; behind a CPU package, the eager network), for
+(`gradient_net`, the backend's: int8's quantised layers have no backward; behind a CPU package, the eager network), for
 the class that the served model predicts. An ONNX model has no PyTorch network and is refused, and so is a
 map that comes out flat: an overlay of nothing would read as "no evidence anywhere".
 """
@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import math
 import os
-import threading
-import weakref
 
 import numpy as np
 import torch
@@ -33,7 +31,6 @@ from torch import nn
 
 from .errors import FlowersError
 from .model import FlowerClassifier
-from .onnx_model import OnnxFlowerClassifier
 from .preprocess import load_rgb, resize_center_crop, to_tensor
 from .quantize import int8_layers
 
@@ -46,25 +43,15 @@ class ExplainError(FlowersError, ValueError):
     and what to do."""
 
 
-# model -> its fp32 network for Grad-CAM (`gradient_net`), built once, dropped with the model
-_gradient_nets: weakref.WeakKeyDictionary[FlowerClassifier, nn.Module] = weakref.WeakKeyDictionary()
-_building = threading.Lock()
-
-
 def gradient_net(model: FlowerClassifier) -> nn.Module:
-    """The network Grad-CAM differentiates for `model`: its eager network, or the fp32 network of the same
-    weights when the served one passes no gradient (int8; `FlowerClassifier.build_gradient_net`), built on
-    first use and kept as long as the model. ExplainError for an ONNX model."""
-    if isinstance(model, OnnxFlowerClassifier):
+    """The network Grad-CAM differentiates for `model`: its backend's (the eager network; the fp32 network of
+    the same weights behind int8 or a CPU package, built on first use). ExplainError for an ONNX model."""
+    net = model.backend.gradient_net()
+    if net is None:
         raise ExplainError(f"{model.model_name}: an .onnx model runs in ONNX Runtime, which computes no "
                            f"gradients, so Grad-CAM cannot explain it; load the .pth it was exported from "
                            f"(fc.load_model('MODEL.pth')) to explain its predictions.")
-    if model.build_gradient_net is None:
-        return model.net
-    with _building:  # two threads asking at once build it once
-        if model not in _gradient_nets:
-            _gradient_nets[model] = model.build_gradient_net()
-        return _gradient_nets[model]
+    return net
 
 
 def target_layer(model: FlowerClassifier) -> nn.Module:
@@ -88,7 +75,7 @@ def cam_for_tensor(model: FlowerClassifier, x: torch.Tensor, class_index: int | 
     the one the model predicts unless `class_index` is given. ExplainError when the map is flat (all zero
     or not finite): there is nothing to draw."""
     net = gradient_net(model)
-    if class_index is None and (net is not model.net or model.compiled is not None):
+    if class_index is None and model.backend.name != "eager":
         # another network serves (int8, a CPU package): explain the class it predicts, not its fp32 twin's
         class_index = int(model.logits(x.unsqueeze(0))[0].argmax())
     layer, captured = _target_layer(net, model.family), {}
@@ -103,10 +90,9 @@ def cam_for_tensor(model: FlowerClassifier, x: torch.Tensor, class_index: int | 
     hook = layer.register_forward_pre_hook(keep) if vit else layer.register_forward_hook(keep)
     try:
         param = next(net.parameters())
-        memory_format = torch.channels_last if model.channels_last else torch.preserve_format
         with torch.inference_mode(False), torch.enable_grad():  # the server may call us under inference_mode
             # a clone made here is a normal tensor even when x was made under inference_mode
-            batch = x.clone().unsqueeze(0).to(param.device, param.dtype, memory_format=memory_format)
+            batch = x.clone().unsqueeze(0).to(param.device, param.dtype)
             logits = net(batch.requires_grad_(True))[0].float()
             target = int(logits.argmax()) if class_index is None else class_index
             act = captured["act"]
@@ -133,7 +119,7 @@ def _check_not_flat(cam: torch.Tensor, net: nn.Module, model: FlowerClassifier, 
                "export the model again from a run whose weights are finite")
         raise ExplainError(f"{what} is not finite (NaN or inf), so no map is drawn: {why}.")
     if not bool(cam.max() > 0):
-        why = ("its int8 layers pass no gradient; explain the fp32 model (load_model(..., int8=False))"
+        why = ("its int8 layers pass no gradient; explain the fp32 model (load_model(..., backend='eager'))"
                if int8_layers(net) else "nothing at the explained layer argues for that class in this photo; "
                "explain another class (class_index=...) or another photo")
         raise ExplainError(f"{what} is all zero, so no map is drawn: {why}.")

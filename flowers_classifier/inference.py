@@ -1,6 +1,6 @@
 """Loading an exported model and predicting with it: `load_model` (and its cnn/vit/ensemble shorthands),
-the CPU fast paths, `predict`/`predict_proba` for one image and `iter_probabilities`/`predict_batch` for
-many. Pure torch + timm/open_clip + PIL: no fastai, no network.
+which picks the backend that serves it (backends.py), `predict`/`predict_proba` for one image and
+`iter_probabilities`/`predict_batch` for many. Pure torch + timm/open_clip + PIL: no fastai, no network.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .aot import CpuPackageError, cpu_package_path, load_cpu_package
+from .backends import BACKENDS, Backend, BackendError, CpuPackageBackend, EagerBackend, Int8Backend
 from .factory import build_from_spec
-from .model import FlowerClassifier, replace_modules
+from .model import FlowerClassifier
 from .onnx_model import load_onnx_model
 from .payload import (
     DEFAULT_FILES,
@@ -32,21 +32,6 @@ from .payload import (
     resolve_model_path,
 )
 from .preprocess import IMAGE_SUFFIXES, InvalidImageError, Preprocess, preprocess_image, tta_views
-from .quantize import quantize_int8
-
-CPU_MICRO_BATCH = 2  # images per eager forward pass on the CPU at 224 px; more at smaller sizes (cpu_micro_batch)
-# Images per call of a compiled CPU package at 224 px. Its fused kernels make fewer passes over the activations,
-# so its chunks can be larger than eager's, but not a whole batch: convnextv2_tiny at 224 px, one process, in
-# turn, took 0.93-0.95x the time for a batch of 8 in chunks of 4 and 0.83x for 32, against one call per batch;
-# ViT-L/14 0.94-0.98x for a batch of 8 (bench/cpu_kernels.py --package, bench/RESULTS.md sections 1 and 4).
-PACKAGE_MICRO_BATCH = 4
-
-
-def cpu_micro_batch(image_size: int, per_224: int = CPU_MICRO_BATCH) -> int:
-    """Images per forward pass on the CPU: as many pixels as `per_224` images of 224 px (eager: 2 at 224, 24 at
-    64; the package: 4 at 224, 49 at 64), so that each pass's activations stay cache-sized without splitting
-    small inputs for nothing."""
-    return max(1, round(per_224 * (224 / image_size) ** 2))
 
 
 def _build_with_weights(payload: dict, path: str | os.PathLike = "payload") -> nn.Module:
@@ -81,192 +66,161 @@ def _load_weights(net: nn.Module, payload: dict, path: str | os.PathLike, assign
         raise ModelFileError(f"{path}: weights do not fit {payload['model_name']} ({e})") from e
 
 
-def load_model(weights_path: str | os.PathLike, family: str | None = None,
-               device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
-               compile: bool = False, calibrated: bool = True, cpu_package: bool | None = None,
-               int8: bool | None = None) -> FlowerClassifier:
-    """Build the architecture the payload describes (no download), load its weights, eval mode.
-    `family` ("cnn" or "clip") makes a file of the other family an error. Uses CUDA when available.
-    On the CPU, Linear layers run as 1x1 convolutions (`_LinearAsConv`), a ConvNeXt runs channels_last and
-    batches go through the network in cache-sized chunks (`cpu_micro_batch`). No thread's CPU affinity is
-    changed: the process's threads (a server's too) keep every CPU they had.
-    `compile=True` adds torch.compile (see `_compile`): faster still on the CPU, mostly at batch sizes
-    above 1, but the first call at each new batch-size range compiles (seconds to a minute); for
-    long-running servers.
-    `calibrated=True` serves softmax(logits / T) with the payload's fitted temperature T (1 for a file
-    without one); `calibrated=False` serves the raw softmax, for comparison. The argmax is the same.
-    `cpu_package`: on the CPU, serve the compiled `<name>.cpu.pt2` beside the file (`export.py --cpu-package`,
-    see `aot.py`). None (default): when there is one that fits this torch, CPU and weights; one that does
-    not fit is skipped with a warning saying why. True: it must be used (ModelFileError otherwise). False: eager.
-    `int8=True` serves int8 on the CPU (quantize.py: the Linear layers, attention's projections and 1x1
-    convolutions as dynamically quantised int8 Linear layers, quantised here at load time); `int8=False`
-    serves fp32; None (default) does what the file asks (`export.py --int8` writes {"quantize": "int8"}).
-    A `.onnx` file (`export.py --onnx`) is served by ONNX Runtime instead: see `load_onnx_model`."""
-    if resolve_model_path(weights_path).suffix.lower() == ".onnx":
-        return load_onnx_model(weights_path, family, device, calibrated=calibrated)
+def load_model(weights_path: str | os.PathLike, *, backend: str = "auto", device: str | torch.device | None = None,
+               calibrated: bool = True, dtype: torch.dtype = torch.float32, family: str | None = None,
+               compile: bool = False, threads: int | None = None) -> FlowerClassifier:
+    """The exported model at `weights_path` (a `.pth` payload or a `.onnx` graph; a bare name is looked up in
+    models/), served by one backend (backends.py) chosen here, once: no download, eval mode.
+
+    `backend="auto"`: a `.onnx` file -> onnx; on CUDA -> eager; on the CPU -> int8 when the file asks for it
+    (`export.py --int8`), else the compiled package beside the `.pth` when one fits this torch, CPU and weights
+    (one that does not fit: a warning saying why, and eager), else eager. A backend named here that cannot
+    serve raises BackendError saying why.
+
+    Args:
+        backend: "auto", "eager", "int8" (CPU), "cpu-package" (CPU, `export.py --cpu-package`) or "onnx" (a .onnx file)
+        device: where the model runs; default CUDA when available, else the CPU
+        calibrated: serve softmax(logits / T) with the file's fitted temperature T; False: the raw softmax
+        dtype: the weights' dtype on a GPU (fp16/bf16 allowed); the CPU always serves fp32
+        family: "cnn" or "clip" to refuse a file of the other family
+        compile: torch.compile the eager or int8 network (first calls at each batch size compile; needs g++)
+        threads: ONNX Runtime's intra-op threads (onnx only); default ONNX Runtime's choice
+    """
+    if backend not in ("auto", *BACKENDS):
+        raise BackendError(f"load_model(backend={backend!r}): not a backend; pass one of "
+                           f"{', '.join(map(repr, ('auto', *BACKENDS)))}.")
+    path = resolve_model_path(weights_path)
+    if path.suffix.lower() == ".onnx":
+        if backend not in ("auto", "onnx") or compile:
+            asked = f"backend={backend!r}" if backend != "auto" else "compile=True"
+            raise BackendError(f"{path}: an .onnx graph is served by ONNX Runtime only, not load_model({asked}); "
+                               f"load the .pth it was exported from for that.")
+        return load_onnx_model(path, family, device, threads=threads, calibrated=calibrated)
+    if backend == "onnx":
+        raise BackendError(f"{path}: backend='onnx' serves an .onnx graph, not a .pth payload; write one with "
+                           f"`python export.py {path} --onnx {path.with_suffix('.onnx')}` and load that file.")
     # The tensors mapped, not read: a CPU package that serves never needs them (ViT-L/14: 1.2 GB not read,
     # not held in memory). The eager network gets them read below, not left mapped to a file that may change.
-    payload = load_payload(weights_path, mmap=True)
-    path = resolve_model_path(weights_path)
+    payload = load_payload(path, mmap=True)
     if family and payload["family"] != family:
         loader = "load_cnn_model" if payload["family"] == "cnn" else "load_vit_model"
         raise ModelFileError(f"{path}: holds a {payload['family']!r} model, not {family!r}; use {loader}().")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    serves_fp32_on_cpu = device.type == "cpu" and not compile and not _int8_on(device, payload, path, int8)
-    package = None
-    if serves_fp32_on_cpu and cpu_package is not False:
-        package = _fitting_cpu_package(payload, path, cpu_package)
-    if package is None:
-        payload = load_payload(path)
-    return model_from_payload(payload, device, dtype, compile, calibrated, path, int8, package)
+    device = _device(device)
+    backend = _choose_backend(backend, payload, path, device, compile)
+    package = _fitting_cpu_package(payload, path, required=backend == "cpu-package") if backend in (
+        "auto", "cpu-package") else None
+    if package is not None:
+        temperature = payload_temperature(payload, path) if calibrated else 1.0
+        eager = partial(_eager_net_from_file, path, os.stat(path), payload["family"], int(payload["image_size"]))
+        served = CpuPackageBackend(package, payload["family"], int(payload["image_size"]), eager=eager)
+        return _classifier(served, payload, temperature)
+    return model_from_payload(load_payload(path), backend="int8" if backend == "int8" else "eager", device=device,
+                              dtype=dtype, calibrated=calibrated, compile=compile, path=path)
 
 
-def _fitting_cpu_package(payload: dict, payload_path: Path, required: bool | None) -> Callable | None:
+def _device(device: str | torch.device | None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _choose_backend(backend: str, payload: dict, path: Path, device: torch.device, compile: bool) -> str:
+    """`backend` when it can serve `payload` on `device` (BackendError saying why not); for "auto": "int8" when
+    the file asks for it on the CPU, "auto" where a fitting CPU package may serve, else "eager"."""
+    cpu_only = backend in ("int8", "cpu-package")
+    if cpu_only and device.type != "cpu":
+        what = "torch's int8 kernels have no GPU version" if backend == "int8" else "a CPU package runs on the CPU"
+        raise BackendError(f"{path}: backend={backend!r} runs on the CPU only ({what}), and device is {device}; "
+                           f"pass device='cpu', or backend='eager'.")
+    if compile and backend == "cpu-package":
+        raise BackendError(f"{path}: compile=True compiles the eager network; the CPU package is already compiled. "
+                           f"Pass backend='eager' with compile=True, or leave compile out.")
+    if backend != "auto":
+        return backend
+    if payload_int8(payload, path):
+        if device.type == "cpu":
+            return "int8"
+        warnings.warn(f"{path}: asks for int8 ({QUANTIZE_KEY!r} key), a CPU-only path; serving it on {device} "
+                      f"unquantised.", stacklevel=3)
+    return "auto" if device.type == "cpu" and not compile else "eager"
+
+
+def _fitting_cpu_package(payload: dict, payload_path: Path, required: bool) -> Callable | None:
     """The compiled forward of the package beside the payload file when there is one that fits (see aot.py);
-    None when there is none, or (with a warning saying why) when it does not fit. `required`: an error instead."""
+    None when there is none, or (with a warning saying why) when it does not fit. `required`: BackendError instead."""
     package = cpu_package_path(payload_path)
     rebuild = f"`python export.py {payload_path} --cpu-package`"
     if not package.is_file():
         if required:
-            raise ModelFileError(f"{package}: no CPU package beside {payload_path}; write one with {rebuild}.")
+            raise BackendError(f"{package}: no CPU package beside {payload_path}; write one with {rebuild}, "
+                               f"or load with backend='eager'.")
         return None
     try:
         return load_cpu_package(package, payload, payload_path)
     except (CpuPackageError, ModelFileError) as e:
         if required:
-            raise ModelFileError(f"{e}; write it again with {rebuild}.") from e
+            raise BackendError(f"{e}; write it again with {rebuild}, or load with backend='eager'.") from e
         warnings.warn(f"{e}; serving the eager model instead (slower). Rebuild the package with {rebuild}, "
                       f"or delete it.", stacklevel=4)
         return None
 
 
-def model_from_payload(payload: dict, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
-                       compile: bool = False, calibrated: bool = True, path: str | os.PathLike = "payload",
-                       int8: bool | None = None, compiled: Callable | None = None) -> FlowerClassifier:
-    """`load_model` for a payload dict already in memory (e.g. one export.py is about to write); never
-    looks for a CPU package. `compiled`: the CPU package's forward, which then serves, and the eager network
-    is only built when something asks for it (Grad-CAM), which saves its build time and memory at load."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    int8 = _int8_on(device, payload, path, int8)
-    if device.type == "cpu":
-        dtype = torch.float32  # half precision on CPU is slower and less exact
-    if compiled:  # the eager network waits for its first use, reading the file again then: no payload held
-        build = partial(_eager_net_from_file, Path(path), os.stat(path), device, dtype, int8)
-    else:
-        build = partial(_eager_net, payload, device, dtype, int8, path)
-    fp32 = None
-    if int8:  # int8 layers pass no gradient: Grad-CAM differentiates the fp32 network of the same weights
+def model_from_payload(payload: dict, *, backend: str = "eager", device: str | torch.device | None = None,
+                       dtype: torch.dtype = torch.float32, calibrated: bool = True, compile: bool = False,
+                       path: str | os.PathLike = "payload") -> FlowerClassifier:
+    """`load_model` for a payload dict already in memory (e.g. one export.py is about to write), served by the
+    "eager" or "int8" backend (a package and an ONNX graph are files: load those with `load_model`).
+
+    Args:
+        backend: "eager" or "int8" (CPU only)
+        device, dtype, calibrated, compile: as for `load_model`
+        path: the file the payload was read from (messages; the int8 model's fp32 twin is read from it again)
+    """
+    device = _device(device)
+    if backend not in ("eager", "int8"):
+        raise BackendError(f"{path}: model_from_payload serves backend='eager' or 'int8', not {backend!r}; "
+                           f"load the file with load_model(backend={backend!r}).")
+    _choose_backend(backend, payload, Path(path), device, compile)  # int8 on a GPU: BackendError
+    family, size = payload["family"], int(payload["image_size"])
+    net = _build_with_weights(payload, path)
+    if backend == "int8":  # int8 layers pass no gradient: Grad-CAM differentiates the fp32 network of the same weights
         from_file = Path(path).is_file()  # so that the int8 model never holds the fp32 weights
-        fp32 = (partial(_eager_net_from_file, Path(path), os.stat(path), device, dtype, False) if from_file
-                else partial(_eager_net, payload, device, dtype, False, path))
-    model = FlowerClassifier(None if compiled else build(), payload["family"], payload["model_name"],
-                             tuple(payload["classes"]), Preprocess.from_dict(payload),
-                             build_net=build if compiled else None, build_gradient_net=fp32)
-    model.temperature = payload_temperature(payload, path) if calibrated else 1.0
-    model.int8 = int8 and device.type == "cpu"
-    if device.type == "cpu":
-        model.channels_last = model.family == "cnn"  # the eager ConvNeXt and the package both take NHWC
-        # Activations of a couple of images stay in the CPU's caches; those of 32 do not, and then the
-        # elementwise ops between the convolutions (GELU, GRN, LayerNorm) run at memory speed: chunks of 2
-        # are ~2x faster per image than one pass of 32 at 224 px (bench/cpu_kernels.py, bench/RESULTS.md).
-        # The package's kernels fuse much of that work, so its chunks hold twice the pixels; at 64 px a
-        # batch of up to 49 is one call (convnextv2_atto, batch 32: chunks of 8 took 1.10x the time).
-        model.micro_batch = cpu_micro_batch(model.prep.image_size, PACKAGE_MICRO_BATCH if compiled else
-                                            CPU_MICRO_BATCH)
-    model.compiled = compiled
-    return _compile(model) if compile else model
+        fp32 = (partial(_eager_net_from_file, Path(path), os.stat(path), family, size) if from_file
+                else partial(_eager_net, payload, family, size, path))
+        served = Int8Backend(net, family, size, fp32=fp32, compile=compile)
+    else:
+        served = EagerBackend(net, family, size, device=device, dtype=dtype, compile=compile)
+    return _classifier(served, payload, payload_temperature(payload, path) if calibrated else 1.0)
 
 
-def _eager_net(payload: dict, device: torch.device, dtype: torch.dtype, int8: bool,
-               path: str | os.PathLike) -> nn.Module:
-    """The payload's network in eval mode on `device`, with the CPU's fast paths (int8 when asked; Linear
-    layers as 1x1 convolutions; the ConvNeXt channels_last)."""
-    net = _build_with_weights(payload, path).to(device, dtype).eval()
-    if device.type != "cpu":
-        return net
-    if int8:
-        quantize_int8(net)  # before the swap below: only the classifier head is left a plain nn.Linear
-    _linears_as_convs(net)
-    # oneDNN's convolutions are fastest on NHWC, and ConvNeXt's MLP permutes to NHWC anyway: no copies.
-    return net.to(memory_format=torch.channels_last) if payload["family"] == "cnn" else net
+def _classifier(backend: Backend, payload: dict, temperature: float) -> FlowerClassifier:
+    return FlowerClassifier(backend, payload["family"], payload["model_name"], tuple(payload["classes"]),
+                            Preprocess.from_dict(payload), temperature)
 
 
-def _eager_net_from_file(path: Path, loaded: os.stat_result, device: torch.device, dtype: torch.dtype,
-                        int8: bool) -> nn.Module:
-    """`_eager_net` of the payload file read again, for a network built after load (the eager one behind a
-    CPU package, Grad-CAM's fp32 one): refused when the file changed since `loaded`, as it would not hold
-    the weights that serve."""
+def _eager_net(payload: dict, family: str, image_size: int, path: str | os.PathLike) -> nn.Module:
+    """The payload's fp32 network in the eager backend's CPU form (Grad-CAM's, behind int8 or a package)."""
+    return EagerBackend(_build_with_weights(payload, path), family, image_size).net
+
+
+def _eager_net_from_file(path: Path, loaded: os.stat_result, family: str, image_size: int) -> nn.Module:
+    """`_eager_net` of the payload file read again, for a network built after load: refused when the file
+    changed since `loaded`, as it would not hold the weights that serve."""
     now = path.stat()
     if (now.st_ino, now.st_size, now.st_mtime_ns) != (loaded.st_ino, loaded.st_size, loaded.st_mtime_ns):
         raise ModelFileError(f"{path}: changed since the model was loaded, so it no longer holds the weights "
                              f"that serve; load the model again (load_model) to serve and explain the new file.")
-    return _eager_net(load_payload(path), device, dtype, int8, path)
-
-
-def _int8_on(device: torch.device, payload: dict, path: str | os.PathLike, int8: bool | None) -> bool:
-    """Whether to serve int8: `int8` when given, else what the payload asks. int8 is a CPU path (torch's
-    dynamically quantised kernels have no CUDA version): asked for explicitly on a GPU it is an error; asked
-    for by the file it is a warning and the GPU serves the weights as usual, faster than int8 on a CPU would."""
-    asked = payload_int8(payload, path) if int8 is None else int8
-    if not asked or device.type == "cpu":
-        return asked
-    if int8:
-        raise ValueError(f"load_model(int8=True): int8 runs on the CPU only, and this model would be served on "
-                         f"{device}; pass device='cpu', or int8=False.")
-    warnings.warn(f"{path}: asks for int8 ({QUANTIZE_KEY!r} key), a CPU-only path; serving it on {device} "
-                  f"unquantised.", stacklevel=3)
-    return False
-
-
-class _LinearAsConv(nn.Module):
-    """An nn.Linear over the last dim of an (N, H, W, C) or (N, L, C) tensor, computed as a 1x1 convolution
-    of its channels-last view: the same arithmetic up to float rounding, but through oneDNN rather than
-    MKL's sgemm, which runs at about half oneDNN's speed on the AMD EPYC measured in bench/RESULTS.md
-    (MKL does not take its AVX-512 path there). Same parameters and state-dict keys as the Linear."""
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.weight, self.bias = linear.weight, linear.bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight[:, :, None, None]
-        if x.dim() == 4:  # (N, H, W, C) is an NCHW tensor in channels_last memory once permuted: no copy
-            return F.conv2d(x.permute(0, 3, 1, 2), w, self.bias).permute(0, 2, 3, 1)
-        if x.dim() == 3:  # (N, L, C) -> (N, C, L, 1), channels_last in memory too
-            return F.conv2d(x.transpose(1, 2).unsqueeze(-1), w, self.bias).squeeze(-1).transpose(1, 2)
-        return F.linear(x, self.weight, self.bias)
-
-
-def _linears_as_convs(net: nn.Module) -> None:
-    """Swap every nn.Linear of `net` (ConvNeXt's MLPs, the ViT blocks' MLPs, heads) for _LinearAsConv."""
-    # exact type, not subclasses: attention's NonDynamicallyQuantizableLinear stays
-    replace_modules(net, lambda child: _LinearAsConv(child) if type(child) is nn.Linear else None)
-
-
-def _compile(model: FlowerClassifier) -> FlowerClassifier:
-    """torch.compile with inductor freezing (weights folded and prepacked, elementwise ops fused), warmed
-    up on one image so that a missing C++ compiler shows here, as a warning, and eager serving goes on."""
-    eager = model.net
-    model.net = torch.compile(eager, options={"freezing": True})
-    try:
-        model.probabilities(torch.zeros(1, 3, model.prep.image_size, model.prep.image_size))
-    except Exception as e:  # noqa: BLE001 - any backend failure leaves the (correct) eager model in place
-        warnings.warn(f"load_model(compile=True): torch.compile failed ({type(e).__name__}: {str(e)[:300]}); "
-                      f"serving the eager model. It needs a C++ compiler (gcc/g++) on PATH.", stacklevel=3)
-        model.net = eager
-    return model
+    return _eager_net(load_payload(path), family, image_size, path)
 
 
 def load_cnn_model(weights_path: str | os.PathLike = DEFAULT_FILES["cnn"], device=None,
                    dtype: torch.dtype = torch.float32, calibrated: bool = True) -> FlowerClassifier:
     """The exported ConvNeXt V2 classifier (`export.py` output)."""
-    return load_model(weights_path, "cnn", device, dtype, calibrated=calibrated)
+    return load_model(weights_path, family="cnn", device=device, dtype=dtype, calibrated=calibrated)
 
 
 def load_vit_model(weights_path: str | os.PathLike = DEFAULT_FILES["clip"], device=None,
                    dtype: torch.dtype = torch.float32, calibrated: bool = True) -> FlowerClassifier:
     """The exported CLIP ViT classifier; fp32 on CPU, fp16/bf16 allowed on GPU via `dtype`."""
-    return load_model(weights_path, "clip", device, dtype, calibrated=calibrated)
+    return load_model(weights_path, family="clip", device=device, dtype=dtype, calibrated=calibrated)
 
 
 def load_ensemble(cnn_path: str | os.PathLike = DEFAULT_FILES["cnn"],

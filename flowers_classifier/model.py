@@ -1,10 +1,12 @@
 """The modules our models add to timm's and open_clip's: the CLIP classifier (image tower + linear head),
-a faster, equal ConvNeXt V2 Global Response Norm, and `FlowerClassifier`, an exported network with the
-classes and preprocessing it is served with. How they are created lives in `factory`."""
+a faster, equal ConvNeXt V2 Global Response Norm, and `FlowerClassifier`: a `Backend` that runs an exported network
+with the classes and preprocessing it is served with. How they are created lives in `factory`."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -63,51 +65,44 @@ def use_fast_grn(model: nn.Module) -> nn.Module:
     return model
 
 
-class FlowerClassifier(nn.Module):
-    """An exported network plus what it needs to be fed: classes and preprocessing."""
+class Backend(Protocol):
+    """`forward(batch) -> logits` on `device`, plus the network Grad-CAM differentiates (None: there is none)."""
 
-    channels_last = False  # load_model sets it for ConvNeXt on the CPU: inputs are then fed NHWC
-    micro_batch: int | None = None  # load_model sets it on the CPU: a batch runs through the net in chunks
-    temperature: float = 1.0  # logits / temperature before the softmax: load_model sets the payload's calibration
-    compiled: Callable[[torch.Tensor], torch.Tensor] | None = None  # load_model sets the CPU package's forward
-    int8: bool = False  # load_model sets it when it quantised the net (quantize.py)
+    name: str  # one of backends.BACKENDS
+    device: torch.device  # where the forward runs
 
-    def __init__(self, net: nn.Module | None, family: str, model_name: str, classes: tuple[str, ...],
-                 prep: Preprocess, build_net: Callable[[], nn.Module] | None = None,
-                 build_gradient_net: Callable[[], nn.Module] | None = None):
-        """`net` None: built by `build_net()` on first use (load_model defers it when a compiled CPU package
-        serves: Grad-CAM still gets the eager network, and a plain prediction never pays for it).
-        `build_gradient_net`: for a `net` whose layers pass no gradient (int8), builds the fp32 network of
-        the same weights that Grad-CAM differentiates instead (explain.gradient_net); None: `net` itself."""
-        super().__init__()
-        self.family, self.model_name, self.classes, self.prep = family, model_name, classes, prep
-        self._build_net = build_net
-        self.build_gradient_net = build_gradient_net
-        if net is not None:
-            self.net = net
+    def forward(self, batch: torch.Tensor) -> torch.Tensor: ...
 
-    def __getattr__(self, name: str):
-        # nn.Module keeps modules in _modules, so this runs on every `.net`: build only the first time.
-        if name == "net" and "net" not in self._modules and self.__dict__.get("_build_net") is not None:
-            self.net = self._build_net()
-        return super().__getattr__(name)
+    def gradient_net(self) -> nn.Module | None: ...
+
+
+@dataclass(frozen=True, eq=False)
+class FlowerClassifier:
+    """A backend (what runs the network: backends.py) plus what it needs to be fed and how its logits are read:
+    the classes, the preprocessing and the temperature served (1.0: the raw softmax). Fixed when built: a
+    different backend or temperature is another `load_model` call, never an attribute set afterwards. A plain
+    object, not an nn.Module: its network may not be a PyTorch one (ONNX Runtime, a compiled package)."""
+
+    backend: Backend
+    family: str  # "cnn" or "clip"
+    model_name: str  # the timm / open_clip architecture
+    classes: tuple[str, ...]
+    prep: Preprocess
+    temperature: float = 1.0  # logits / temperature before the softmax: the payload's calibration
 
     @property
     def device(self) -> torch.device:
-        return torch.device("cpu") if self.compiled is not None else next(self.net.parameters()).device
+        return self.backend.device
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+    @property
+    def net(self) -> nn.Module:
+        """The PyTorch network of an eager, int8 or package backend (behind a package: built on first use)."""
+        return self.backend.net
 
     @torch.inference_mode()
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) normalised images -> (N, num_classes) fp32 logits on the CPU, before any temperature."""
-        dtype = torch.float32 if self.compiled is not None else next(self.net.parameters()).dtype
-        memory_format = torch.channels_last if self.channels_last else torch.preserve_format
-        chunks = batch.split(self.micro_batch) if self.micro_batch else (batch,)
-        forward = self.compiled or self.net  # the compiled package computes what self.net does (aot.py)
-        logits = [forward(c.to(self.device, dtype, memory_format=memory_format)) for c in chunks]
-        return torch.cat(logits).float().cpu()
+        return self.backend.forward(batch).float().cpu()
 
     @torch.inference_mode()
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:

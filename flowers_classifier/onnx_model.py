@@ -1,5 +1,5 @@
 """The ONNX form of a payload: `export_onnx` writes one (`export.py --onnx`), `load_onnx_model` serves
-one through ONNX Runtime on the CPU behind the same interface as a `.pth` model.
+one through ONNX Runtime on the CPU (backends.OnnxBackend) as a `FlowerClassifier`, like a `.pth` model.
 
 The graph takes `image` (N, 3, H, W) with a dynamic batch axis and returns `logits` and `probabilities`;
 the payload's metadata (format version, classes, preprocessing, calibration temperature) rides along as
@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .backends import BackendError, OnnxBackend
 from .classes import CLASSES
 from .errors import FlowersError
 from .factory import build_from_spec
 from .files import atomic_write
-from .model import FlowerClassifier, calibrated_softmax
+from .model import FlowerClassifier
 from .payload import QUANTIZE_KEY, ModelFileError, check_spec, payload_temperature, resolve_model_path
 from .preprocess import Preprocess
 
@@ -132,42 +133,11 @@ def export_onnx(payload: dict, out: str | Path, opset: int | None = None,
 
 # --------------------------------------------------------------------------- serving
 
-class _OrtNet(nn.Module):
-    """An ONNX Runtime session behind the module interface FlowerClassifier expects (forward -> logits)."""
-
-    def __init__(self, session):
-        super().__init__()
-        self.session = session
-
-    def run(self, output: str, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.session.run([output], {ONNX_INPUT: x.float().contiguous().numpy()})[0])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.run(ONNX_OUTPUTS[0], x)
-
-
-class OnnxFlowerClassifier(FlowerClassifier):
-    """A FlowerClassifier whose network is an exported ONNX graph run by ONNX Runtime on the CPU: same
-    classes, preprocessing and `probabilities`, so predict/predict_proba/predict_batch work unchanged."""
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cpu")
-
-    def logits(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.net.run(ONNX_OUTPUTS[0], batch)
-
-    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
-        if self.temperature != 1.0:  # the graph's softmax is the raw one: apply the calibration to its logits
-            return calibrated_softmax(self.logits(batch), self.temperature)
-        return self.net.run(ONNX_OUTPUTS[1], batch)  # the graph's own softmax output, fp32
-
-
 def _onnx_session(path: Path, threads: int | None):
     try:
         import onnxruntime as ort
     except ImportError as e:
-        raise ModelFileError(f"{path}: serving an .onnx model needs onnxruntime, which is not installed; "
+        raise BackendError(f"{path}: serving an .onnx model needs onnxruntime, which is not installed; "
                              f"`pip install onnxruntime`, or serve the .pth payload instead.") from e
     options = ort.SessionOptions()
     if threads:
@@ -180,7 +150,7 @@ def _onnx_session(path: Path, threads: int | None):
 
 
 def load_onnx_model(onnx_path: str | os.PathLike, family: str | None = None, device: str | torch.device | None = None,
-                    threads: int | None = None, calibrated: bool = True) -> OnnxFlowerClassifier:
+                    threads: int | None = None, calibrated: bool = True) -> FlowerClassifier:
     """An ONNX graph written by `export.py --onnx`, served by ONNX Runtime (CPU; `threads` sets its
     intra-op threads, default: ONNX Runtime's choice). The preprocessing and the calibration temperature
     come from the file's metadata; `calibrated=False` serves the raw softmax."""
@@ -199,7 +169,5 @@ def load_onnx_model(onnx_path: str | os.PathLike, family: str | None = None, dev
     check_spec(spec, path)
     if family and spec["family"] != family:
         raise ModelFileError(f"{path}: holds a {spec['family']!r} model, not {family!r}.")
-    model = OnnxFlowerClassifier(_OrtNet(session), spec["family"], spec["model_name"], CLASSES,
-                                 Preprocess.from_dict(spec))
-    model.temperature = payload_temperature(spec, path) if calibrated else 1.0
-    return model
+    return FlowerClassifier(OnnxBackend(session, ONNX_INPUT, ONNX_OUTPUTS[0]), spec["family"], spec["model_name"],
+                            CLASSES, Preprocess.from_dict(spec), payload_temperature(spec, path) if calibrated else 1.0)

@@ -170,7 +170,7 @@ def classifier_head(net: nn.Module) -> nn.Module | None:
 def _engine(name: str):
     if name not in torch.backends.quantized.supported_engines:
         raise RuntimeError(f"int8: this torch build has no {name!r} quantised engine (it has "
-                           f"{torch.backends.quantized.supported_engines}); serve fp32 (int8=False).")
+                           f"{torch.backends.quantized.supported_engines}); serve fp32 (backend='eager').")
     previous = torch.backends.quantized.engine
     torch.backends.quantized.engine = name
     try:

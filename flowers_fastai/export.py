@@ -197,7 +197,7 @@ version and this kind of CPU only; elsewhere load_model warns and serves the eag
 
 --int8 (CPU serving): the .pth asks flowers_classifier to serve it int8 on the CPU: its Linear layers
 (attention's projections and 1x1 convolutions included) are quantised to int8 when it is loaded; the file
-still holds the usual weights, and load_model(..., int8=False) serves it fp32. From an exported MODEL.pth,
+still holds the usual weights, and load_model(..., backend="eager") serves it fp32. From an exported MODEL.pth,
 --int8 --out NEW.pth writes a copy that asks for int8. With --onnx, --int8 writes ONNX Runtime's dynamic
 int8 quantisation of the fp32 graph instead.
 """

@@ -132,3 +132,27 @@ def tiny_vit_pth(tmp_path_factory) -> Path:
     """A random-init open_clip ViT-S-32 payload at 64 px, fp16 storage like a real CLIP export."""
     return tiny_clip_payload_file(tmp_path_factory.mktemp("tiny") / "vit_flowers.pth")
 
+
+EXPORT_STDERR: dict = {}  # what export.py printed to stderr while packaged_cnn compiled, by .pth path
+
+
+@pytest.fixture(scope="session")
+def packaged_cnn(tiny_cnn_pth, tmp_path_factory) -> Path:
+    """A copy of the tiny CNN payload with its CPU package beside it, written through export.py's CLI: compiled
+    once per test run (minutes), shared by test_cpu_package.py and test_backends.py."""
+    import contextlib
+    import io
+    import shutil
+
+    from flowers_fastai import export
+    require(shutil.which("g++") is not None or shutil.which("c++") is not None,
+            "compiling a CPU package needs a C++ compiler (apt-get install g++)")
+    pth = tmp_path_factory.mktemp("pkg") / "cnn_flowers.pth"
+    shutil.copy(tiny_cnn_pth, pth)
+    with pytest.MonkeyPatch.context() as env, contextlib.redirect_stderr(io.StringIO()) as err:
+        # an empty Inductor cache: a real first compile, as on a user's machine (its autotuning included)
+        env.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor-cache")))
+        assert export.main([str(pth), "--cpu-package"]) == 0
+    EXPORT_STDERR[pth] = err.getvalue()
+    return pth
+

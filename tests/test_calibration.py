@@ -4,6 +4,7 @@ calibrated export + evaluation of a run folder."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -97,8 +98,8 @@ def test_argmax_never_changes_with_the_temperature(tiny_cnn_pth, real_photos):
     photos = [p for ps in real_photos.values() for p in ps]
     predictions = []
     for t in (0.05, 0.5, 1.0, 3.0, 20.0):
-        model.temperature = t
-        predictions.append([r["predicted_class"] for r in fc.predict_batch(model, photos)])
+        served = dataclasses.replace(model, temperature=t)
+        predictions.append([r["predicted_class"] for r in fc.predict_batch(served, photos)])
     assert all(p == predictions[0] for p in predictions)
 
 

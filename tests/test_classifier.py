@@ -1,5 +1,6 @@
 """flowers_classifier: safe payload loading, preprocessing of odd images, predict/predict_proba."""
 
+import dataclasses
 import io
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from conftest import ROOT, TINY_CNN, TINY_SIZE
 from PIL import Image
 
 import flowers_classifier as fc
-from flowers_classifier import aot, factory, inference, quantize
+from flowers_classifier import aot, backends, factory, quantize
 from flowers_classifier import payload as payload_format
 from flowers_classifier.classes import CLASSES
 from flowers_classifier.preprocess import Preprocess, load_rgb, preprocess_image
@@ -126,14 +127,15 @@ def test_transparent_pixels_become_white(tmp_path):
 
 
 def test_cpu_micro_batches_give_the_whole_batch_result_in_order(tiny_cnn_pth):
-    model = fc.load_model(tiny_cnn_pth, device="cpu")
-    assert model.micro_batch == inference.cpu_micro_batch(model.prep.image_size) == 24  # 64 px: 2 x (224/64)^2
-    assert inference.cpu_micro_batch(224) == inference.CPU_MICRO_BATCH and inference.cpu_micro_batch(336) == 1
-    model.micro_batch = inference.CPU_MICRO_BATCH
-    x = torch.randn(2 * inference.CPU_MICRO_BATCH + 1, 3, model.prep.image_size, model.prep.image_size)
-    chunked = model.probabilities(x)
-    model.micro_batch = None
+    model = fc.load_model(tiny_cnn_pth, device="cpu", backend="eager")
+    assert model.backend.micro_batch == backends.cpu_micro_batch(model.prep.image_size) == 24  # 2 x (224/64)^2
+    assert backends.cpu_micro_batch(224) == backends.CPU_MICRO_BATCH and backends.cpu_micro_batch(336) == 1
+    x = torch.randn(2 * backends.CPU_MICRO_BATCH + 1, 3, model.prep.image_size, model.prep.image_size)
     whole = model.probabilities(x)
+    # the micro-batch is chosen when the backend is built: one of CPU_MICRO_BATCH images, same weights
+    chunked_backend = backends.EagerBackend(model.net, "cnn", model.prep.image_size,
+                                            micro_batch=backends.CPU_MICRO_BATCH)
+    chunked = dataclasses.replace(model, backend=chunked_backend).probabilities(x)
     assert chunked.shape == (len(x), len(CLASSES))
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
     one_by_one = torch.cat([model.probabilities(x[i:i + 1]) for i in range(len(x))])
@@ -149,9 +151,9 @@ def test_cpu_module_swaps_keep_the_outputs():
     with torch.no_grad():
         expected = net(x)
     linears = sum(type(m) is torch.nn.Linear for m in net.modules())
-    inference._linears_as_convs(net)
+    backends._linears_as_convs(net)
     assert linears > 0 and not any(type(m) is torch.nn.Linear for m in net.modules())
-    assert sum(isinstance(m, inference._LinearAsConv) for m in net.modules()) == linears
+    assert sum(isinstance(m, backends._LinearAsConv) for m in net.modules()) == linears
     quantize.as_linears(net, patches=True)
     # convnextv2_atto at 64 px: stages on 16x16, 8x8, 4x4 and 2x2 maps with (2, 2, 6, 2) blocks; the last two
     # stages' depthwise convolutions are on maps of at most SMALL_MAP (16) positions

@@ -4,8 +4,7 @@ serving goes on) when it does not fit the weights, the torch version or the CPU,
 
 from __future__ import annotations
 
-import contextlib
-import io
+import dataclasses
 import json
 import os
 import re
@@ -16,34 +15,16 @@ import zipfile
 
 import pytest
 import torch
-from conftest import TINY_CLIP, TINY_SIZE, require, thread_cpus_after
+from conftest import EXPORT_STDERR, TINY_CLIP, TINY_SIZE, require, thread_cpus_after
 from torch._inductor.exc import CppCompileError, InductorError, InvalidCxxCompiler
 
 import flowers_classifier as fc
-from flowers_classifier import aot, inference
+from flowers_classifier import aot, backends
 from flowers_classifier import payload as payload_module
 from flowers_classifier.payload import load_payload
 from flowers_fastai import export
 
 pytestmark = pytest.mark.slow  # each package is a real AOTInductor compile (about a minute on 2 cores)
-
-
-@pytest.fixture(scope="module")
-def packaged_cnn(tiny_cnn_pth, tmp_path_factory):
-    """A copy of the tiny CNN payload with its CPU package beside it, written through export.py's CLI."""
-    require(shutil.which("g++") is not None or shutil.which("c++") is not None,
-            "compiling a CPU package needs a C++ compiler (apt-get install g++)")
-    pth = tmp_path_factory.mktemp("pkg") / "cnn_flowers.pth"
-    shutil.copy(tiny_cnn_pth, pth)
-    with pytest.MonkeyPatch.context() as env, contextlib.redirect_stderr(io.StringIO()) as err:
-        # an empty Inductor cache: a real first compile, as on a user's machine (its autotuning included)
-        env.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor-cache")))
-        assert export.main([str(pth), "--cpu-package"]) == 0
-    EXPORT_STDERR[pth] = err.getvalue()
-    return pth
-
-
-EXPORT_STDERR: dict = {}  # what export.py printed to stderr while packaged_cnn compiled, by .pth path
 
 
 def _images(n: int, size: int = TINY_SIZE) -> torch.Tensor:
@@ -65,19 +46,25 @@ def test_load_model_serves_the_package_with_the_eager_probabilities(packaged_cnn
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a fitting package loads without a word
         compiled = fc.load_model(packaged_cnn, device="cpu")
-    eager = fc.load_model(packaged_cnn, device="cpu", cpu_package=False)
-    assert compiled.compiled is not None and eager.compiled is None
+    eager = fc.load_model(packaged_cnn, device="cpu", backend="eager")
+    assert compiled.backend.name == "cpu-package" and eager.backend.name == "eager"
     # chunks of twice eager's pixels (4 images at 224 px): at 64 px any batch up to 49 is one call
-    assert compiled.micro_batch == inference.cpu_micro_batch(64, inference.PACKAGE_MICRO_BATCH) == 49
-    assert eager.micro_batch == inference.cpu_micro_batch(64) == 24
+    assert compiled.backend.micro_batch == backends.cpu_micro_batch(64, backends.PACKAGE_MICRO_BATCH) == 49
+    assert eager.backend.micro_batch == backends.cpu_micro_batch(64) == 24
     for n in (1, 2, 5):  # the batch axis is dynamic, micro-batches or not
         x = _images(n)
         assert torch.allclose(compiled.probabilities(x), eager.probabilities(x), atol=1e-4)
     photo = real_photos["rose"][0]
     p_compiled, p_eager = fc.predict_proba(compiled, photo), fc.predict_proba(eager, photo)
     assert max(abs(p_compiled[c] - p_eager[c]) for c in fc.CLASSES) < 1e-4
-    calls = []
-    compiled.compiled = (lambda f: lambda x: calls.append(x.shape) or f(x))(compiled.compiled)
+    calls, package = [], compiled.backend.package
+    runner = package.batch1  # a single image's graph
+
+    class Spy:
+        def run(self, inputs):
+            calls.append(inputs[0].shape)
+            return runner.run(inputs)
+    package.batch1 = Spy()
     fc.predict(compiled, photo)
     assert calls, "predict did not go through the compiled package"
 
@@ -89,7 +76,7 @@ def test_serving_the_package_narrows_no_threads_cpus(packaged_cnn, real_photos):
     start, threads = thread_cpus_after(f"""
         import flowers_classifier as fc
         model = fc.load_model({str(packaged_cnn)!r})
-        assert model.compiled is not None, "the package did not serve"
+        assert model.backend.name == "cpu-package", "the package did not serve"
         fc.predict(model, {photos[0]!r})
         fc.predict_batch(model, {photos!r}, bs=4)
     """)
@@ -102,8 +89,8 @@ def test_a_convnext_package_serves_single_images_through_its_batch1_graph(packag
     batch-1 graph beside the dynamic one, each batch goes to the right one, and both give eager's numbers."""
     assert aot.read_package_meta(aot.cpu_package_path(packaged_cnn))["graphs"] == [aot.MAIN_GRAPH, aot.BATCH1_GRAPH]
     model = fc.load_model(packaged_cnn, device="cpu")
-    eager = fc.load_model(packaged_cnn, device="cpu", cpu_package=False)
-    forward = model.compiled
+    eager = fc.load_model(packaged_cnn, device="cpu", backend="eager")
+    forward = model.backend.package
     assert isinstance(forward, aot.PackageForward) and forward.batch1 is not None
     calls = []
 
@@ -120,9 +107,11 @@ def test_a_convnext_package_serves_single_images_through_its_batch1_graph(packag
         assert torch.allclose(model.probabilities(x), eager.probabilities(x), atol=1e-4)
     assert calls == [("batch1", 1), ("main", 4), ("batch1", 1)]
     calls.clear()
-    model.micro_batch = 2  # as at 224 px, where a batch of 5 runs in chunks of PACKAGE_MICRO_BATCH: 4 + 1
+    # as at 224 px, where a batch of 5 runs in chunks of PACKAGE_MICRO_BATCH: 4 + 1
+    chunked = backends.CpuPackageBackend(forward, "cnn", 64, eager=lambda: eager.net, micro_batch=2)
     x = _images(5)
-    assert torch.allclose(model.probabilities(x), eager.probabilities(x), atol=1e-4)
+    chunked_model = dataclasses.replace(model, backend=chunked)
+    assert torch.allclose(chunked_model.probabilities(x), eager.probabilities(x), atol=1e-4)
     assert calls == [("main", 2), ("main", 2), ("batch1", 1)]
 
 
@@ -158,10 +147,10 @@ def test_load_model_maps_the_pth_and_reads_its_weights_only_for_the_eager_networ
     held); without it, the eager network gets them read into memory, not left mapped to the file."""
     loads, read = [], payload_module._torch_load
     monkeypatch.setattr(payload_module, "_torch_load", lambda path, mmap=False: loads.append(mmap) or read(path, mmap))
-    assert fc.load_model(packaged_cnn, device="cpu").compiled is not None
+    assert fc.load_model(packaged_cnn, device="cpu").backend.name == "cpu-package"
     assert loads == [True]
     loads.clear()
-    assert fc.load_model(packaged_cnn, device="cpu", cpu_package=False).compiled is None
+    assert fc.load_model(packaged_cnn, device="cpu", backend="eager").backend.name == "eager"
     assert loads == [True, False]
 
 
@@ -172,7 +161,7 @@ def test_a_pth_in_torchs_legacy_format_still_loads(tiny_cnn_pth, tmp_path):
     assert not zipfile.is_zipfile(legacy)
     x = _images(2)
     assert torch.allclose(fc.load_model(legacy, device="cpu").probabilities(x),
-                          fc.load_model(tiny_cnn_pth, device="cpu", cpu_package=False).probabilities(x))
+                          fc.load_model(tiny_cnn_pth, device="cpu", backend="eager").probabilities(x))
 
 
 def test_a_package_from_before_the_batch1_graph_still_serves(packaged_cnn, tmp_path):
@@ -184,9 +173,9 @@ def test_a_package_from_before_the_batch1_graph_still_serves(packaged_cnn, tmp_p
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model = fc.load_model(pth, device="cpu")
-    assert model.compiled.batch1 is None
+    assert model.backend.package.batch1 is None
     x = _images(1)
-    assert torch.allclose(model.probabilities(x), fc.load_model(pth, cpu_package=False).probabilities(x), atol=1e-4)
+    assert torch.allclose(model.probabilities(x), fc.load_model(pth, backend="eager").probabilities(x), atol=1e-4)
 
 
 def _rewrite_meta(package, **changes) -> None:
@@ -220,11 +209,11 @@ def test_a_package_that_does_not_fit_is_skipped_with_a_warning(packaged_cnn, tmp
     _rewrite_meta(aot.cpu_package_path(pth), **change)
     with pytest.warns(UserWarning, match=reason) as record:
         model = fc.load_model(pth, device="cpu")
-    assert model.compiled is None  # eager, and it still predicts
+    assert model.backend.name == "eager"  # eager, and it still predicts
     assert "export.py" in str(record[0].message) and "--cpu-package" in str(record[0].message)
     assert model.probabilities(_images(1)).shape == (1, 5)
     with pytest.raises(fc.ModelFileError, match=reason):
-        fc.load_model(pth, device="cpu", cpu_package=True)
+        fc.load_model(pth, device="cpu", backend="cpu-package")
 
 
 def test_a_package_is_refused_on_a_cpu_without_an_extension_it_was_compiled_for(packaged_cnn, tmp_path,
@@ -239,9 +228,9 @@ def test_a_package_is_refused_on_a_cpu_without_an_extension_it_was_compiled_for(
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: older)
     with pytest.warns(UserWarning, match=rf"instructions this one lacks \({lost};.*could crash") as record:
         model = fc.load_model(pth, device="cpu")
-    assert model.compiled is None and f"export.py {pth} --cpu-package" in str(record[0].message)
+    assert model.backend.name == "eager" and f"export.py {pth} --cpu-package" in str(record[0].message)
     with pytest.raises(fc.ModelFileError, match=f"lacks \\({lost};"):
-        fc.load_model(pth, device="cpu", cpu_package=True)
+        fc.load_model(pth, device="cpu", backend="cpu-package")
 
 
 def test_a_temperature_only_re_export_keeps_the_package(packaged_cnn, tmp_path):
@@ -253,7 +242,7 @@ def test_a_temperature_only_re_export_keeps_the_package(packaged_cnn, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model = fc.load_model(pth, device="cpu")
-    assert model.compiled is not None and model.temperature == 1.7
+    assert model.backend.name == "cpu-package" and model.temperature == 1.7
     x = _images(2)
     assert torch.allclose(model.probabilities(x), (model.logits(x) / 1.7).softmax(-1), atol=1e-6)
 
@@ -265,7 +254,7 @@ def test_new_weights_in_the_pth_make_the_old_package_stale(packaged_cnn, tmp_pat
     payload["state_dict"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
     torch.save(payload, pth)
     with pytest.warns(UserWarning, match="other weights"):
-        assert fc.load_model(pth, device="cpu").compiled is None
+        assert fc.load_model(pth, device="cpu").backend.name == "eager"
 
 
 def test_a_damaged_package_is_skipped_with_a_warning(packaged_cnn, tmp_path):
@@ -273,17 +262,17 @@ def test_a_damaged_package_is_skipped_with_a_warning(packaged_cnn, tmp_path):
     shutil.copy(packaged_cnn, pth)
     aot.cpu_package_path(pth).write_bytes(b"not a zip archive")
     with pytest.warns(UserWarning, match="not a CPU package"):
-        assert fc.load_model(pth, device="cpu").compiled is None
+        assert fc.load_model(pth, device="cpu").backend.name == "eager"
 
 
 def test_cpu_package_true_without_a_package_names_the_command(tiny_cnn_pth, tmp_path):
     pth = tmp_path / "cnn_flowers.pth"
     shutil.copy(tiny_cnn_pth, pth)
     with pytest.raises(fc.ModelFileError, match=r"export\.py .*--cpu-package"):
-        fc.load_model(pth, device="cpu", cpu_package=True)
+        fc.load_model(pth, device="cpu", backend="cpu-package")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no package, default: eager, silently (nothing was asked for)
-        assert fc.load_model(pth, device="cpu").compiled is None
+        assert fc.load_model(pth, device="cpu").backend.name == "eager"
 
 
 def _failing_compile(error: Exception):
@@ -382,11 +371,11 @@ def test_the_clip_family_compiles_and_serves_too(tiny_vit_pth, tmp_path):
     shutil.copy(tiny_vit_pth, pth)
     _, diff = aot.compile_cpu_package(load_payload(pth), pth)
     assert diff < aot.PACKAGE_TOLERANCE
-    compiled, eager = fc.load_vit_model(pth, device="cpu"), fc.load_model(pth, device="cpu", cpu_package=False)
-    assert compiled.compiled is not None and compiled.model_name == TINY_CLIP
+    compiled, eager = fc.load_vit_model(pth, device="cpu"), fc.load_model(pth, device="cpu", backend="eager")
+    assert compiled.backend.name == "cpu-package" and compiled.model_name == TINY_CLIP
     # its patch embedding compiles as a Linear: no convolution left, so one graph serves every batch size
     assert aot.read_package_meta(aot.cpu_package_path(pth))["graphs"] == [aot.MAIN_GRAPH]
-    assert compiled.compiled.batch1 is None
+    assert compiled.backend.package.batch1 is None
     for n in (3, 1):
         x = _images(n)
         assert torch.allclose(compiled.probabilities(x), eager.probabilities(x), atol=1e-4)
@@ -396,8 +385,8 @@ def test_the_eager_network_is_built_only_when_grad_cam_asks(packaged_cnn, real_p
     from flowers_classifier.explain import grad_cam
     model = fc.load_model(packaged_cnn, device="cpu")
     fc.predict(model, real_photos["tulip"][0])
-    assert "net" not in model._modules  # predicting never built (nor held) the eager model
-    eager_heat = grad_cam(fc.load_model(packaged_cnn, device="cpu", cpu_package=False), real_photos["tulip"][0])
+    assert not model.backend.eager_built  # predicting never built (nor held) the eager model
+    eager_heat = grad_cam(fc.load_model(packaged_cnn, device="cpu", backend="eager"), real_photos["tulip"][0])
     heat = grad_cam(model, real_photos["tulip"][0])
-    assert "net" in model._modules and model.compiled is not None  # built for Grad-CAM; the package still serves
+    assert model.backend.eager_built and model.backend.name == "cpu-package"  # built for Grad-CAM; the package serves
     assert heat.shape == eager_heat.shape and abs(heat - eager_heat).max() < 1e-4

@@ -17,6 +17,7 @@ import flowers_fastai
 # listed here, which makes its author choose a FlowersError base.
 EXCEPTIONS = {
     "flowers_classifier.aot.CpuPackageError": ValueError,
+    "flowers_classifier.backends.BackendError": ValueError,
     "flowers_classifier.explain.ExplainError": ValueError,
     "flowers_classifier.factory.PretrainedWeightsUnavailable": RuntimeError,
     "flowers_classifier.factory.WeightsFileError": ValueError,

@@ -190,12 +190,13 @@ def test_tta_averages_the_views_and_can_change_the_answer(tmp_path):
     """A white stripe on the right edge lies outside the served center crop but inside 4 of the 10 TTA
     views (top/bottom-right corners and their mirrors): plain says daisy (0.55), TTA says dandelion."""
     import flowers_classifier as fc
+    from flowers_classifier.backends import EagerBackend
     prep = Preprocess(64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), crop_pct=0.875)  # center crop: columns 4..67 of 73
     arr = np.zeros((73, 73, 3), dtype=np.uint8)
     arr[:, 70:] = 255
     (tmp_path / "imgs" / "dandelion").mkdir(parents=True)
     Image.fromarray(arr).save(tmp_path / "imgs" / "dandelion" / "stripe.png")
-    model = fc.FlowerClassifier(BrightSpotNet(), "cnn", "bright-spot", CLASSES, prep)
+    model = fc.FlowerClassifier(EagerBackend(BrightSpotNet(), "cnn", 64), "cnn", "bright-spot", CLASSES, prep)
     df = pd.DataFrame([("dandelion/stripe.png", "dandelion")], columns=["path", "label"])
     m = evaluate.evaluate(model, tmp_path / "imgs", df, tmp_path / "eval", tta=True)
     assert m["accuracy"] == 0 and m["tta"]["accuracy"] == 1

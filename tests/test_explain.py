@@ -13,6 +13,7 @@ from torch import nn
 
 import flowers_classifier as fc
 from flowers_classifier import factory
+from flowers_classifier.backends import EagerBackend
 from flowers_classifier.explain import ExplainError, explain, grad_cam
 from flowers_classifier.model import FlowerClassifier
 from flowers_classifier.payload import make_payload
@@ -51,7 +52,8 @@ COLOURS = np.eye(3)[[0, 1, 2, 0, 1]] * 2 - 0.5  # class k prefers one primary co
 
 @pytest.fixture(scope="module")
 def local_model() -> FlowerClassifier:
-    return FlowerClassifier(LocalEvidence(COLOURS).eval(), "cnn", "local-evidence", fc.CLASSES, PREP)
+    return FlowerClassifier(EagerBackend(LocalEvidence(COLOURS), "cnn", SIZE), "cnn", "local-evidence", fc.CLASSES,
+                            PREP)
 
 
 @pytest.mark.parametrize("left", [True, False])
@@ -174,12 +176,12 @@ def test_a_map_with_nothing_to_draw_is_refused(local_model):
     broken = LocalEvidence(COLOURS).eval()
     with torch.no_grad():
         broken.stages[0].weight[0, 0] = float("nan")
-    nan_model = FlowerClassifier(broken, "cnn", "nan-weights", fc.CLASSES, PREP)
+    nan_model = FlowerClassifier(EagerBackend(broken, "cnn", SIZE), "cnn", "nan-weights", fc.CLASSES, PREP)
     with pytest.raises(ExplainError, match="not finite.*weights hold NaN or inf"):
         grad_cam(nan_model, red, class_index=0)
     torch.manual_seed(0)
     vit = factory.create_clip(TINY_CLIP, pretrained=None, image_size=SIZE, head_init="random").eval()
-    # built by hand, without the fp32 twin that load_model gives an int8 model (build_gradient_net)
-    int8 = FlowerClassifier(quantize_int8(vit), "clip", TINY_CLIP, fc.CLASSES, PREP)
-    with pytest.raises(ExplainError, match=r"all zero.*int8 layers pass no gradient.*int8=False"):
+    # built by hand, without the fp32 twin that load_model gives an int8 model (Int8Backend)
+    int8 = FlowerClassifier(EagerBackend(quantize_int8(vit), "clip", SIZE), "clip", TINY_CLIP, fc.CLASSES, PREP)
+    with pytest.raises(ExplainError, match=r"all zero.*int8 layers pass no gradient.*backend='eager'"):
         explain(int8, red)

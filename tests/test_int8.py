@@ -1,10 +1,11 @@
-"""int8 on the CPU (flowers_classifier.quantize, `export.py --int8`, `load_model(int8=...)`): the rewrites
+"""int8 on the CPU (flowers_classifier.quantize, `export.py --int8`, `load_model(backend="int8")`): the rewrites
 before quantisation equal the modules they replace, every Linear but the head is really int8, the int8
 probabilities stay close to fp32, and the payload's int8 request travels through export.py and load_model
 while the file stays a plain weights_only payload."""
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -16,8 +17,9 @@ from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
 import flowers_classifier as fc
 from flowers_classifier import factory, onnx_model
+from flowers_classifier.backends import BackendError
 from flowers_classifier.explain import grad_cam, gradient_net
-from flowers_classifier.inference import _int8_on
+from flowers_classifier.inference import _choose_backend
 from flowers_classifier.payload import INT8, QUANTIZE_KEY, ModelFileError
 from flowers_classifier.preprocess import preprocess_image
 from flowers_classifier.quantize import (
@@ -97,7 +99,7 @@ def test_a_patchify_convolution_equals_its_linear(in_channels, kernel, size, bia
 @pytest.mark.parametrize("which", ["vit", "cnn"])
 def test_int8_quantises_every_linear_but_the_head_and_stays_close(which, tiny_vit_pth, tiny_cnn_pth, real_photos):
     pth = tiny_vit_pth if which == "vit" else tiny_cnn_pth
-    fp32, int8 = fc.load_model(pth, device="cpu"), fc.load_model(pth, device="cpu", int8=True)
+    fp32, int8 = fc.load_model(pth, device="cpu"), fc.load_model(pth, device="cpu", backend="int8")
     # What there is to quantise in the network as built: Linear layers (but the head), plus per attention
     # block its qkv and out projections, plus every 1x1 convolution.
     plain = factory.build_from_spec(fc.load_payload(pth))
@@ -139,8 +141,8 @@ def test_export_int8_round_trip(tiny_vit_pth, tmp_path, capsys):
     assert payload[QUANTIZE_KEY] == INT8 and payload["dtype"] == "float16"
     assert all(not t.is_quantized for t in payload["state_dict"].values())
     assert int8_layers(fc.load_model(out, device="cpu").net) > 0  # the file says int8
-    assert int8_layers(fc.load_model(out, device="cpu", int8=False).net) == 0  # the caller overrides it
-    assert int8_layers(fc.load_model(tiny_vit_pth, device="cpu", int8=True).net) > 0  # any file can be int8
+    assert int8_layers(fc.load_model(out, device="cpu", backend="eager").net) == 0  # the caller overrides it
+    assert int8_layers(fc.load_model(tiny_vit_pth, device="cpu", backend="int8").net) > 0  # any file can be int8
     # Without --int8 the key is absent; from an exported .pth, --int8 --out writes a copy asking for int8.
     assert export_main([str(run), "--no-calibrate", "--out", str(tmp_path / "plain.pth")]) == 0
     assert QUANTIZE_KEY not in torch.load(tmp_path / "plain.pth", weights_only=True)
@@ -158,12 +160,13 @@ def test_an_unknown_quantize_mode_is_refused(tiny_cnn_pth, tmp_path):
 
 def test_int8_is_a_cpu_path():
     asks = {QUANTIZE_KEY: INT8}
-    with pytest.raises(ValueError, match="int8=True.*CPU only.*device='cpu'"):
-        _int8_on(torch.device("cuda"), {}, "m.pth", True)
+    cuda, cpu, path = torch.device("cuda"), torch.device("cpu"), Path("m.pth")
+    with pytest.raises(BackendError, match="backend='int8'.*CPU only.*device='cpu'"):
+        _choose_backend("int8", {}, path, cuda, False)
     with pytest.warns(UserWarning, match="m.pth: asks for int8.*serving it on cuda unquantised"):
-        assert _int8_on(torch.device("cuda"), asks, "m.pth", None) is False
-    assert _int8_on(torch.device("cpu"), asks, "m.pth", None) is True
-    assert _int8_on(torch.device("cpu"), asks, "m.pth", False) is False
+        assert _choose_backend("auto", asks, path, cuda, False) == "eager"
+    assert _choose_backend("auto", asks, path, cpu, False) == "int8"
+    assert _choose_backend("eager", asks, path, cpu, False) == "eager"
 
 
 def test_onnx_int8_export(tiny_vit_pth, tmp_path, real_photos):
@@ -175,7 +178,7 @@ def test_onnx_int8_export(tiny_vit_pth, tmp_path, real_photos):
     assert [p.name for p in tmp_path.iterdir()] == ["vit_int8.onnx"]  # no fp32 temp file left behind
     spec = json.loads({p.key: p.value for p in graph.metadata_props}[onnx_model.ONNX_METADATA_KEY])
     assert QUANTIZE_KEY not in spec  # the graph is int8 in itself; the key is the .pth's request to torch
-    served, fp32 = fc.load_model(path), fc.load_model(tiny_vit_pth, device="cpu", int8=False)
+    served, fp32 = fc.load_model(path), fc.load_model(tiny_vit_pth, device="cpu", backend="eager")
     batch = _photos_batch(real_photos, fp32.prep)
     assert (served.probabilities(batch) - fp32.probabilities(batch)).abs().max() < INT8_PROB_TOLERANCE
 
@@ -184,11 +187,11 @@ def test_cli_int8_and_fp32_flags(tiny_vit_pth, real_photos, monkeypatch, capsys)
     from flowers_classifier import cli
     seen = []
     load = cli.load_model
-    monkeypatch.setattr(cli, "load_model", lambda *a, **kw: seen.append(kw["int8"]) or load(*a, **kw))
+    monkeypatch.setattr(cli, "load_model", lambda *a, **kw: seen.append(kw["backend"]) or load(*a, **kw))
     photo = str(real_photos["rose"][0])
     for flags in (["--int8"], ["--fp32"], []):
         assert cli.main([photo, "--model", str(tiny_vit_pth), *flags]) == 0
-    assert seen == [True, False, None] and capsys.readouterr().out.count(photo) == 3
+    assert seen == ["int8", "eager", "auto"] and capsys.readouterr().out.count(photo) == 3
 
 
 @pytest.mark.parametrize("which", ["cnn", "vit"])
@@ -196,7 +199,7 @@ def test_grad_cam_explains_int8_with_the_fp32_weights_of_its_file(which, tiny_vi
     """int8 layers pass no gradient (the ViT's map was all zero): the map is the fp32 one of the same file,
     for the class the int8 model predicts, and int8 still serves."""
     pth = tiny_vit_pth if which == "vit" else tiny_cnn_pth
-    int8, fp32 = fc.load_model(pth, device="cpu", int8=True), fc.load_model(pth, device="cpu", int8=False)
+    int8, fp32 = fc.load_model(pth, device="cpu", backend="int8"), fc.load_model(pth, device="cpu", backend="eager")
     photo = real_photos["tulip"][0]
     served = int8.classes.index(fc.predict(int8, photo))
     heat = grad_cam(int8, photo)
@@ -210,7 +213,7 @@ def test_grad_cam_of_int8_refuses_a_file_changed_since_load(tmp_path, real_photo
     """The fp32 twin is read from the file when Grad-CAM first asks: other weights there would explain a
     model that does not serve."""
     pth = tiny_cnn_payload_file(tmp_path / "cnn.pth")
-    int8 = fc.load_model(pth, device="cpu", int8=True)
+    int8 = fc.load_model(pth, device="cpu", backend="int8")
     os.replace(tiny_cnn_payload_file(tmp_path / "new.pth", seed=1), pth)  # re-exported, as export.py writes
     with pytest.raises(ModelFileError, match=r"cnn.pth: changed since the model was loaded.*load the model again"):
         grad_cam(int8, real_photos["tulip"][0])

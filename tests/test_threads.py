@@ -18,7 +18,8 @@ CPUS = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 
 
 
 @pytest.mark.skipif(len(CPUS) < 2, reason="a thread's CPU set can only be narrowed on Linux with 2 or more CPUs")
-@pytest.mark.parametrize("pth, options", [("tiny_cnn_pth", ""), ("tiny_cnn_pth", "int8=True"), ("tiny_vit_pth", "")])
+@pytest.mark.parametrize("pth, options", [("tiny_cnn_pth", ""), ("tiny_cnn_pth", "backend='int8'"),
+                                          ("tiny_vit_pth", "")])
 def test_a_default_load_and_its_predictions_narrow_no_threads_cpus(pth, options, request, real_photos):
     photos = [str(p) for p in real_photos["rose"] + real_photos["tulip"]]
     start, threads = thread_cpus_after(f"""
