@@ -75,11 +75,11 @@ def tiny_224_model(package: bool = False):
 
     import flowers_classifier as fc
     from flowers_classifier import factory
-    from flowers_classifier.aot import compile_cpu_package
     from flowers_classifier.classes import CLASSES
     from flowers_classifier.payload import make_payload
+    from flowers_fastai.cpu_package import compile_cpu_package
     torch.manual_seed(0)
-    net = factory.create_cnn("convnextv2_tiny", pretrained=None)
+    net = factory.create_cnn("convnextv2_tiny")
     spec = dict(family="cnn", model_name="convnextv2_tiny", classes=list(CLASSES),
                 **factory.cnn_preprocess(net, 224).to_dict())
     with tempfile.TemporaryDirectory() as tmp:

@@ -465,8 +465,7 @@ def time_with_fallback(steps: ClipSteps, bs: int, sizes: Sizes, multiple: int = 
 def build_clip(name: str, image_size: int | None, device: torch.device) -> torch.nn.Module:
     """A random-init open_clip image tower + linear head, as train.py --arch clip --no-pretrained builds it."""
     from flowers_classifier import factory
-    with factory._drop_log_records("No pretrained weights loaded"):  # random init is the point here
-        model = factory.create_clip(name, pretrained=None, image_size=image_size, head_init="random")
+    model = factory.create_clip(name, image_size=image_size)  # random init
     return model.to(device)
 
 

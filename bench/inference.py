@@ -93,17 +93,17 @@ def make_models(model_name: str, size: int, out_dir: Path, files: list[Path], ma
     import torch
 
     from flowers_classifier import factory
-    from flowers_classifier.aot import compile_cpu_package
     from flowers_classifier.classes import CLASSES
-    from flowers_classifier.onnx_model import export_onnx
     from flowers_classifier.payload import make_payload
     from flowers_classifier.preprocess import preprocess_image
+    from flowers_fastai.cpu_package import compile_cpu_package
+    from flowers_fastai.onnx_export import export_onnx
     torch.manual_seed(0)
     if is_clip(model_name):
-        net = factory.create_clip(model_name, pretrained=None, head_init="random", image_size=size)
+        net = factory.create_clip(model_name, image_size=size)
         spec = dict(family="clip", model_name=model_name, quick_gelu=False, **factory.clip_preprocess(net).to_dict())
     else:
-        net = factory.create_cnn(model_name, pretrained=None)
+        net = factory.create_cnn(model_name)
         spec = dict(family="cnn", model_name=model_name, **factory.cnn_preprocess(net, size).to_dict())
     payload = make_payload(dict(spec, classes=list(CLASSES)), net.state_dict())
     del net

@@ -58,7 +58,7 @@ def random_vit_l14_payload() -> dict:
     from flowers_classifier.classes import CLASSES
     from flowers_classifier.payload import make_payload
     torch.manual_seed(0)
-    net = factory.create_clip("ViT-L-14", pretrained=None, head_init="random")
+    net = factory.create_clip("ViT-L-14")
     spec = dict(family="clip", model_name="ViT-L-14", quick_gelu=False, classes=list(CLASSES),
                 **factory.clip_preprocess(net).to_dict())
     return make_payload(spec, net.state_dict())
@@ -68,7 +68,8 @@ def load_contenders(payload: dict, tmp: Path, threads: int, engines: list[str]) 
     """(name -> served model, name -> load seconds). The ONNX graphs are written to `tmp` first."""
     from flowers_classifier import quantize
     from flowers_classifier.inference import model_from_payload
-    from flowers_classifier.onnx_model import export_onnx, load_onnx_model, quantize_onnx_int8
+    from flowers_classifier.onnx_model import load_onnx_model
+    from flowers_fastai.onnx_export import export_onnx, quantize_onnx_int8
     models, load_s = {}, {}
 
     def timed(name, make):

@@ -46,7 +46,7 @@ def layer_shapes() -> tuple[Counter, Counter]:
     from flowers_classifier.aot import is_depthwise
     from flowers_classifier.factory import create_cnn
     from flowers_classifier.quantize import as_linears
-    net = create_cnn(MODEL, pretrained=None).eval()
+    net = create_cnn(MODEL).eval()
     as_linears(net, attention=False, patches=True)
     matmuls, depthwise = Counter(), Counter()
 

@@ -90,7 +90,7 @@ def train_ours(df, root: Path, cfg: PlainConfig, fast_grn: bool = True) -> dict:
                                      epoch_s=time.perf_counter() - self.epoch_start))
 
     seed_everything(cfg.seed)
-    model = factory.create_cnn(cfg.model, pretrained=None, fast_grn=fast_grn)
+    model = factory.create_cnn(cfg.model, fast_grn=fast_grn)
     prep = factory.cnn_preprocess(model, cfg.img_size)
     scratch = preset("cnn", pretrained=False)  # what train.py --no-pretrained uses (the LR: the plain one)
     recipe = Recipe(epochs=cfg.epochs, freeze_epochs=0, lr=cfg.lr, lr_mult=1.0, mixup=scratch["mixup"],

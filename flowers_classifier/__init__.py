@@ -15,10 +15,12 @@ torch, timm, open_clip and PIL only: no fastai, no network.
 
 Payloads are read with `torch.load(weights_only=True)`: a file holding pickled objects is refused
 without running anything. Modules: `classes`, `preprocess` (decoding, eval crop), `model` (modules,
-`FlowerClassifier`), `factory` (building models, pretrained weights), `payload` (the .pth format), `inference`
-(load + predict), `backends` (eager, int8, cpu-package, onnx: what runs the network), `onnx_model` (ONNX export
-and serving), `aot` (the compiled CPU package), `quantize` (int8 on the CPU), `errors` (`FlowersError`, the
-base of every error the project raises), `cli`.
+`FlowerClassifier`), `factory` (the architecture a payload names, random init), `payload` (the .pth format),
+`inference` (load + predict), `backends` (eager, int8, cpu-package, onnx: what runs the network), `onnx_model`
+(serving an .onnx), `aot` (serving the compiled CPU package), `quantize` (int8 on the CPU), `errors`
+(`FlowersError`, the base of every error the project raises), `cli`. Writing an .onnx, compiling a package and
+pretrained weights are the trainer's (`flowers_fastai.onnx_export`, `.cpu_package`, `.pretrained`): loading a
+model never imports them.
 """
 
 from .backends import BackendError

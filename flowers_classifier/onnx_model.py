@@ -1,12 +1,11 @@
-"""The ONNX form of a payload: `export_onnx` writes one (`export.py --onnx`), `load_onnx_model` serves
-one through ONNX Runtime on the CPU (backends.OnnxBackend) as a `FlowerClassifier`, like a `.pth` model.
+"""Serving the ONNX form of a payload: `load_onnx_model` runs an `.onnx` file written by `export.py --onnx`
+through ONNX Runtime on the CPU (backends.OnnxBackend), as a `FlowerClassifier` like a `.pth` model. Needs
+onnxruntime only; writing the file is the trainer's (`flowers_fastai.onnx_export`, which takes the format from here).
 
 The graph takes `image` (N, 3, H, W) with a dynamic batch axis and returns `logits` and `probabilities`;
 the payload's metadata (format version, classes, preprocessing, calibration temperature) rides along as
 JSON in its metadata_props (the graph's `probabilities` are the raw softmax; serving divides `logits` by the
-temperature), and is checked against PyTorch with ONNX Runtime before the file is written.
-`int8=True` writes ONNX Runtime's own dynamic int8 quantisation of that graph instead (`quantize_onnx_int8`).
-Needs the `onnx` extra (onnx, onnxscript, onnxruntime).
+temperature).
 """
 
 from __future__ import annotations
@@ -16,119 +15,21 @@ import os
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from .backends import BackendError, OnnxBackend
 from .classes import CLASSES
-from .errors import FlowersError
-from .factory import build_from_spec
-from .files import atomic_write
 from .model import FlowerClassifier
 from .payload import QUANTIZE_KEY, ModelFileError, check_spec, payload_temperature, resolve_model_path
 from .preprocess import Preprocess
 
 ONNX_METADATA_KEY = "flowers_fastai"  # metadata_props key holding the payload spec as JSON
 ONNX_INPUT, ONNX_OUTPUTS = "image", ("logits", "probabilities")
-ONNX_TOLERANCE = 1e-4  # max abs difference of probabilities, ONNX Runtime vs PyTorch, fp32
-# ORT's dynamic quantisation: int8 weights per output channel (as torch's path, quantize.py), activations
-# quantised per call; MatMul and Gemm only (Linear layers, attention; convolutions stay fp32: ORT's
-# ConvInteger is a slow reference kernel on the CPU).
-ONNX_INT8_OPS = ("MatMul", "Gemm")
-
-
-class OnnxExportError(FlowersError, ValueError):
-    """The ONNX graph cannot be written as asked (it disagrees with PyTorch). The message says what to try."""
-
-
-class _LogitsAndProbabilities(nn.Module):
-    """The network plus its softmax, so ONNX users get probabilities without re-implementing anything."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.net(x)
-        return logits, logits.softmax(-1)
 
 
 def onnx_spec(payload: dict) -> dict:
     """The payload's metadata as stored in the ONNX file: everything but the weights and the int8 request of
     the `.pth` (torch's int8 path; an ONNX graph is quantised or not in itself), dtype float32."""
     return {k: v for k, v in payload.items() if k not in ("state_dict", QUANTIZE_KEY)} | {"dtype": "float32"}
-
-
-def _fp32_module(payload: dict) -> nn.Module:
-    net = build_from_spec(payload)
-    net.load_state_dict(payload["state_dict"], strict=True)
-    return _LogitsAndProbabilities(net.float()).eval()
-
-
-def _check_onnx(path: str, module: nn.Module, size: int) -> float | None:
-    """Max abs difference of probabilities between ONNX Runtime and PyTorch on a random batch of 3 (the
-    graph was traced with 2, so this also proves the batch axis is dynamic); None without onnxruntime."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return None
-    x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        expected = module(x)[1]
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    got = session.run([ONNX_OUTPUTS[1]], {ONNX_INPUT: x.numpy()})[0]
-    return float((torch.from_numpy(got) - expected).abs().max())
-
-
-def quantize_onnx_int8(src: str | Path, dst: str | Path) -> None:
-    """ONNX Runtime's dynamic int8 quantisation of the fp32 graph `src`, written to `dst` (metadata kept)."""
-    try:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-    except ImportError as e:
-        raise OnnxExportError(f"{dst}: an int8 ONNX graph is ONNX Runtime's quantisation, and onnxruntime is not "
-                              f"installed; `pip install onnxruntime`, or export without --int8.") from e
-
-    from .factory import _drop_log_records
-    # ORT suggests its shape-inference pre-pass; the exporter's graph already carries the shapes.
-    with _drop_log_records("Please consider to run pre-processing"):
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=list(ONNX_INT8_OPS))
-
-
-def export_onnx(payload: dict, out: str | Path, opset: int | None = None,
-                int8: bool = False) -> tuple[Path, float | None]:
-    """Write `payload` (a `.pth` payload dict) as an fp32 ONNX graph to `out`, atomically, and return
-    (path, max abs difference of probabilities vs PyTorch, None when onnxruntime is not installed).
-    Raises OnnxExportError, and writes nothing, when the fp32 graph's difference exceeds ONNX_TOLERANCE.
-    `int8=True` then writes ONNX Runtime's int8 quantisation of that graph, and the difference returned is
-    the int8 graph's from fp32 PyTorch (reported, not bounded: int8 is an approximation)."""
-    import onnx
-    module = _fp32_module(payload)
-    size = int(payload["image_size"])
-    sample = torch.zeros(2, 3, size, size)  # batch 2, not 1: torch.export would specialise a batch of 1
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    program = torch.onnx.export(module, (sample,), dynamo=True, input_names=[ONNX_INPUT],
-                                output_names=list(ONNX_OUTPUTS), dynamic_shapes={"x": {0: batch}},
-                                opset_version=opset, verbose=False)
-    proto = program.model_proto
-    onnx.helper.set_model_props(proto, {ONNX_METADATA_KEY: json.dumps(onnx_spec(payload))})
-    diff: list[float | None] = []
-
-    def write(tmp: str) -> None:
-        onnx.save_model(proto, tmp)  # weights inline: fine below protobuf's 2 GB (ViT-L/14 fp32 is 1.2 GB)
-        diff.append(_check_onnx(tmp, module, size))
-        if diff[0] is not None and diff[0] > ONNX_TOLERANCE:
-            raise OnnxExportError(f"{out}: the ONNX graph disagrees with PyTorch by {diff[0]:.2e} "
-                                  f"(> {ONNX_TOLERANCE}) in probability; nothing was written. Try another --opset.")
-        if int8:
-            fp32 = f"{tmp}.fp32"
-            os.replace(tmp, fp32)
-            try:
-                quantize_onnx_int8(fp32, tmp)
-            finally:
-                Path(fp32).unlink(missing_ok=True)
-            diff[0] = _check_onnx(tmp, module, size)
-
-    return atomic_write(out, write), diff[0]
 
 
 # --------------------------------------------------------------------------- serving

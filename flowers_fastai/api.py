@@ -36,6 +36,15 @@ from .audit import AUDIT_MIN_SIZE
 from .calibration import fit_payload_temperature
 from .data import TEST_PCT, VALID_PCT, RGBImage, make_dataloaders, prepare_split
 from .learner import Recipe, build_learner, fine_tune
+from .pretrained import (
+    CLIP_DEFAULT,
+    CLIP_DEFAULT_TAG,
+    check_cnn_pretrained,
+    cnn_pretrained_tag,
+    create_clip,
+    create_cnn,
+    is_weights_file,
+)
 from .recipes import SHARED, preset
 
 DROP_PATH_PRETRAINED = 0.1  # stochastic depth when fine-tuning pretrained ConvNeXt weights (none from scratch)
@@ -83,10 +92,10 @@ def _clip_preprocess_by_name(name: str, img_size: int | None, source) -> Preproc
     model_cfg = open_clip.get_model_config(name)
     if model_cfg is None:
         raise ValueError(f"model={name!r}: not an open_clip model name; see open_clip.list_models() (e.g. "
-                         f"{factory.CLIP_DEFAULT}, ViT-B-32).")
+                         f"{CLIP_DEFAULT}, ViT-B-32).")
     cfg = asdict(PreprocessCfg()) | {"size": model_cfg["vision_cfg"]["image_size"]}
     cfg |= model_cfg.get("preprocess_cfg", {})
-    if isinstance(source, str) and not factory._is_weights_file(source):
+    if isinstance(source, str) and not is_weights_file(source):
         tag_cfg = open_clip.get_pretrained_cfg(name, source)
         cfg |= {k: tag_cfg[k] for k in ("mean", "std", "interpolation") if tag_cfg.get(k)}
     size = img_size or (cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0])
@@ -95,14 +104,14 @@ def _clip_preprocess_by_name(name: str, img_size: int | None, source) -> Preproc
 
 
 def preprocess_by_name(arch: str, name: str, img_size: int | None = None, pretrained=True,
-                       tag: str = factory.CLIP_DEFAULT_TAG) -> Preprocess:
+                       tag: str = CLIP_DEFAULT_TAG) -> Preprocess:
     """The eval preprocessing of the model `flowers_learner` will build, read from configs (no weights)."""
     source = _weights_source(arch, pretrained, tag)
     if arch == "clip":
         return _clip_preprocess_by_name(name, img_size, source)
     import timm
-    factory.check_cnn_pretrained(name, None)  # an unknown name fails here, naming valid ones
-    timm_name = f"{name}.{factory.cnn_pretrained_tag(name)}" if source == "hub" else name  # the tag's input size
+    check_cnn_pretrained(name, None)  # an unknown name fails here, naming valid ones
+    timm_name = f"{name}.{cnn_pretrained_tag(name)}" if source == "hub" else name  # the tag's input size
     with torch.device("meta"):  # the config without allocating weights
         return factory.cnn_preprocess(timm.create_model(timm_name, pretrained=False), img_size)
 
@@ -152,17 +161,17 @@ def flowers_dataloaders(path: str | Path = "data/flowers", arch: str = "cnn", mo
 
 
 def create_model(arch: str, name: str, pretrained=True, img_size: int | None = None,
-                 head_init: str | None = None, tag: str = factory.CLIP_DEFAULT_TAG,
+                 head_init: str | None = None, tag: str = CLIP_DEFAULT_TAG,
                  grad_checkpointing: bool = False) -> nn.Module:
     """The model of a run: a timm ConvNeXt V2 (drop-path 0.1 when fine-tuning pretrained weights) or an OpenCLIP
     image encoder with a linear head (zero-shot init from pretrained weights, random otherwise)."""
     source = _weights_source(arch, pretrained, tag)
     if arch == "cnn":
-        model = factory.create_cnn(name, pretrained=source, drop_path_rate=cnn_drop_path(source is not None))
+        model = create_cnn(name, pretrained=source, drop_path_rate=cnn_drop_path(source is not None))
     else:
         if head_init is None:
             head_init = "random" if source is None else "zeroshot"
-        model = factory.create_clip(name, pretrained=source, image_size=img_size, head_init=head_init)
+        model = create_clip(name, pretrained=source, image_size=img_size, head_init=head_init)
         if grad_checkpointing:
             model.visual.set_grad_checkpointing(True)
     model.flowers_name = name  # what the export's spec and the DataLoaders' check call it
@@ -194,7 +203,7 @@ def make_recipe(arch: str, n_groups: int, pretrained: bool = True, **overrides) 
 
 def flowers_learner(dls: DataLoaders, arch: str | None = None, model: str | nn.Module | None = None,
                     pretrained: bool | str | os.PathLike = True, head_init: str | None = None,
-                    tag: str = factory.CLIP_DEFAULT_TAG, recipe: Recipe | None = None, tensorboard: bool = False,
+                    tag: str = CLIP_DEFAULT_TAG, recipe: Recipe | None = None, tensorboard: bool = False,
                     grad_checkpointing: bool = False, **overrides) -> Learner:
     """A fastai Learner on `dls` (from flowers_dataloaders) with our model, splitter (one group per ConvNeXt
     stage / CLIP block), label-smoothed loss, AdamW, accuracy and callbacks (best checkpoint, history.csv,

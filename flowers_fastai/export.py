@@ -1,8 +1,8 @@
 """Export: a finished (or interrupted) run folder -> a plain `.pth` payload for `flowers_classifier`,
 calibrated (temperature fitted on the run's valid split, see calibration.py), optionally a WiSE-FT
 interpolation of a CLIP run with its zero-shot model, and the `export.py` CLI (also `flowers-export`).
-The format itself and ONNX are the runtime's
-(`flowers_classifier.payload`, `flowers_classifier.onnx_model`)."""
+The formats are the runtime's (`flowers_classifier.payload`, `.onnx_model`, `.aot`); writing the ONNX graph
+and compiling the CPU package are `onnx_export` and `cpu_package`."""
 
 from __future__ import annotations
 
@@ -13,10 +13,9 @@ from pathlib import Path
 
 import torch
 
-from flowers_classifier.aot import CpuPackageError, compile_cpu_package
+from flowers_classifier.aot import CpuPackageError
 from flowers_classifier.errors import FlowersError
 from flowers_classifier.files import atomic_write
-from flowers_classifier.onnx_model import OnnxExportError, export_onnx
 from flowers_classifier.payload import (
     INT8,
     QUANTIZE_KEY,
@@ -28,6 +27,8 @@ from flowers_classifier.payload import (
 )
 
 from .calibration import EvaluationError, fit_payload_temperature, run_valid_images
+from .cpu_package import compile_cpu_package
+from .onnx_export import OnnxExportError, export_onnx
 
 BEST_NAME = "best"  # run_dir/best.pth: the best weights on valid accuracy (SaveModelCallback)
 ZEROSHOT_NAME = "zeroshot"  # run_dir/zeroshot.pth: a pretrained CLIP run's zero-shot model, for WiSE-FT

@@ -13,7 +13,7 @@ and help text from here, and `learner.Recipe`'s field defaults are the CNN prese
 
 from __future__ import annotations
 
-from flowers_classifier.factory import CLIP_DEFAULT, CNN_DEFAULT
+from .pretrained import CLIP_DEFAULT, CNN_DEFAULT
 
 SHARED = dict(bs=32, wd=0.05, min_scale=0.35, cutmix=0.0, mix_prob=1.0, switch_prob=0.5, grad_clip=1.0,
               patience=3, ema=0.0, seed=42, deterministic=False, precision="auto", lr_mult=100.0, llrd=1.0,

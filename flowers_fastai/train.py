@@ -49,6 +49,7 @@ from .learner import (
     seed_everything,
     valid_accuracy,
 )
+from .pretrained import CLIP_DEFAULT_TAG, check_clip_pretrained, check_cnn_pretrained
 from .probes import SanityCheckError, find_lr, overfit_one_batch, sanity_check
 from .recipes import PRESETS, SCRATCH, SHARED, describe, preset
 
@@ -104,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--weights", type=Path,
                    help="local backbone weights: timm state dict / .safetensors (cnn) or open_clip checkpoint "
                         "(clip; for a file of OpenAI's weights use --model ViT-L-14-quickgelu, as they need QuickGELU)")
-    w.add_argument("--pretrained-tag", default=factory.CLIP_DEFAULT_TAG,
+    w.add_argument("--pretrained-tag", default=CLIP_DEFAULT_TAG,
                    help="clip: open_clip pretrained tag (e.g. openai, laion2b_s32b_b82k, datacomp_xl_s13b_b90k)")
     o = p.add_argument_group("recipe")
     o.add_argument("--epochs", type=int, help=f"stage 2 (unfrozen) epochs ({describe('epochs')})")
@@ -215,7 +216,7 @@ def check_clip_args(args: argparse.Namespace) -> None:
         raise ValueError("--head-init zeroshot needs pretrained weights: with --no-pretrained the text tower is "
                          "random, so its 'zero-shot' head would be noise. Drop --head-init (random is then the "
                          "default) or pass --weights FILE / --pretrained-tag instead of --no-pretrained.")
-    factory.check_clip_pretrained(args.model, clip_pretrained(args))
+    check_clip_pretrained(args.model, clip_pretrained(args))
 
 
 def check_pretrained(args: argparse.Namespace) -> str:
@@ -227,7 +228,7 @@ def check_pretrained(args: argparse.Namespace) -> str:
         hub = f"open_clip tag {args.model}/{args.pretrained_tag}"
     else:
         source = None if args.no_pretrained else (args.weights or "hub")
-        hub = f"timm hub {factory.check_cnn_pretrained(args.model, source)}"
+        hub = f"timm hub {check_cnn_pretrained(args.model, source)}"
     if args.no_pretrained:
         return "random init"
     return f"file {args.weights}" if args.weights else hub
@@ -271,7 +272,7 @@ def build_model(args: argparse.Namespace, spec: dict | None = None) -> torch.nn.
         return create_model(args.arch, args.model, pretrained_arg(args), args.img_size, args.head_init,
                             args.pretrained_tag, args.grad_checkpointing)
     if args.arch == "cnn":
-        model = factory.create_cnn(spec["model_name"], pretrained=None, num_classes=len(spec["classes"]),
+        model = factory.create_cnn(spec["model_name"], num_classes=len(spec["classes"]),
                                    drop_path_rate=cnn_drop_path(not args.no_pretrained))
     else:
         model = factory.build_from_spec(spec)
@@ -424,7 +425,7 @@ def train(args: argparse.Namespace) -> Path:
     if distributed.is_main():
         print_plan(args, df, weights)
 
-    # 2-3. Model (pretrained weights resolved in flowers_classifier.factory: hub, tag, local file or random
+    # 2-3. Model (pretrained weights resolved in flowers_fastai.pretrained: hub, tag, local file or random
     #    init; a resumed run rebuilds its architecture offline and takes its weights from last.pth), fastai
     #    DataLoaders and Learner: the public API (api.py) a notebook uses too.
     learn = make_learner(args, df, run_dir, resumed)

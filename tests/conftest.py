@@ -62,6 +62,33 @@ def thread_cpus_after(code: str) -> tuple[list[int], dict[str, list[int]]]:
     return start, threads
 
 
+# What only writes a model: onnx and onnxscript (torch's ONNX exporter), ONNX Runtime's quantiser, Inductor's
+# compiler and packager, the trainer. Loading a model and predicting with it, any backend, imports none of them.
+# (Not torch._inductor.cpp_builder: torch._dynamo imports it, and timm imports torch._dynamo.)
+BUILDER_MODULES = ("onnx", "onnxscript", "onnxruntime.quantization", "torch.onnx._internal.exporter._core",
+                   "torch._inductor.compile_fx", "torch._inductor.codecache", "torch._inductor.package",
+                   "flowers_fastai", "fastai")
+
+
+def builders_imported_by_serving(models: list[Path], photo: Path, python: str | Path = sys.executable,
+                                 **run_kwargs) -> list[str]:
+    """Load each model file with `load_model`'s defaults and predict `photo` with it, all in one fresh
+    interpreter (`python`, run with `run_kwargs`); return the BUILDER_MODULES (and their submodules) it imported."""
+    script = textwrap.dedent("""
+        import json, sys
+        import flowers_classifier as fc
+        *models, photo = sys.argv[1:]
+        for path in models:
+            assert fc.predict(fc.load_model(path), photo) in fc.CLASSES, path
+        print(json.dumps(sorted(n for n in sys.modules if any(n == b or n.startswith(b + ".") for b in BUILDERS))))
+    """).replace("BUILDERS", repr(BUILDER_MODULES))
+    run_kwargs = {"cwd": ROOT, **run_kwargs}
+    done = subprocess.run([str(python), "-c", script, *map(str, models), str(photo)], capture_output=True, text=True,
+                          timeout=600, **run_kwargs)
+    assert done.returncode == 0, f"loading and predicting with {models} failed:\n{done.stderr[-3000:]}"
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 @pytest.fixture(scope="session")
 def real_flowers() -> Path:
     """The committed <class>/<photos> folder: 12 real photos per class, one photo filed under both rose and
@@ -105,7 +132,7 @@ def image_folder(tmp_path) -> Path:
 
 def tiny_cnn_payload_file(path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
-    net = factory.create_cnn(TINY_CNN, pretrained=None)
+    net = factory.create_cnn(TINY_CNN)
     prep = factory.cnn_preprocess(net, TINY_SIZE)
     spec = dict(family="cnn", model_name=TINY_CNN, classes=list(CLASSES), **prep.to_dict())
     torch.save(make_payload(spec, net.state_dict()), path)
@@ -114,7 +141,7 @@ def tiny_cnn_payload_file(path: Path, seed: int = 0) -> Path:
 
 def tiny_clip_payload_file(path: Path, seed: int = 0, half: bool = True) -> Path:
     torch.manual_seed(seed)
-    net = factory.create_clip(TINY_CLIP, pretrained=None, image_size=TINY_SIZE, head_init="random")
+    net = factory.create_clip(TINY_CLIP, image_size=TINY_SIZE)
     prep = factory.clip_preprocess(net)
     spec = dict(family="clip", model_name=TINY_CLIP, classes=list(CLASSES), quick_gelu=False, **prep.to_dict())
     torch.save(make_payload(spec, net.state_dict(), half=half), path)

@@ -130,7 +130,7 @@ def _run_folder(tmp_path: Path) -> Path:
     """A run folder as train.py leaves it (metrics.json, best.pth, split.csv) on a synthetic image folder."""
     images = make_image_folder(tmp_path / "images", per_class=6)
     torch.manual_seed(0)
-    net = factory.create_cnn(TINY_CNN, pretrained=None)
+    net = factory.create_cnn(TINY_CNN)
     spec = dict(family="cnn", model_name=TINY_CNN, classes=list(CLASSES),
                 **factory.cnn_preprocess(net, TINY_SIZE).to_dict())
     run = tmp_path / "run"
@@ -175,7 +175,7 @@ def test_export_without_the_images_writes_t1_and_says_how_to_calibrate(tmp_path,
 
 
 def test_onnx_carries_the_temperature_in_its_metadata(tiny_cnn_pth, real_photos, tmp_path):
-    from flowers_classifier.onnx_model import export_onnx
+    from flowers_fastai.onnx_export import export_onnx
     payload = fc.load_payload(tiny_cnn_pth) | {TEMPERATURE_KEY: 2.5}
     path, _ = export_onnx(payload, tmp_path / "t.onnx")
     served, raw = fc.load_model(path), fc.load_model(path, calibrated=False)

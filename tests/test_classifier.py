@@ -12,10 +12,11 @@ from conftest import ROOT, TINY_CNN, TINY_SIZE
 from PIL import Image
 
 import flowers_classifier as fc
-from flowers_classifier import aot, backends, factory, quantize
+from flowers_classifier import backends, factory, quantize
 from flowers_classifier import payload as payload_format
 from flowers_classifier.classes import CLASSES
 from flowers_classifier.preprocess import Preprocess, load_rgb, preprocess_image
+from flowers_fastai import cpu_package
 
 
 def test_payload_is_plain_data_loadable_with_weights_only(tiny_cnn_pth):
@@ -146,7 +147,7 @@ def test_cpu_module_swaps_keep_the_outputs():
     """The module swaps of the CPU path (Linear as 1x1 convolution, 1x1 convolutions and patchify as Linear,
     depthwise convolutions on small maps as a dense mix) replace what they say and compute the same net."""
     torch.manual_seed(0)
-    net = factory.create_cnn(TINY_CNN, pretrained=None).eval()
+    net = factory.create_cnn(TINY_CNN).eval()
     x = torch.randn(2, 3, TINY_SIZE, TINY_SIZE)
     with torch.no_grad():
         expected = net(x)
@@ -157,7 +158,7 @@ def test_cpu_module_swaps_keep_the_outputs():
     quantize.as_linears(net, patches=True)
     # convnextv2_atto at 64 px: stages on 16x16, 8x8, 4x4 and 2x2 maps with (2, 2, 6, 2) blocks; the last two
     # stages' depthwise convolutions are on maps of at most SMALL_MAP (16) positions
-    assert aot.small_map_depthwise_as_dense(net, x[:1]) == 6 + 2
-    assert sum(isinstance(m, aot.SmallMapDepthwiseConv) for m in net.modules()) == 8
+    assert cpu_package.small_map_depthwise_as_dense(net, x[:1]) == 6 + 2
+    assert sum(isinstance(m, cpu_package.SmallMapDepthwiseConv) for m in net.modules()) == 8
     with torch.no_grad():
         torch.testing.assert_close(net(x), expected, rtol=1e-4, atol=1e-4)

@@ -12,7 +12,7 @@ import sys
 from conftest import ROOT, TINY_CLIP, TINY_CNN, make_image_folder
 
 import flowers_classifier as fc
-from flowers_classifier import factory
+from flowers_fastai import pretrained
 
 
 def run(*argv: str) -> subprocess.CompletedProcess:
@@ -48,5 +48,5 @@ def test_loading_a_trained_vit_does_not_claim_random_weights(tiny_vit_pth, caplo
         fc.load_vit_model(tiny_vit_pth, device="cpu")
         assert no_weights_warnings() == []
         # Only that load is silenced: a model that really is random init still says so.
-        factory.create_clip(TINY_CLIP, pretrained=None, head_init="random")
+        pretrained.create_clip(TINY_CLIP, pretrained=None, head_init="random")
         assert len(no_weights_warnings()) == 1

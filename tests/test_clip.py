@@ -34,7 +34,7 @@ import flowers_classifier as fc
 from flowers_classifier import factory
 from flowers_classifier.classes import CLASSES
 from flowers_classifier.preprocess import preprocess_image
-from flowers_fastai import splitters
+from flowers_fastai import pretrained, splitters
 from flowers_fastai.data import make_dataloaders, prepare_split
 from flowers_fastai.export import export_run
 from flowers_fastai.learner import build_learner, fine_tune, resolve_precision
@@ -88,7 +88,7 @@ def open_clip_zero_shot(ckpt: Path, photos: list[Path]) -> dict[str, torch.Tenso
     clip.eval()
     with torch.no_grad():
         classifier = build_zero_shot_classifier(clip, open_clip.get_tokenizer(TINY_CLIP), CLASSES,
-                                                factory.CLIP_TEMPLATES)
+                                                pretrained.CLIP_TEMPLATES)
         pixels = torch.stack([preprocess(Image.open(p)) for p in photos])
         scale = clip.logit_scale.exp()
         logits = scale * clip.encode_image(pixels, normalize=True) @ classifier
@@ -253,7 +253,7 @@ def test_zero_shot_head_equals_open_clip_zero_shot(clip_ckpt, real_photos):
 
 def test_no_pretrained_head_is_random_not_zero_shot(monkeypatch):
     calls = []
-    monkeypatch.setattr(factory, "zero_shot_weights", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(pretrained, "zero_shot_weights", lambda *a, **k: calls.append(a))
     model = build_model(clip_args("--no-pretrained"))
     assert calls == []  # the random text tower was never asked for a head
     # A zero-shot row is a unit vector times CLIP's logit scale (1/0.07 at init) and its bias is zero;
@@ -309,15 +309,15 @@ def test_weights_file_is_exactly_what_the_encoder_starts_from(clip_ckpt, monkeyp
 
 
 def test_bad_weights_files_name_the_flag(clip_ckpt, tmp_path, capsys):
-    with pytest.raises(factory.WeightsFileError, match="--weights .*missing.pt: no such file"):
+    with pytest.raises(pretrained.WeightsFileError, match="--weights .*missing.pt: no such file"):
         build_model(clip_args("--weights", str(tmp_path / "missing.pt")))
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(factory.WeightsFileError, match="--weights .*junk.pt: not an open_clip checkpoint"):
+    with pytest.raises(pretrained.WeightsFileError, match="--weights .*junk.pt: not an open_clip checkpoint"):
         build_model(clip_args("--weights", str(junk)))
     partial = {k: v for k, v in torch.load(clip_ckpt, weights_only=True).items() if k != "visual.proj"}
     torch.save(partial, tmp_path / "partial.pt")
-    with pytest.raises(factory.WeightsFileError, match="not an open_clip checkpoint of ViT-S-32"):
+    with pytest.raises(pretrained.WeightsFileError, match="not an open_clip checkpoint of ViT-S-32"):
         build_model(clip_args("--weights", str(tmp_path / "partial.pt")))
     # Through the CLI: exit status 2 and one line naming the flag, no traceback.
     assert main(["--arch", "clip", "--weights", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "r")]) == 2
@@ -336,7 +336,7 @@ def test_pretrained_tag_sets_quick_gelu_and_round_trips_export(monkeypatch, tmp_
     monkeypatch.setattr(open_clip.factory, "get_pretrained_cfg", fake_cfg)
     monkeypatch.setattr(open_clip.factory, "download_pretrained", lambda cfg, **kw: str(ckpt))
     hub_checks = []
-    monkeypatch.setattr(factory, "_require_hub", lambda repo, files, what: hub_checks.append((repo, files)))
+    monkeypatch.setattr(pretrained, "_require_hub", lambda repo, files, what: hub_checks.append((repo, files)))
 
     args = clip_args("--pretrained-tag", "fake-openai")
     model = build_model(args).eval()
@@ -379,12 +379,12 @@ def test_pretrained_tag_sets_quick_gelu_and_round_trips_export(monkeypatch, tmp_
 def test_hub_reachability_honours_hf_endpoint(monkeypatch):
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(hf_constants, "ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
-    assert factory._hub_reachable(timeout=2.0) is False
+    assert pretrained._hub_reachable(timeout=2.0) is False
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen()
         monkeypatch.setattr(hf_constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
-        assert factory._hub_reachable(timeout=2.0) is True
+        assert pretrained._hub_reachable(timeout=2.0) is True
 
 
 def test_offline_default_fails_fast_naming_the_flags(tmp_path):
@@ -411,7 +411,7 @@ def test_unknown_model_name_fails_before_anything_is_built():
 def test_input_size_and_pixel_stats_follow_the_model():
     # ViT-B-32-256 is the smallest open_clip ViT whose native input is not 224 (like the -336 models).
     for name, size in (("ViT-B-32-256", 256), (TINY_CLIP, 224)):
-        prep = factory.preprocess_for(factory.create_clip(name, pretrained=None, head_init="random"))
+        prep = factory.preprocess_for(factory.create_clip(name))
         assert (prep.image_size, prep.interpolation, prep.crop_pct) == (size, "bicubic", 1.0)
         assert prep.mean == pytest.approx(open_clip.OPENAI_DATASET_MEAN)
         assert prep.std == pytest.approx(open_clip.OPENAI_DATASET_STD)
@@ -440,7 +440,7 @@ def test_help_documents_every_clip_flag(capsys):
 
 @pytest.mark.slow
 def test_vit_l14_fp16_export_size_and_cpu_predict(tmp_path, real_photos):
-    model = factory.create_clip("ViT-L-14", pretrained=None, head_init="random").eval()
+    model = factory.create_clip("ViT-L-14").eval()
     n_encoder = sum(p.numel() for p in model.visual.parameters())
     assert 300e6 < n_encoder < 308e6  # ~304M
     assert len(splitters.param_groups(model)) == 24 + 3

@@ -1,6 +1,7 @@
-"""The compiled CPU package (`export.py --cpu-package`, flowers_classifier/aot.py): written beside the .pth,
-served by load_model's defaults with the eager model's probabilities, and refused with a warning (eager
-serving goes on) when it does not fit the weights, the torch version or the CPU, or is damaged."""
+"""The compiled CPU package (`export.py --cpu-package`; flowers_fastai/cpu_package.py builds it,
+flowers_classifier/aot.py serves it): written beside the .pth, served by load_model's defaults with the eager
+model's probabilities, and refused with a warning (eager serving goes on) when it does not fit the weights, the
+torch version or the CPU, or is damaged."""
 
 from __future__ import annotations
 
@@ -15,14 +16,14 @@ import zipfile
 
 import pytest
 import torch
-from conftest import EXPORT_STDERR, TINY_CLIP, TINY_SIZE, require, thread_cpus_after
+from conftest import EXPORT_STDERR, TINY_CLIP, TINY_SIZE, builders_imported_by_serving, require, thread_cpus_after
 from torch._inductor.exc import CppCompileError, InductorError, InvalidCxxCompiler
 
 import flowers_classifier as fc
 from flowers_classifier import aot, backends
 from flowers_classifier import payload as payload_module
 from flowers_classifier.payload import load_payload
-from flowers_fastai import export
+from flowers_fastai import cpu_package, export
 
 pytestmark = pytest.mark.slow  # each package is a real AOTInductor compile (about a minute on 2 cores)
 
@@ -67,6 +68,12 @@ def test_load_model_serves_the_package_with_the_eager_probabilities(packaged_cnn
     package.batch1 = Spy()
     fc.predict(compiled, photo)
     assert calls, "predict did not go through the compiled package"
+
+
+def test_serving_the_package_imports_no_builder(packaged_cnn, real_photos):
+    """Loading a package takes torch's AOTInductor runner only: not Inductor's compiler, not the trainer that
+    built it (flowers_fastai.cpu_package), in a fresh interpreter (tests/test_layers.py: the other backends)."""
+    assert builders_imported_by_serving([packaged_cnn], real_photos["rose"][0]) == []
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else ()) < 2,
@@ -117,7 +124,7 @@ def test_a_convnext_package_serves_single_images_through_its_batch1_graph(packag
 
 def test_the_graphs_that_serve_batches_or_one_image_are_autotuned_a_vits_graph_is_not(
         tiny_cnn_pth, tiny_vit_pth, packaged_cnn, monkeypatch):
-    """aot.AUTOTUNE: a ConvNeXt's batch-1 graph (traced on one image) and its main graph, which then serves
+    """cpu_package.AUTOTUNE: a ConvNeXt's batch-1 graph (traced on one image) and its main graph, which then serves
     batches only (traced at TUNED_BATCH), are compiled with max-autotune over Inductor's C++ GEMM and oneDNN;
     a ViT's one graph, which serves single images too, is traced on 2 images and left to oneDNN. No timing
     tables are printed."""
@@ -129,11 +136,11 @@ def test_the_graphs_that_serve_batches_or_one_image_are_autotuned_a_vits_graph_i
     monkeypatch.setattr(torch._inductor, "aot_compile", record)
     for pth, graphs in ((tiny_cnn_pth, (aot.MAIN_GRAPH, aot.BATCH1_GRAPH)), (tiny_vit_pth, (aot.MAIN_GRAPH,))):
         payload = load_payload(pth)
-        net = aot.compiled_net(payload)
+        net = cpu_package.compiled_net(payload)
         for graph in graphs:
-            aot._aot_compile(net, payload, graph)
+            cpu_package._aot_compile(net, payload, graph)
     (cnn_batch, cnn_main), (one, batch1), (vit_batch, vit_main) = seen
-    assert (cnn_batch, one, vit_batch) == (aot.TUNED_BATCH, 1, 2)
+    assert (cnn_batch, one, vit_batch) == (cpu_package.TUNED_BATCH, 1, 2)
     assert cnn_main["freezing"] and batch1["freezing"] and vit_main["freezing"]
     for options in (cnn_main, batch1):
         assert options["max_autotune"] and set(options["max_autotune_gemm_backends"].split(",")) == {"CPP", "ATEN"}
@@ -310,17 +317,17 @@ def test_a_package_that_disagrees_with_pytorch_is_not_written(tiny_cnn_pth, tmp_
     and the compiled result is checked against the network as it is, not against the rewrite."""
     pth = tmp_path / "cnn_flowers.pth"
     shutil.copy(tiny_cnn_pth, pth)
-    traced, checked, trace_graph = [], [], aot._aot_compile
+    traced, checked, trace_graph = [], [], cpu_package._aot_compile
     # traced for real, not compiled (the fixture's export compiles): the check below is what fails
     monkeypatch.setattr(torch._inductor, "aot_compile", lambda *args, **kwargs: [])
-    monkeypatch.setattr(aot, "_load_runner", lambda path, graphs: None)
-    monkeypatch.setattr(aot, "_aot_compile", lambda net, *args: traced.append(net) or trace_graph(net, *args))
-    monkeypatch.setattr(aot, "_max_prob_diff", lambda runner, net, payload: checked.append(net) or 0.5)
+    monkeypatch.setattr(cpu_package, "load_cpu_package", lambda *args: None)
+    monkeypatch.setattr(cpu_package, "_aot_compile", lambda net, *args: traced.append(net) or trace_graph(net, *args))
+    monkeypatch.setattr(cpu_package, "_max_prob_diff", lambda runner, net, payload: checked.append(net) or 0.5)
     with pytest.raises(aot.CpuPackageError, match="disagrees with PyTorch"):
-        aot.compile_cpu_package(load_payload(pth), pth)
+        cpu_package.compile_cpu_package(load_payload(pth), pth)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn_flowers.pth"]
-    assert traced and all(_count(net, aot.SmallMapDepthwiseConv) > 0 for net in traced)
-    assert _count(checked[0], aot.SmallMapDepthwiseConv) == 0 and _count(checked[0], torch.nn.Conv2d) > 0
+    assert traced and all(_count(net, cpu_package.SmallMapDepthwiseConv) > 0 for net in traced)
+    assert _count(checked[0], cpu_package.SmallMapDepthwiseConv) == 0 and _count(checked[0], torch.nn.Conv2d) > 0
 
 
 def _count(net: torch.nn.Module, kind: type) -> int:
@@ -332,7 +339,7 @@ def _count(net: torch.nn.Module, kind: type) -> int:
 def test_a_small_map_depthwise_conv_computes_the_convolution(kernel, map_size, bias):
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(6, 6, kernel, padding=kernel // 2, groups=6, bias=bias)
-    dense = aot.SmallMapDepthwiseConv(conv, *map_size)
+    dense = cpu_package.SmallMapDepthwiseConv(conv, *map_size)
     x = torch.randn(3, 6, *map_size)
     with torch.no_grad():
         for layout in (torch.contiguous_format, torch.channels_last):
@@ -340,26 +347,26 @@ def test_a_small_map_depthwise_conv_computes_the_convolution(kernel, map_size, b
         with pytest.raises(ValueError, match="built for"):
             dense(torch.randn(1, 6, 5, 5))
     with pytest.raises(ValueError, match="stride-1 depthwise"):
-        aot.SmallMapDepthwiseConv(torch.nn.Conv2d(6, 12, 3, padding=1, groups=6), 4, 4)
+        cpu_package.SmallMapDepthwiseConv(torch.nn.Conv2d(6, 12, 3, padding=1, groups=6), 4, 4)
 
 
 def test_only_depthwise_convs_on_small_maps_are_rewritten(tiny_cnn_pth):
     """convnextv2_atto at 64 px: stages on 16x16, 8x8, 4x4 and 2x2 maps; only the last two's go dense."""
     payload = load_payload(tiny_cnn_pth)
-    net, eager = aot.compiled_net(payload), aot.eager_cpu_net(payload)
-    rewritten = [m for m in net.modules() if isinstance(m, aot.SmallMapDepthwiseConv)]
-    assert rewritten and all(h * w <= aot.SMALL_MAP for h, w in (m.map_size for m in rewritten))
+    net, eager = cpu_package.compiled_net(payload), cpu_package.eager_cpu_net(payload)
+    rewritten = [m for m in net.modules() if isinstance(m, cpu_package.SmallMapDepthwiseConv)]
+    assert rewritten and all(h * w <= cpu_package.SMALL_MAP for h, w in (m.map_size for m in rewritten))
     seen = []
 
     def record(conv, args):
         seen.append(args[0].shape[-2:])
-    hooks = [m.register_forward_pre_hook(record) for m in net.modules() if aot.is_depthwise(m)]
+    hooks = [m.register_forward_pre_hook(record) for m in net.modules() if cpu_package.is_depthwise(m)]
     x = _images(2).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         out, expected = net(x), eager(x)
     for hook in hooks:
         hook.remove()
-    assert seen and all(h * w > aot.SMALL_MAP for h, w in seen)  # the convolutions left run on larger maps
+    assert seen and all(h * w > cpu_package.SMALL_MAP for h, w in seen)  # the convolutions left run on larger maps
     assert len(rewritten) == _count(eager, torch.nn.Conv2d) - _count(net, torch.nn.Conv2d)  # nothing else changed
     assert torch.allclose(out, expected, atol=1e-5)
 
@@ -369,8 +376,8 @@ def test_the_clip_family_compiles_and_serves_too(tiny_vit_pth, tmp_path):
             "compiling a CPU package needs a C++ compiler (apt-get install g++)")
     pth = tmp_path / "vit_flowers.pth"
     shutil.copy(tiny_vit_pth, pth)
-    _, diff = aot.compile_cpu_package(load_payload(pth), pth)
-    assert diff < aot.PACKAGE_TOLERANCE
+    _, diff = cpu_package.compile_cpu_package(load_payload(pth), pth)
+    assert diff < cpu_package.PACKAGE_TOLERANCE
     compiled, eager = fc.load_vit_model(pth, device="cpu"), fc.load_model(pth, device="cpu", backend="eager")
     assert compiled.backend.name == "cpu-package" and compiled.model_name == TINY_CLIP
     # its patch embedding compiles as a Linear: no convolution left, so one graph serves every batch size

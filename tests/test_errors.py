@@ -19,9 +19,6 @@ EXCEPTIONS = {
     "flowers_classifier.aot.CpuPackageError": ValueError,
     "flowers_classifier.backends.BackendError": ValueError,
     "flowers_classifier.explain.ExplainError": ValueError,
-    "flowers_classifier.factory.PretrainedWeightsUnavailable": RuntimeError,
-    "flowers_classifier.factory.WeightsFileError": ValueError,
-    "flowers_classifier.onnx_model.OnnxExportError": ValueError,
     "flowers_classifier.payload.ModelFileError": ValueError,
     "flowers_classifier.preprocess.InvalidImageError": ValueError,
     "flowers_fastai.calibration.EvaluationError": ValueError,
@@ -30,6 +27,9 @@ EXCEPTIONS = {
     "flowers_fastai.demo.ExamplesError": ValueError,
     "flowers_fastai.experiments.PlanError": ValueError,
     "flowers_fastai.export.ExportError": ValueError,
+    "flowers_fastai.onnx_export.OnnxExportError": ValueError,
+    "flowers_fastai.pretrained.PretrainedWeightsUnavailable": RuntimeError,
+    "flowers_fastai.pretrained.WeightsFileError": ValueError,
     "flowers_fastai.probes.SanityCheckError": RuntimeError,
     "flowers_fastai.train.TrainingInterrupted": Exception,
     "flowers_fastai.wheelhouse.WheelhouseError": Exception,
@@ -82,10 +82,10 @@ def test_one_except_clause_catches_the_public_api_failures(tmp_path, tiny_cnn_pt
                                          ("WeightsFileError", 2), ("FileExistsError", 2)])
 def test_train_main_exit_codes_are_kept(error, code, monkeypatch, capsys):
     # TrainingInterrupted and SanityCheckError are FlowersErrors too: main must still tell them apart.
-    from flowers_classifier import factory
-    from flowers_fastai import data, probes, train
+    from flowers_fastai import data, pretrained, probes, train
     cls = {c.__name__: c for c in (train.TrainingInterrupted, probes.SanityCheckError, data.DatasetError,
-                                    factory.PretrainedWeightsUnavailable, factory.WeightsFileError, FileExistsError)}
+                                    pretrained.PretrainedWeightsUnavailable, pretrained.WeightsFileError,
+                                    FileExistsError)}
     message = f"what went wrong ({error})"
 
     def fail(args):

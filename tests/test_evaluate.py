@@ -60,7 +60,7 @@ def test_classification_metrics_on_a_hand_checked_case():
 
 def test_tta_views_start_with_the_served_crop_and_mirror_it(tmp_path):
     path = make_image_folder(tmp_path / "imgs", per_class=1, size=80) / "rose" / "0.jpg"
-    prep = factory.cnn_preprocess(factory.create_cnn(TINY_CNN, pretrained=None), TINY_SIZE)
+    prep = factory.cnn_preprocess(factory.create_cnn(TINY_CNN), TINY_SIZE)
     views = evaluate.tta_views(path, prep)
     assert views.shape == (10, 3, TINY_SIZE, TINY_SIZE)
     assert torch.equal(views[0], preprocess_image(path, prep))
@@ -111,7 +111,7 @@ def test_evaluate_matches_the_served_predictions(tiny_cnn_pth, photos, tmp_path)
 def _fake_run(run: Path, images: Path) -> Path:
     """A run folder as train.py leaves it: metrics.json (spec + data), best.pth, split.csv, history.csv."""
     torch.manual_seed(0)
-    net = factory.create_cnn(TINY_CNN, pretrained=None)
+    net = factory.create_cnn(TINY_CNN)
     spec = dict(family="cnn", model_name=TINY_CNN, classes=list(CLASSES),
                 **factory.cnn_preprocess(net, TINY_SIZE).to_dict())
     run.mkdir()

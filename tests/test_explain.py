@@ -102,7 +102,7 @@ def colour_evidence_vit() -> nn.Module:
     and class RED's logit reads channel RED, class BLUE's channel BLUE. So a red patch argues for class RED
     from where it lies, and Grad-CAM on the tokens entering the last block must find it there."""
     torch.manual_seed(0)
-    net = factory.create_clip(TINY_CLIP, pretrained=None, image_size=SIZE, head_init="random")
+    net = factory.create_clip(TINY_CLIP, image_size=SIZE)
     visual, eye = net.visual, torch.eye(net.visual.conv1.out_channels)
     width = len(eye)
     with torch.no_grad():
@@ -180,7 +180,7 @@ def test_a_map_with_nothing_to_draw_is_refused(local_model):
     with pytest.raises(ExplainError, match="not finite.*weights hold NaN or inf"):
         grad_cam(nan_model, red, class_index=0)
     torch.manual_seed(0)
-    vit = factory.create_clip(TINY_CLIP, pretrained=None, image_size=SIZE, head_init="random").eval()
+    vit = factory.create_clip(TINY_CLIP, image_size=SIZE).eval()
     # built by hand, without the fp32 twin that load_model gives an int8 model (Int8Backend)
     int8 = FlowerClassifier(EagerBackend(quantize_int8(vit), "clip", SIZE), "clip", TINY_CLIP, fc.CLASSES, PREP)
     with pytest.raises(ExplainError, match=r"all zero.*int8 layers pass no gradient.*backend='eager'"):

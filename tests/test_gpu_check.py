@@ -126,7 +126,7 @@ def test_flop_counter_counts_a_linear_layer():
 def test_flop_counter_counts_a_vit_as_its_matmuls():
     from flowers_classifier import factory
     torch.manual_seed(0)
-    model = factory.create_clip("ViT-S-32", pretrained=None, image_size=64, head_init="random")
+    model = factory.create_clip("ViT-S-32", image_size=64)
     counted = gc.count_training_flops(model, torch.randn(1, 3, 64, 64))
     tokens, width, blocks, patch = (64 // 32) ** 2 + 1, 384, 12, 32
     per_block = 24 * tokens * width ** 2 + 4 * tokens ** 2 * width  # qkv + proj + 4x MLP, and the attention

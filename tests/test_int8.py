@@ -30,6 +30,7 @@ from flowers_classifier.quantize import (
     int8_layers,
     quantize_int8,
 )
+from flowers_fastai import onnx_export
 from flowers_fastai.export import main as export_main
 
 # Max abs difference of probabilities, int8 vs fp32, on the tiny random-init models. Measured: ~2e-4 (ViT-S-32)
@@ -62,8 +63,8 @@ def test_self_attention_equals_multihead_attention(batch_first):
 
 def test_the_rewritten_vit_and_convnext_equal_the_originals():
     torch.manual_seed(0)
-    vit = factory.create_clip("ViT-S-32", pretrained=None, image_size=TINY_SIZE, head_init="random").eval()
-    cnn = factory.create_cnn("convnextv2_atto", pretrained=None).eval()  # atto builds its MLPs as 1x1 convs
+    vit = factory.create_clip("ViT-S-32", image_size=TINY_SIZE).eval()
+    cnn = factory.create_cnn("convnextv2_atto").eval()  # atto builds its MLPs as 1x1 convs
     x = torch.randn(2, 3, TINY_SIZE, TINY_SIZE)
     for net, kind in ((vit, SelfAttention), (cnn, Conv1x1AsLinear)):
         with torch.inference_mode():
@@ -117,8 +118,7 @@ def test_int8_quantises_every_linear_but_the_head_and_stays_close(which, tiny_vi
 
 def test_quantize_int8_leaves_the_head_fp32_and_needs_no_data():
     torch.manual_seed(0)
-    net = quantize_int8(factory.create_clip("ViT-S-32", pretrained=None, image_size=TINY_SIZE,
-                                            head_init="random").eval())
+    net = quantize_int8(factory.create_clip("ViT-S-32", image_size=TINY_SIZE).eval())
     assert type(net.head) is nn.Linear and isinstance(net.visual.transformer.resblocks[0].attn.qkv, DynamicLinear)
 
 
@@ -171,7 +171,7 @@ def test_int8_is_a_cpu_path():
 
 def test_onnx_int8_export(tiny_vit_pth, tmp_path, real_photos):
     payload = fc.load_payload(tiny_vit_pth) | {QUANTIZE_KEY: INT8}
-    path, diff = onnx_model.export_onnx(payload, tmp_path / "vit_int8.onnx", int8=True)
+    path, diff = onnx_export.export_onnx(payload, tmp_path / "vit_int8.onnx", int8=True)
     graph = onnx.load(str(path))
     assert "MatMulInteger" in {n.op_type for n in graph.graph.node}
     assert diff is not None and diff < INT8_PROB_TOLERANCE

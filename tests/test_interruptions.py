@@ -127,7 +127,7 @@ def test_file_deleted_after_the_check_is_reported_and_the_epoch_finishes(tmp_pat
     data.RGBImage.failure_log = run_dir / "skipped.csv"
     try:
         dls = data.make_dataloaders(df, root, Preprocess(32, (0.5,) * 3, (0.5,) * 3), bs=8)
-        learn = build_learner(dls, factory.create_cnn(TINY_CNN, pretrained=None), Recipe(patience=None), run_dir)
+        learn = build_learner(dls, factory.create_cnn(TINY_CNN), Recipe(patience=None), run_dir)
         with pytest.warns(UserWarning, match="no such file"):
             fine_tune(learn, Recipe(epochs=1, freeze_epochs=0, patience=None))
     finally:
@@ -185,7 +185,7 @@ def test_resume_rebuilds_the_model_ema_and_recipe_of_the_run(tmp_path, real_flow
             "--out", str(run_dir)]
     if arch == "cnn":  # a local backbone file counts as pretrained: drop path 0.1
         torch.manual_seed(0)
-        torch.save(factory.create_cnn(TINY_CNN, pretrained=None).state_dict(), tmp_path / "backbone.pth")
+        torch.save(factory.create_cnn(TINY_CNN).state_dict(), tmp_path / "backbone.pth")
         argv += ["--model", TINY_CNN, "--weights", str(tmp_path / "backbone.pth")]
     else:
         argv += ["--arch", "clip", "--model", TINY_CLIP, "--no-pretrained", "--head-init", "random",

@@ -1,7 +1,9 @@
 """The two layers stay apart: `flowers_classifier` (the runtime: torch, timm, open_clip, PIL) never imports the
 trainer `flowers_fastai` or its libraries, the project's modules import each other without cycles, and the
 runtime installs on its own (its declared dependencies, nothing from the [train] or [demo] extras) and
-predicts with a model the trainer exported.
+predicts with a model the trainer exported. What only writes a model (ONNX export, compiling the CPU package,
+pretrained weights) is the trainer's: the runtime's source never imports it, and loading and predicting with
+every backend imports none of it, in the project's .venv and in the runtime's own.
 
 The install test builds a fresh virtual environment offline in seconds: the runtime's dependency closure is
 read from the metadata of the distributions installed in the project's .venv and symlinked into the new
@@ -22,11 +24,14 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY_CNN
+import torch
+from conftest import ROOT, TINY_CNN, builders_imported_by_serving
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from flowers_classifier.classes import CLASSES
+from flowers_classifier.payload import INT8, QUANTIZE_KEY, load_payload
+from flowers_fastai.onnx_export import export_onnx
 from flowers_fastai.wheelhouse import copy_source  # what a build of the project reads, copied (no build/ in the repo)
 
 PACKAGES = ("flowers_classifier", "flowers_fastai")
@@ -34,6 +39,11 @@ PACKAGES = ("flowers_classifier", "flowers_fastai")
 TRAINER_LIBS = ("fastai", "fastcore", "gradio", "pandas", "matplotlib")
 # ... nor import the trainer, which ships in the same distribution (installed, but unusable without [train]).
 TRAINER_ONLY = ("flowers_fastai", *TRAINER_LIBS)
+# What only builds a model: pretrained weights come through huggingface_hub; onnx, onnxscript and torch.onnx write
+# ONNX, ONNX Runtime's quantiser writes int8 ONNX; torch.export and Inductor compile the CPU package.
+BUILDER_IMPORTS = ("huggingface_hub", "onnx", "onnxscript", "onnxruntime.quantization", "torch.onnx", "torch.export",
+                   "torch._inductor")
+EXPORT_LIBS = ("onnx", "onnxscript")  # the [onnx] extra less ONNX Runtime: writing an .onnx needs them, serving not
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -91,6 +101,33 @@ def test_runtime_never_imports_the_trainer():
                 if is_within(candidate, TRAINER_ONLY):
                     offenders.append(f"{path.relative_to(ROOT)}:{line} imports {candidate}")
     assert not offenders, "the runtime imports the trainer or its libraries:\n" + "\n".join(sorted(set(offenders)))
+
+
+def test_the_runtime_imports_no_builder():
+    """Compiling a CPU package, writing ONNX and pretrained weights are the trainer's (flowers_fastai.cpu_package,
+    .onnx_export, .pretrained): no runtime module imports what they need, at module level or in a function."""
+    offenders = [f"{path.relative_to(ROOT)}:{line} imports {candidate}"
+                 for path in sorted((ROOT / "flowers_classifier").rglob("*.py"))
+                 for line, module, names in imported_modules(path)
+                 for candidate in [module] + [f"{module}.{n}" for n in names] if is_within(candidate, BUILDER_IMPORTS)]
+    assert not offenders, "the runtime imports what only builds a model:\n" + "\n".join(sorted(set(offenders)))
+
+
+def served_models(pth: Path, out: Path) -> list[Path]:
+    """`pth`, a copy of it that asks for int8 and its fp32 ONNX export, in `out`: a model for each backend that
+    load_model's defaults serve without a compiler (the CPU package: tests/test_cpu_package.py)."""
+    payload = load_payload(pth)
+    onnx_path, _ = export_onnx(payload, out / f"{pth.stem}.onnx")
+    int8 = out / f"{pth.stem}_int8.pth"
+    torch.save({**payload, QUANTIZE_KEY: INT8}, int8)
+    return [pth, int8, onnx_path]
+
+
+def test_serving_every_backend_imports_no_builder(tiny_cnn_pth, tiny_vit_pth, real_flowers, tmp_path):
+    models = served_models(tiny_cnn_pth, tmp_path) + [tiny_vit_pth]
+    models.append(export_onnx(load_payload(tiny_vit_pth), tmp_path / "vit_int8.onnx", int8=True)[0])
+    photo = sorted((real_flowers / "rose").glob("*.jpg"))[0]
+    assert builders_imported_by_serving(models, photo) == []
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -266,8 +303,8 @@ def runtime_imports(pyproject: dict) -> list[str]:
 
 @pytest.fixture(scope="module")
 def runtime_venv(tmp_path_factory) -> Path:
-    """A fresh venv holding the runtime's dependency closure (symlinked from .venv), pip and setuptools, and
-    the project installed without extras, offline."""
+    """A fresh venv holding the runtime's dependency closure and ONNX Runtime's (symlinked from .venv), pip and
+    setuptools, and the project installed without extras, offline."""
     tmp = tmp_path_factory.mktemp("runtime")
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     site = Path(sysconfig.get_paths()["purelib"])
@@ -277,6 +314,9 @@ def runtime_venv(tmp_path_factory) -> Path:
     assert not leaked, f"the runtime's dependencies pull in trainer-only distributions: {leaked}"
     # pip to install and check; setuptools because the project builds with it (--no-build-isolation).
     tools = dependency_closure(["pip", *pyproject["build-system"]["requires"]], every)
+    # ONNX Runtime alone, the serving half of the [onnx] extra: an .onnx is served without onnx or onnxscript.
+    serving = dependency_closure(["onnxruntime"], every)
+    assert not set(serving) & set(EXPORT_LIBS), f"onnxruntime pulls in {sorted(set(serving) & set(EXPORT_LIBS))}"
 
     venv = tmp / "venv"
     base_python = getattr(sys, "_base_executable", sys.executable)
@@ -284,7 +324,7 @@ def runtime_venv(tmp_path_factory) -> Path:
     python = venv / "bin" / "python"
     new_site = Path(run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                         "locating the venv's site-packages").stdout.strip())
-    link_distributions(runtime | tools, every, site, new_site)
+    link_distributions(runtime | tools | serving, every, site, new_site)
 
     run([python, "-m", "pip", "install", "--no-deps", "--no-index", "--no-build-isolation", "--no-cache-dir",
          "-q", copy_source(tmp / "src")], "installing the project without extras", env=clean_env(), cwd=tmp)
@@ -309,9 +349,10 @@ def test_runtime_installs_and_predicts_without_fastai(runtime_venv, exported_cnn
     in_venv = dict(env=clean_env(), cwd=tmp_path)
 
     importable = run([python, "-c", "import importlib.util as u, sys; "
-                                    "print(' '.join(m for m in sys.argv[1:] if u.find_spec(m)))", *TRAINER_LIBS],
-                     "looking for trainer modules in the venv", **in_venv).stdout.split()
-    assert not importable, f"the runtime venv can import trainer-only libraries: {importable}"
+                                    "print(' '.join(m for m in sys.argv[1:] if u.find_spec(m)))",
+                      *TRAINER_LIBS, *EXPORT_LIBS],
+                     "looking for trainer and exporter modules in the venv", **in_venv).stdout.split()
+    assert not importable, f"the runtime venv can import trainer-only or export-only libraries: {importable}"
 
     modules = runtime_imports(tomllib.loads((ROOT / "pyproject.toml").read_text()))
     assert {"torch", "timm", "open_clip", "flowers_classifier.cli"} <= set(modules), f"too few modules: {modules}"
@@ -339,3 +380,6 @@ def test_runtime_installs_and_predicts_without_fastai(runtime_venv, exported_cnn
     assert len(out) == 1 and out[0].startswith(f"{photo}\t"), f"expected one result line for {photo}, got {out}"
     top = out[0].split("\t")[1].split()[0]
     assert top in CLASSES, f"python -m flowers_classifier printed {out[0]!r}: {top!r} is not a class"
+
+    # Every backend it has the packages for (eager, int8, ONNX Runtime) loads and predicts, importing no builder.
+    assert builders_imported_by_serving(served_models(exported_cnn, tmp_path), photo, python, **in_venv) == []

@@ -35,7 +35,7 @@ def tiny_dls(tmp_path):
 
 def tiny_learner(dls, run_dir, **recipe):
     torch.manual_seed(0)
-    return build_learner(dls, factory.create_cnn(TINY_CNN, pretrained=None), Recipe(**{**QUIET, **recipe}), run_dir)
+    return build_learner(dls, factory.create_cnn(TINY_CNN), Recipe(**{**QUIET, **recipe}), run_dir)
 
 
 def test_freeze_leaves_only_the_head_trainable(tiny_dls, tmp_path):
@@ -247,7 +247,7 @@ def test_training_never_imports_tensorboard_and_asking_without_it_says_what_to_i
     learner.tensorboard_callback.cache_clear()
     try:
         with pytest.raises(ValueError, match=r"--tensorboard .*pip install 'flowers-fastai\[tensorboard\]'"):
-            build_learner(tiny_dls, factory.create_cnn(TINY_CNN, pretrained=None), Recipe(**QUIET), tmp_path,
+            build_learner(tiny_dls, factory.create_cnn(TINY_CNN), Recipe(**QUIET), tmp_path,
                           tensorboard=True)
     finally:
         learner.tensorboard_callback.cache_clear()
@@ -302,8 +302,8 @@ def test_deterministic_flag_reaches_the_run_and_experiment_plans(restore_determi
 def tiny_model(arch: str) -> torch.nn.Module:
     torch.manual_seed(0)
     if arch == "cnn":
-        return factory.create_cnn(TINY_CNN, pretrained=None)
-    return factory.create_clip(TINY_CLIP, pretrained=None, image_size=TINY_SIZE, head_init="random")
+        return factory.create_cnn(TINY_CNN)
+    return factory.create_clip(TINY_CLIP, image_size=TINY_SIZE)
 
 
 def no_decay_names(model: torch.nn.Module) -> set[str]:

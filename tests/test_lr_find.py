@@ -30,7 +30,7 @@ def learn(images, tmp_path):
     """The learner train.py would build for a from-scratch tiny run (no MixUp, so the loss is plain)."""
     torch.manual_seed(0)
     df = prepare_split(images, tmp_path, valid_pct=0.25, seed=0)
-    model = factory.create_cnn(TINY_CNN, pretrained=None)
+    model = factory.create_cnn(TINY_CNN)
     dls = make_dataloaders(df, images, factory.cnn_preprocess(model, TINY_SIZE), bs=8)
     return build_learner(dls, model, Recipe(freeze_epochs=0, epochs=1, label_smoothing=0.0), tmp_path)
 

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from flowers_classifier import factory
 from flowers_classifier import model as model_modules
 from flowers_classifier.classes import CLASSES
-from flowers_fastai import splitters
+from flowers_fastai import pretrained, splitters
 from flowers_fastai import train as train_module
 
 
@@ -26,14 +26,14 @@ def backbone(sd: dict) -> dict:
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
 def test_local_weights_file_is_exactly_the_starting_backbone(tmp_path, suffix):
     torch.manual_seed(1)
-    source = factory.create_cnn(TINY_CNN, pretrained=None, num_classes=1000)  # an ImageNet-style checkpoint
+    source = factory.create_cnn(TINY_CNN, num_classes=1000)  # an ImageNet-style checkpoint
     path = tmp_path / f"backbone{suffix}"
     if suffix == ".safetensors":
         save_file(source.state_dict(), str(path))
     else:
         torch.save({"state_dict": source.state_dict()}, path)  # wrapped, as many trainers save it
     torch.manual_seed(2)
-    model = factory.create_cnn(TINY_CNN, pretrained=path)
+    model = pretrained.create_cnn(TINY_CNN, pretrained=path)
     loaded, expected = backbone(model.state_dict()), backbone(source.state_dict())
     assert loaded.keys() == expected.keys()
     assert all(torch.equal(loaded[k], expected[k]) for k in expected)
@@ -41,28 +41,28 @@ def test_local_weights_file_is_exactly_the_starting_backbone(tmp_path, suffix):
 
 
 def test_weights_for_another_architecture_are_refused(tmp_path):
-    other = factory.create_cnn("convnextv2_femto", pretrained=None)
+    other = factory.create_cnn("convnextv2_femto")
     path = tmp_path / "femto.safetensors"
     save_file(other.state_dict(), str(path))
-    with pytest.raises(factory.WeightsFileError, match="--weights .*femto.safetensors"):
-        factory.create_cnn(TINY_CNN, pretrained=path)
+    with pytest.raises(pretrained.WeightsFileError, match="--weights .*femto.safetensors"):
+        pretrained.create_cnn(TINY_CNN, pretrained=path)
 
 
 def test_weights_with_unrelated_keys_are_refused_not_ignored(tmp_path):
     path = tmp_path / "other.pth"
     torch.save({"encoder.weight": torch.zeros(3)}, path)
-    with pytest.raises(factory.WeightsFileError, match="does not match"):
-        factory.create_cnn(TINY_CNN, pretrained=path)
+    with pytest.raises(pretrained.WeightsFileError, match="does not match"):
+        pretrained.create_cnn(TINY_CNN, pretrained=path)
 
 
 def test_missing_weights_file(tmp_path):
-    with pytest.raises(factory.WeightsFileError, match="no such file"):
-        factory.create_cnn(TINY_CNN, pretrained=tmp_path / "nope.safetensors")
+    with pytest.raises(pretrained.WeightsFileError, match="no such file"):
+        pretrained.create_cnn(TINY_CNN, pretrained=tmp_path / "nope.safetensors")
 
 
 def test_default_tag_prefers_imagenet22k_finetune():
-    assert factory.cnn_pretrained_tag("convnextv2_tiny") == "fcmae_ft_in22k_in1k"
-    assert factory.cnn_pretrained_tag("convnextv2_atto") == "fcmae_ft_in1k"  # timm has no 22k atto
+    assert pretrained.cnn_pretrained_tag("convnextv2_tiny") == "fcmae_ft_in22k_in1k"
+    assert pretrained.cnn_pretrained_tag("convnextv2_atto") == "fcmae_ft_in1k"  # timm has no 22k atto
 
 
 def offline_env(tmp_path) -> dict:
@@ -72,9 +72,9 @@ def offline_env(tmp_path) -> dict:
 
 
 def test_hub_weights_offline_fail_fast_naming_both_flags(tmp_path):
-    code = ("from flowers_classifier import factory\n"
-            "try:\n    factory.create_cnn('convnextv2_atto', pretrained='hub')\n"
-            "except factory.PretrainedWeightsUnavailable as e:\n    print('REFUSED', e)\n")
+    code = ("from flowers_fastai import pretrained\n"
+            "try:\n    pretrained.create_cnn('convnextv2_atto', pretrained='hub')\n"
+            "except pretrained.PretrainedWeightsUnavailable as e:\n    print('REFUSED', e)\n")
     start = time.monotonic()
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=offline_env(tmp_path),
                          capture_output=True, text=True, timeout=120)
@@ -128,7 +128,7 @@ def test_cnn_bad_weights_or_model_fail_before_the_data_scan(tmp_path, scan_calls
 
 
 def test_stage_splitter_covers_every_parameter_once():
-    model = factory.create_cnn(TINY_CNN, pretrained=None)
+    model = factory.create_cnn(TINY_CNN)
     groups = splitters.param_groups(model)
     assert len(groups) == 1 + len(model.stages) + 1  # stem, stages, head
     ids = [id(p) for g in groups for p in g]
@@ -137,7 +137,7 @@ def test_stage_splitter_covers_every_parameter_once():
 
 
 def test_cnn_preprocess_uses_the_backbone_stats():
-    prep = factory.cnn_preprocess(factory.create_cnn(TINY_CNN, pretrained=None), image_size=96)
+    prep = factory.cnn_preprocess(factory.create_cnn(TINY_CNN), image_size=96)
     assert prep.image_size == 96 and prep.mean == (0.485, 0.456, 0.406) and prep.interpolation == "bicubic"
 
 
@@ -165,8 +165,8 @@ def test_fast_grn_is_timms_grn_forward_and_backward(channels_last):
 
 def test_cnn_factory_uses_fast_grn_unless_asked_not_to():
     kinds = lambda net: {type(m).__name__ for m in net.modules() if type(m).__name__.endswith("GlobalResponseNorm")}  # noqa: E731
-    assert kinds(factory.create_cnn(TINY_CNN, pretrained=None)) == {"FastGlobalResponseNorm"}
-    assert kinds(factory.create_cnn(TINY_CNN, pretrained=None, fast_grn=False)) == {"GlobalResponseNorm"}
+    assert kinds(factory.create_cnn(TINY_CNN)) == {"FastGlobalResponseNorm"}
+    assert kinds(factory.create_cnn(TINY_CNN, fast_grn=False)) == {"GlobalResponseNorm"}
 
 
 def test_a_builder_that_fails_on_the_meta_device_is_built_for_real(tiny_cnn_pth, monkeypatch):

@@ -1,4 +1,4 @@
-"""ONNX export (`export.py --onnx`, `flowers_classifier.onnx_model.export_onnx`) and serving an .onnx with
+"""ONNX export (`export.py --onnx`, `flowers_fastai.onnx_export.export_onnx`) and serving an .onnx with
 flowers_classifier: the graph's probabilities equal PyTorch's, the preprocessing travels in its metadata.
 Also the CPU fast paths of torch serving (channels_last, compile=True) against the plain module."""
 
@@ -18,13 +18,14 @@ from flowers_classifier import onnx_model
 from flowers_classifier.classes import CLASSES
 from flowers_classifier.factory import build_from_spec
 from flowers_classifier.preprocess import preprocess_image
+from flowers_fastai import onnx_export
 
 
 @pytest.fixture(scope="module")
 def tiny_onnx(tiny_cnn_pth, tmp_path_factory):
     """(the tiny convnextv2_atto .pth, its ONNX export, the max diff export_onnx measured)."""
     out = tmp_path_factory.mktemp("onnx") / "cnn_flowers.onnx"
-    path, diff = onnx_model.export_onnx(fc.load_payload(tiny_cnn_pth), out)
+    path, diff = onnx_export.export_onnx(fc.load_payload(tiny_cnn_pth), out)
     return tiny_cnn_pth, path, diff
 
 
@@ -93,9 +94,9 @@ def test_cli_refuses_a_pth_without_onnx(tiny_cnn_pth):
 
 
 def test_a_disagreeing_export_writes_nothing(tiny_cnn_pth, tmp_path, monkeypatch):
-    monkeypatch.setattr(onnx_model, "ONNX_TOLERANCE", -1.0)  # any difference (even 0) now counts as a failure
-    with pytest.raises(onnx_model.OnnxExportError, match="disagrees with PyTorch.*nothing was written"):
-        onnx_model.export_onnx(fc.load_payload(tiny_cnn_pth), tmp_path / "bad.onnx")
+    monkeypatch.setattr(onnx_export, "ONNX_TOLERANCE", -1.0)  # any difference (even 0) now counts as a failure
+    with pytest.raises(onnx_export.OnnxExportError, match="disagrees with PyTorch.*nothing was written"):
+        onnx_export.export_onnx(fc.load_payload(tiny_cnn_pth), tmp_path / "bad.onnx")
     assert list(tmp_path.iterdir()) == []  # neither the target nor a temp file is left behind
 
 

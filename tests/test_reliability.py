@@ -163,7 +163,7 @@ def test_fastai_learner_pkl_is_refused(tmp_path):
     root = make_image_folder(tmp_path / "imgs", per_class=3)
     df = data.stratified_split(data.scan_folder(root), 0.34, seed=0)
     dls = data.make_dataloaders(df, root, Preprocess(32, (0.5,) * 3, (0.5,) * 3), bs=4)
-    learn = build_learner(dls, factory.create_cnn(TINY_CNN, pretrained=None), Recipe(), tmp_path)
+    learn = build_learner(dls, factory.create_cnn(TINY_CNN), Recipe(), tmp_path)
     learn.export(tmp_path / "learner.pkl")
     assert zipfile.is_zipfile(tmp_path / "learner.pkl")
     with pytest.raises(fc.ModelFileError, match="learner.pkl: refused to load.*pickled Python objects"):

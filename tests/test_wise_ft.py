@@ -22,7 +22,7 @@ import flowers_classifier as fc
 from flowers_classifier import factory
 from flowers_classifier.payload import TEMPERATURE_KEY, load_payload
 from flowers_classifier.preprocess import preprocess_image
-from flowers_fastai import evaluate, export
+from flowers_fastai import evaluate, export, pretrained
 from flowers_fastai.train import main as train_main
 
 
@@ -59,7 +59,7 @@ def test_alpha_0_is_the_zero_shot_model(clip_run, real_flowers, tmp_path):
     _export(run, tmp_path / "a0.pth", "--wise-ft", "0", "--fp32", "--no-calibrate")
     photos = _valid_photos(run, real_flowers)
     ours = _probs(fc.load_model(tmp_path / "a0.pth", device="cpu"), photos)
-    zero_shot = factory.create_clip(TINY_CLIP, pretrained=ckpt, image_size=TINY_SIZE, head_init="zeroshot").eval()
+    zero_shot = pretrained.create_clip(TINY_CLIP, pretrained=ckpt, image_size=TINY_SIZE, head_init="zeroshot").eval()
     prep = factory.preprocess_for(zero_shot)
     with torch.no_grad():
         expected = zero_shot(torch.stack([preprocess_image(p, prep) for p in photos])).softmax(-1).numpy()
