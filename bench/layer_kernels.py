@@ -43,9 +43,9 @@ def layer_shapes() -> tuple[Counter, Counter]:
     """How often the network runs each matmul (M, K, N) and each depthwise convolution (C, H, W), batch 1."""
     import torch
 
-    from flowers_classifier.aot import is_depthwise
     from flowers_classifier.factory import create_cnn
     from flowers_classifier.quantize import as_linears
+    from flowers_fastai.cpu_package import is_depthwise
     net = create_cnn(MODEL).eval()
     as_linears(net, attention=False, patches=True)
     matmuls, depthwise = Counter(), Counter()
@@ -129,7 +129,7 @@ def depthwise_contenders(c: int, h: int, w: int, copies: int, threads: int) -> d
     import torch
     from onnx import helper, numpy_helper
 
-    from flowers_classifier.aot import SMALL_MAP, SmallMapDepthwiseConv
+    from flowers_fastai.cpu_package import SMALL_MAP, SmallMapDepthwiseConv
     convs = [torch.nn.Conv2d(c, c, 7, padding=3, groups=c).eval() for _ in range(copies)]
     x = torch.randn(1, c, h, w).contiguous(memory_format=torch.channels_last)
     packed = [torch.ops.mkldnn._reorder_convolution_weight(conv.weight.detach(), [3, 3], [1, 1], [1, 1], c,
