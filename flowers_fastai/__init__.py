@@ -1,17 +1,16 @@
 """flowers_fastai: train, evaluate and export a 5-class flower classifier with fastai, on top of the
 `flowers_classifier` runtime (which it imports; never the other way round).
 
-Importing the package imports nothing heavy: `flowers_fastai.demo` needs gradio and the runtime only,
-the training modules import fastai. The public training API (`flowers_dataloaders`, `flowers_learner`,
-`export_pth`, from `flowers_fastai.api`) is re-exported lazily, on first use.
+The public training API, fastai style: `flowers_dataloaders`, `flowers_learner`, `fine_tune_recipe`, `export_pth`
+(from `flowers_fastai.api`). The command lines are in `flowers_fastai.cli`.
 """
 
-_API = ("flowers_dataloaders", "flowers_learner", "export_pth", "fine_tune_recipe")
-__all__ = list(_API)
+import warnings
 
+# fastai calls torch.jit.script while it is imported, which torch now deprecates: a notice for fastai's
+# developers that our users can do nothing about. Silenced for that import only.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.* is deprecated", category=FutureWarning)
+    from .api import export_pth, fine_tune_recipe, flowers_dataloaders, flowers_learner
 
-def __getattr__(name: str):
-    if name in _API:  # imported here, not at package import: `flowers_fastai.demo` must stay fastai-free
-        from . import api
-        return getattr(api, name)
-    raise AttributeError(f"module 'flowers_fastai' has no attribute {name!r}")
+__all__ = ["flowers_dataloaders", "flowers_learner", "fine_tune_recipe", "export_pth"]

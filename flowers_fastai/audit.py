@@ -1,6 +1,6 @@
 """Data audit: one decode pass over a `<root>/<class>/<images>` table, and what it tells about the data.
 
-    python -m flowers_fastai.data audit DIR [--json OUT] [--min-size 224]
+    python -m flowers_fastai data audit DIR [--json OUT] [--min-size 224]
 
 Reports files per class, files that do not decode, exact duplicates (same decoded pixels, whatever the
 file name or encoding), duplicates filed under different classes (one photo, two labels), and images

@@ -1,8 +1,8 @@
 """Data: download the public flower photos, check a `<root>/<class>/<images>` folder, split it, and
 build the fastai DataLoaders.
 
-    python -m flowers_fastai.data download [--dest data/flowers]
-    python -m flowers_fastai.data audit DIR [--json OUT] [--min-size 224]   (see flowers_fastai.audit)
+    flowers-data download [--dest data/flowers]
+    flowers-data audit DIR [--json OUT] [--min-size 224]   (see flowers_fastai.audit; the CLI: cli.py)
 
 Every problem with a folder (missing, unknown or empty class, undecodable files) is found here, before
 anything trains.
@@ -10,12 +10,6 @@ anything trains.
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # run as a CLI: importing fastai below warns, so filter first (flowers_fastai/cli.py)
-    from flowers_classifier.cli import quiet_third_party_warnings
-
-    quiet_third_party_warnings()
-
-import argparse
 import io
 import os
 import shutil
@@ -51,7 +45,7 @@ from flowers_classifier.errors import FlowersError
 from flowers_classifier.files import write_json
 from flowers_classifier.preprocess import IMAGE_SUFFIXES, InvalidImageError, Preprocess, load_rgb, resize_center_crop
 
-from .audit import AUDIT_MIN_SIZE, audit_table, conflicting_files, format_report, inspect_files
+from .audit import AUDIT_MIN_SIZE, audit_table, conflicting_files, inspect_files
 from .calibration import split_names
 from .distributed import rank
 
@@ -286,51 +280,3 @@ def make_dataloaders(df: pd.DataFrame, root: str | Path, prep: Preprocess, bs: i
         batch_tfms=batch_tfms,
     )
     return block.dataloaders(df, bs=bs, num_workers=num_workers, device=device)
-
-
-# --------------------------------------------------------------------------- CLI
-
-def audit_main(root: Path, json_out: Path | None = None, min_size: int = AUDIT_MIN_SIZE) -> int:
-    """`data audit`: print the report of every image under `root` (and write it as JSON). 0, or 2 on a
-    folder that cannot be scanned; problems found in the data are reported, not failures."""
-    try:
-        df = scan_folder(root)
-    except DatasetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    report = audit_table(root, df, inspect_files(root, df["path"].tolist()), min_size)
-    print(format_report(report))
-    if json_out:
-        write_json(json_out, report)
-        print(f"wrote {json_out}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flowers_fastai.data", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    dl = sub.add_parser("download", help="fetch TensorFlow's flower_photos into --dest")
-    dl.add_argument("--dest", default="data/flowers", help="target folder (default: data/flowers)")
-    dl.add_argument("--url", default=FLOWERS_URL, help="archive URL (default: TensorFlow's flower_photos)")
-    dl.add_argument("--force", action="store_true", help="download and extract again even if --dest exists")
-    au = sub.add_parser("audit", help="counts, undecodable files, duplicates (also across classes), small images")
-    au.add_argument("root", type=Path, help="folder laid out as <root>/<class>/<images>")
-    au.add_argument("--json", type=Path, help="also write the full report to this JSON file")
-    au.add_argument("--min-size", type=int, default=AUDIT_MIN_SIZE,
-                    help=f"flag images whose short side is below this many pixels (default {AUDIT_MIN_SIZE})")
-    args = parser.parse_args(argv)
-    if args.command == "audit":
-        return audit_main(args.root, args.json, args.min_size)
-    try:
-        dest = download_flowers(args.dest, args.url, args.force)
-    except DatasetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    counts = scan_folder(dest)["label"].value_counts().reindex(list(CLASSES))
-    print(f"{dest}: " + ", ".join(f"{c} {n}" for c, n in counts.items()))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,9 +1,9 @@
 """Evaluation of an exported model or a run folder, measured through `flowers_classifier`: the code that
 serves predictions, not fastai's validation loop.
 
-    python -m flowers_fastai.evaluate MODEL.pth --data DIR [--tta] [--out DIR] [--bs N]
-    python -m flowers_fastai.evaluate RUN_DIR [--data DIR] [--tta] [--out DIR] [--bs N]
-    python -m flowers_fastai.evaluate RUN_DIR --wise-ft-sweep [--data DIR] [--out DIR]
+    python -m flowers_fastai evaluate MODEL.pth --data DIR [--tta] [--out DIR] [--bs N]
+    python -m flowers_fastai evaluate RUN_DIR [--data DIR] [--tta] [--out DIR] [--bs N]
+    python -m flowers_fastai evaluate RUN_DIR --wise-ft-sweep [--data DIR] [--out DIR]
 
 - MODEL.pth: every image under --data (a <root>/<class>/<images> folder).
 - RUN_DIR (a train.py run folder): the valid rows of its split.csv, read from --data or else from the run's
@@ -28,13 +28,6 @@ Writes into --out (default: the run folder, or runs/eval-<name> for a .pth):
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # run as a CLI: importing fastai below warns, so filter first (flowers_fastai/cli.py)
-    from flowers_classifier.cli import quiet_third_party_warnings
-
-    quiet_third_party_warnings()
-
-import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -50,7 +43,7 @@ from flowers_classifier.payload import make_payload
 from flowers_classifier.preprocess import Preprocess, load_rgb, preprocess_image, resize_center_crop, tta_views
 
 from .calibration import EvaluationError, image_logits, run_split_images, run_valid_images
-from .export import ExportError, interpolate_weights, read_run, run_payload, zeroshot_weights
+from .export import interpolate_weights, read_run, run_payload, zeroshot_weights
 from .metrics import ECE_BINS, calibration_metrics, classification_metrics, reliability_bins
 from .plots import plot_confusion_matrix, plot_curves, plot_image_grid, plot_reliability, plot_wise_ft
 
@@ -257,43 +250,3 @@ def _split_summary(report: dict) -> list[str]:
 def summary(report: dict) -> str:
     """The printed report: one block per split (valid, then test when the run has one)."""
     return "\n".join(_split_summary(report) + (_split_summary(report["test"]) if "test" in report else []))
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m flowers_fastai.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("target", type=Path, help="an exported .pth, or a train.py run folder")
-    p.add_argument("--data", type=Path, help="<root>/<class>/<images> folder (required for a .pth; for a run "
-                                             "folder, where its split.csv paths live if not where it trained)")
-    p.add_argument("--tta", action="store_true", help="also report accuracy averaged over 10 views per image")
-    p.add_argument("--out", type=Path, help="report folder (default: the run folder, or runs/eval-<name>)")
-    p.add_argument("--bs", type=int, default=32, help="images per forward pass")
-    p.add_argument("--wise-ft-sweep", action="store_true",
-                   help="CLIP run folder: valid accuracy, NLL and ECE of the WiSE-FT interpolation for alpha "
-                        "0, 0.1, ..., 1 (wise_ft.json, wise_ft.png) instead of the evaluation")
-    args = p.parse_args(argv)
-    if args.wise_ft_sweep and not args.target.is_dir():
-        p.error(f"--wise-ft-sweep needs a run folder (a CLIP run trained from pretrained weights), not {args.target}")
-    try:
-        if args.wise_ft_sweep:
-            report = wise_ft_sweep(args.target, args.data, args.out, args.bs)
-            print(wise_ft_table(report))
-            print(f"wrote {', '.join(report['files'])} in {report['out_dir']}")
-            return 0
-        if args.target.is_dir():
-            report = evaluate_run(args.target, args.data, args.out, args.tta, args.bs)
-        elif args.data is None:
-            raise EvaluationError(f"evaluating the model file {args.target} needs the images: pass --data DIR "
-                                  f"(a <root>/<class>/<images> folder).")
-        else:
-            report = evaluate_file(args.target, args.data, args.out, args.tta, args.bs)
-    except (EvaluationError, ExportError, fc.ModelFileError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(summary(report))
-    print(f"wrote {', '.join(report['files'])} in {report['out_dir']}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

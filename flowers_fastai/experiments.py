@@ -1,7 +1,7 @@
 """Experiments: a TOML plan of train.py runs (a grid over options, named runs, seeds), run one after the
 other through the same code as train.py, each into its own run folder, collected into one results table.
 
-    python -m flowers_fastai.experiments PLAN.toml [--out DIR] [--data DIR] [--dry-run] [--stop-on-error]
+    python -m flowers_fastai experiments PLAN.toml [--out DIR] [--data DIR] [--dry-run] [--stop-on-error]
 
 A plan (keys are train.py's long flags, dashes or underscores; `true` for a switch such as no-pretrained):
 
@@ -24,11 +24,6 @@ summary.png.
 """
 
 from __future__ import annotations
-
-if __name__ == "__main__":  # run as a CLI: importing fastai below warns, so filter first (flowers_fastai/cli.py)
-    from flowers_classifier.cli import quiet_third_party_warnings
-
-    quiet_third_party_warnings()
 
 import argparse
 import gc
@@ -384,25 +379,6 @@ def run_experiment(runs: list[Run], out: Path, stop_on_error: bool = False) -> p
     return write_reports(runs, out)
 
 
-def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m flowers_fastai.experiments",
-                                description="Run a TOML plan of train.py runs (grid x seeds and/or named runs) "
-                                            "and summarise them; run it again to skip finished runs, resume "
-                                            "interrupted ones and train again those whose settings changed.")
-    p.add_argument("plan", type=Path, help="the TOML plan (see experiments/ablation.toml)")
-    p.add_argument("--out", type=Path, help="experiment folder (default runs/<plan name>)")
-    p.add_argument("--data", help="photo folder for every run, over the plan's data key")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                   help="over the plan's [defaults] (and every configuration), e.g. --set epochs=4; "
-                        "VALUE in TOML syntax (a bare word is a string); repeatable")
-    p.add_argument("--dry-run", action="store_true", help="print the runs and what would happen to each, then stop")
-    errors = p.add_mutually_exclusive_group()
-    errors.add_argument("--keep-going", dest="stop_on_error", action="store_false", default=False,
-                        help="record a failed run and go on with the others (the default)")
-    errors.add_argument("--stop-on-error", action="store_true", help="stop at the first failed run")
-    return p
-
-
 def dry_run(runs: list[Run]) -> None:
     actions = {"finished": "skip (finished)", "resume": "resume", "start": "train", "rerun": "train again"}
     for run in runs:
@@ -411,35 +387,3 @@ def dry_run(runs: list[Run]) -> None:
         if why:
             aside = f": moved to {run.folder.parent / SUPERSEDED} first" if state == "rerun" else ""
             print(f"{'':<16} {why}{aside}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_arg_parser().parse_args(argv)
-    out = args.out or Path("runs") / args.plan.stem
-    try:
-        overrides = parse_overrides(args.overrides) | ({} if args.data is None else {"data": args.data})
-        runs = plan_runs(read_plan(args.plan), args.plan, out, overrides)
-    except PlanError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.dry_run:
-        dry_run(runs)
-        return 0
-    try:
-        results = run_experiment(runs, out, args.stop_on_error)
-    except (KeyboardInterrupt, TrainingInterrupted):
-        print(f"\ninterrupted; results so far in {out / 'results.csv'}. Run the same command again to resume.",
-              file=sys.stderr)
-        return 130
-    except Exception as e:  # noqa: BLE001 - --stop-on-error: the failure is already recorded
-        print(f"error: stopped at a failed run ({type(e).__name__}: {e}); see {out / 'results.csv'}",
-              file=sys.stderr)
-        return 1
-    failed = int((results["status"] != "finished").sum())
-    print(f"{len(results) - failed} of {len(results)} runs finished; wrote {out / 'results.csv'}, "
-          f"{out / 'summary.md'} and {out / 'summary.png'}")
-    return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -6,14 +6,12 @@ and compiling the CPU package are `onnx_export` and `cpu_package`."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import torch
 
-from flowers_classifier.aot import CpuPackageError
 from flowers_classifier.errors import FlowersError
 from flowers_classifier.files import atomic_write
 from flowers_classifier.payload import (
@@ -28,7 +26,7 @@ from flowers_classifier.payload import (
 
 from .calibration import EvaluationError, fit_payload_temperature, run_valid_images
 from .cpu_package import compile_cpu_package
-from .onnx_export import OnnxExportError, export_onnx
+from .onnx_export import export_onnx
 
 BEST_NAME = "best"  # run_dir/best.pth: the best weights on valid accuracy (SaveModelCallback)
 ZEROSHOT_NAME = "zeroshot"  # run_dir/zeroshot.pth: a pretrained CLIP run's zero-shot model, for WiSE-FT
@@ -164,8 +162,6 @@ def load_exported(path: str | Path) -> dict:
         raise ExportError(str(e)) from e
 
 
-# --------------------------------------------------------------------------- CLI
-
 CLI_USAGE = """Export a train.py run folder to a plain .pth for flowers_classifier, and/or to ONNX.
 
     python export.py RUN_DIR [--out models/cnn_flowers.pth] [--half | --fp32] [--data DIR] [--no-calibrate]
@@ -181,7 +177,7 @@ is written uncalibrated (T = 1) and a note says so. --no-calibrate skips the fit
 
 --wise-ft ALPHA (CLIP runs trained from pretrained weights with a zero-shot head): writes
 (1 - ALPHA) * zero-shot + ALPHA * fine-tuned weights (0 = the zero-shot model, 1 = the fine-tuned one),
-calibrated like any other. `python -m flowers_fastai.evaluate RUN_DIR --wise-ft-sweep` helps pick ALPHA.
+calibrated like any other. `python -m flowers_fastai evaluate RUN_DIR --wise-ft-sweep` helps pick ALPHA.
 
 --onnx writes an fp32 ONNX graph (input `image` (N, 3, H, W) with a dynamic batch axis, outputs `logits`
 and `probabilities`; the preprocessing spec as JSON in its metadata) and prints how far ONNX Runtime's
@@ -228,70 +224,31 @@ def _int8_copy(payload: dict, source: Path, out: Path) -> None:
           f"temperature and preprocessing as in {source})")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="export.py", description=CLI_USAGE,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", type=Path, metavar="RUN_DIR|MODEL.pth",
-                   help="run folder written by train.py (metrics.json + best.pth), or (with --onnx) an exported .pth")
-    p.add_argument("--out", type=Path, help=f"target .pth (default {default_model_path('cnn')} or "
-                                            f"{default_model_path('clip')})")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--half", dest="half", action="store_const", const=True,
-                   help="store weights in fp16 (default for clip; halves the file)")
-    g.add_argument("--fp32", dest="half", action="store_const", const=False,
-                   help="store weights in fp32 (default for cnn)")
-    p.add_argument("--onnx", type=Path, metavar="OUT.onnx", help="write an fp32 ONNX graph (dynamic batch axis)")
-    p.add_argument("--opset", type=int, help="ONNX opset for --onnx (default: the exporter's)")
-    p.add_argument("--cpu-package", action="store_true",
-                   help="also compile the .pth for this CPU into NAME.cpu.pt2 beside it (AOTInductor; load_model "
-                        "serves it on the CPU); needs a C++ compiler")
-    p.add_argument("--int8", action="store_true",
-                   help="the .pth asks to be served int8 on the CPU (quantised at load time; weights stored as "
-                        "usual); with --onnx: ONNX Runtime's int8 quantisation of the graph")
-    p.add_argument("--data", type=Path, help="where the run's split.csv paths live, for the calibration "
-                                             "(default: the folder the run trained on)")
-    p.add_argument("--no-calibrate", action="store_true", help="write the payload without a fitted temperature")
-    p.add_argument("--wise-ft", type=float, metavar="ALPHA",
-                   help="CLIP run: interpolate (1 - ALPHA) * zero-shot + ALPHA * fine-tuned weights, ALPHA in [0, 1]")
-    args = p.parse_args(argv)
-    if args.wise_ft is not None and not args.run_dir.is_dir():
-        p.error(f"--wise-ft interpolates a run folder's weights, and {args.run_dir} is not one")
-    if args.int8 and args.cpu_package:
-        p.error("--cpu-package compiles the fp32 model and an --int8 file is served quantised, not compiled: "
-                "choose one (bench/RESULTS.md compares them)")
-    from_pth = not args.run_dir.is_dir()
-    int8_copy = from_pth and args.int8 and args.out and not args.onnx  # MODEL.pth --int8 --out NEW.pth
-    if from_pth and not (args.onnx or int8_copy or args.cpu_package):
-        p.error(f"{args.run_dir} is not a run folder; exporting a .pth file is only meaningful with --onnx OUT.onnx "
-                f"or --int8 --out NEW.pth, or --cpu-package")
-    if args.out and from_pth and not int8_copy:
-        p.error(f"--out writes a .pth from a run folder (or with --int8 alone), and {args.run_dir} is not one; "
-                f"drop --out")
-    writes_pth = not from_pth and (not args.onnx or args.out or args.cpu_package)
-    try:
-        # One payload, made (and calibrated) once: every file below is written from it.
-        if from_pth:
-            payload, record = load_exported(args.run_dir), None
-        else:
-            half = False if args.half is None and not writes_pth else args.half  # fp16 is a .pth's storage
-            payload, record = run_payload(args.run_dir, half, args.wise_ft, not args.no_calibrate, args.data,
-                                          int8=args.int8)
-        if int8_copy:
-            _int8_copy(payload, args.run_dir, args.out)
-            return 0
-        if args.onnx:
-            _export_onnx(payload, args.onnx, args.opset, args.int8)
-            if record is not None and not writes_pth:
-                print(calibration_note(record))
-        pth = args.run_dir
-        if writes_pth:
-            pth = atomic_write(args.out or default_model_path(payload["family"]), lambda tmp: torch.save(payload, tmp))
-            wise = f", WiSE-FT alpha {args.wise_ft:g}" if args.wise_ft is not None else ""
-            wise += ", served int8 on the CPU" if args.int8 else ""
-            print(f"exported {pth} ({pth.stat().st_size / 2**20:.1f} MiB{wise}); {calibration_note(record)}")
-        if args.cpu_package:
-            _export_cpu_package(payload, pth)
-    except (ExportError, OnnxExportError, CpuPackageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+def export_files(source: Path, *, out: Path | None = None, half: bool | None = None, onnx: Path | None = None,
+                 opset: int | None = None, cpu_package: bool = False, int8: bool = False, data: Path | None = None,
+                 calibrate: bool = True, wise_ft: float | None = None) -> None:
+    """What `export.py` writes from a run folder or an exported .pth (`source`; see CLI_USAGE for which file
+    each option asks for). One payload is made (and calibrated) once, and every file is written from it."""
+    from_pth = not source.is_dir()
+    int8_copy = from_pth and int8 and out and not onnx  # MODEL.pth --int8 --out NEW.pth
+    writes_pth = not from_pth and (not onnx or out or cpu_package)
+    if from_pth:
+        payload, record = load_exported(source), None
+    else:
+        half = False if half is None and not writes_pth else half  # fp16 is a .pth's storage
+        payload, record = run_payload(source, half, wise_ft, calibrate, data, int8=int8)
+    if int8_copy:
+        _int8_copy(payload, source, out)
+        return
+    if onnx:
+        _export_onnx(payload, onnx, opset, int8)
+        if record is not None and not writes_pth:
+            print(calibration_note(record))
+    pth = source
+    if writes_pth:
+        pth = atomic_write(out or default_model_path(payload["family"]), lambda tmp: torch.save(payload, tmp))
+        wise = f", WiSE-FT alpha {wise_ft:g}" if wise_ft is not None else ""
+        wise += ", served int8 on the CPU" if int8 else ""
+        print(f"exported {pth} ({pth.stat().st_size / 2**20:.1f} MiB{wise}); {calibration_note(record)}")
+    if cpu_package:
+        _export_cpu_package(payload, pth)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -516,22 +515,3 @@ def finish(args: argparse.Namespace, learn, recipe: Recipe, metrics: dict, start
         path = export_run(run_dir, args.export, temperature=temperature)  # the T just fitted on these weights
         print(f"exported {path}")
     return run_dir
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        train(resume_args(args.resume) if args.resume else args)
-    except TrainingInterrupted as e:  # this and SanityCheckError before FlowersError, which both are
-        print(f"\n{e}", file=sys.stderr)
-        return 130
-    except SanityCheckError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except (FlowersError, FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        distributed.shutdown()
-    return 0
-

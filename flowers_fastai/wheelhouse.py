@@ -32,7 +32,6 @@ this pip fetches whole wheels for their metadata):
 
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import importlib.util
 import re
@@ -48,7 +47,7 @@ from email.parser import Parser
 from pathlib import Path
 
 from packaging.markers import default_environment
-from packaging.requirements import InvalidRequirement, Requirement
+from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name, parse_wheel_filename
 from packaging.version import InvalidVersion, Version
 
@@ -437,46 +436,7 @@ def build_wheelhouse(out: Path, python_version: str | None = None, platforms: li
     return {name: wheel.path for name, wheel in kept.items()}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m flowers_fastai.wheelhouse",
-        description="Download into DIR every wheel a machine that already has PyTorch needs to train and serve "
-                    "offline; then there: " + install_command(Path("DIR"), list(DEFAULT_EXTRAS)))
-    parser.add_argument("dir", metavar="DIR", type=Path, help="a new or empty folder for the wheels")
-    parser.add_argument("--python-version", metavar="X.Y",
-                        help="the target's Python (default: this interpreter's, "
-                             f"{sysconfig.get_python_version()})")
-    parser.add_argument("--platform", action="append", default=[], metavar="TAG",
-                        help="the target's wheel platform tag, e.g. manylinux_2_28_x86_64 (older manylinux tags "
-                             "are added); repeat for several (default: this machine's)")
-    parser.add_argument("--exclude", default=",".join(DEFAULT_EXCLUDE), metavar="NAMES",
-                        help="comma-separated distributions the target already has, name, name==version (resolve "
-                             "against that version) or glob; replaces the default (%(default)s). nvidia-*, cuda-* "
-                             "and triton are always left out")
-    parser.add_argument("--extras", default=",".join(DEFAULT_EXTRAS), metavar="EXTRAS",
-                        help="the project's extras to include, comma-separated (default: %(default)s; "
-                             "also demo, onnx, tensorboard)")
-    return parser
+if __name__ == "__main__":  # `python -m flowers_fastai.wheelhouse`, the command the offline docs give
+    from .cli import wheelhouse
 
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        available = list(project_metadata()["project"]["optional-dependencies"])
-        extras = parse_extras(args.extras, available)
-        python_version = check_python_version(args.python_version) if args.python_version else None
-        exclusions = parse_excludes(args.exclude)
-        print(f"building the wheelhouse in {args.dir} (pip download; a few minutes) ...", flush=True)
-        wheels = build_wheelhouse(args.dir, python_version, args.platform, exclusions, extras)
-    except (WheelhouseError, InvalidRequirement) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    total = sum(p.stat().st_size for p in wheels.values()) / 1e6
-    print("\n".join(f"  {p.name}" for p in sorted(wheels.values())))
-    print(f"{len(wheels)} wheels, {total:.1f} MB in {args.dir} (list and reasons: {args.dir / MANIFEST})")
-    print(f"on the offline machine: {install_command(args.dir, extras)}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(wheelhouse())

@@ -23,6 +23,7 @@ from PIL import Image
 from flowers_classifier import factory
 from flowers_classifier.classes import CLASSES
 from flowers_classifier.payload import make_payload
+from flowers_fastai import cli as commands
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -171,7 +172,6 @@ def packaged_cnn(tiny_cnn_pth, tmp_path_factory) -> Path:
     import io
     import shutil
 
-    from flowers_fastai import export
     require(shutil.which("g++") is not None or shutil.which("c++") is not None,
             "compiling a CPU package needs a C++ compiler (apt-get install g++)")
     pth = tmp_path_factory.mktemp("pkg") / "cnn_flowers.pth"
@@ -179,7 +179,7 @@ def packaged_cnn(tiny_cnn_pth, tmp_path_factory) -> Path:
     with pytest.MonkeyPatch.context() as env, contextlib.redirect_stderr(io.StringIO()) as err:
         # an empty Inductor cache: a real first compile, as on a user's machine (its autotuning included)
         env.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor-cache")))
-        assert export.main([str(pth), "--cpu-package"]) == 0
+        assert commands.export([str(pth), "--cpu-package"]) == 0
     EXPORT_STDERR[pth] = err.getvalue()
     return pth
 

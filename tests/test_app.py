@@ -29,8 +29,9 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 import flowers_classifier as fc
+from flowers_apps import cli as apps_cli
+from flowers_apps import demo as app
 from flowers_classifier.preprocess import tta_views
-from flowers_fastai import demo as app
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -209,10 +210,10 @@ def test_examples_photos_directly_in_the_folder(tmp_path, rose):
 
 def test_main_refuses_a_missing_or_empty_examples_folder(tmp_path, capsys):
     missing = tmp_path / "nowhere"
-    assert app.main(["--cnn", str(tmp_path / "x.pth"), "--vit", str(tmp_path / "y.pth"),
+    assert apps_cli.demo(["--cnn", str(tmp_path / "x.pth"), "--vit", str(tmp_path / "y.pth"),
                      "--examples", str(missing)]) == 2
     assert f"--examples {missing}: no such folder" in capsys.readouterr().err
-    assert app.main(["--cnn", str(tmp_path / "x.pth"), "--vit", str(tmp_path / "y.pth"),
+    assert apps_cli.demo(["--cnn", str(tmp_path / "x.pth"), "--vit", str(tmp_path / "y.pth"),
                      "--examples", str(tmp_path)]) == 2
     assert f"--examples {tmp_path}: no photos" in capsys.readouterr().err
 
@@ -220,7 +221,7 @@ def test_main_refuses_a_missing_or_empty_examples_folder(tmp_path, capsys):
 def test_main_refuses_a_broken_model_file(tmp_path, capsys):
     broken = tmp_path / "cnn_flowers.pth"
     broken.write_bytes(b"not a torch file")
-    assert app.main(["--cnn", str(broken), "--vit", str(tmp_path / "vit_flowers.pth")]) == 2
+    assert apps_cli.demo(["--cnn", str(broken), "--vit", str(tmp_path / "vit_flowers.pth")]) == 2
     assert capsys.readouterr().err.startswith(f"error: {broken}: ")
 
 
@@ -341,14 +342,14 @@ def test_auth_value_must_be_user_colon_pass():
 
 def test_main_refuses_a_malformed_auth_env(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv(app.AUTH_ENV, "nocolon")
-    assert app.main(["--cnn", str(tmp_path / "x.pth"), "--vit", str(tmp_path / "y.pth")]) == 2
+    assert apps_cli.demo(["--cnn", str(tmp_path / "x.pth"), "--vit", str(tmp_path / "y.pth")]) == 2
     assert f"--auth (or ${app.AUTH_ENV}): expected USER:PASS" in capsys.readouterr().err
 
 
 def test_mcp_and_auth_together_are_refused(tiny_cnn_pth, tmp_path, capsys, monkeypatch):
     # Gradio's MCP endpoint does not check the login: serving both would leave an open door.
     monkeypatch.setenv(app.AUTH_ENV, "alice:s3cret")
-    assert app.main(["--cnn", str(tiny_cnn_pth), "--vit", str(tmp_path / "y.pth"), "--mcp"]) == 2
+    assert apps_cli.demo(["--cnn", str(tiny_cnn_pth), "--vit", str(tmp_path / "y.pth"), "--mcp"]) == 2
     assert "--mcp with --auth" in capsys.readouterr().err
     with pytest.raises(app.AuthError, match="does not ask for the login"):
         app.launch_demo(gr.Blocks(), mcp=True, auth=("alice", "s3cret"))

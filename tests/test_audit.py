@@ -1,4 +1,4 @@
-"""The data audit: `python -m flowers_fastai.data audit`, and audit.json from prepare_split's one decode pass."""
+"""The data audit: `python -m flowers_fastai data audit`, and audit.json from prepare_split's one decode pass."""
 
 import json
 import shutil
@@ -9,6 +9,7 @@ from conftest import make_image_folder
 from PIL import Image
 
 from flowers_fastai import audit, data
+from flowers_fastai import cli as commands
 
 
 @pytest.fixture
@@ -28,7 +29,7 @@ def planted(tmp_path):
 
 def test_audit_cli_finds_every_planted_problem(planted, tmp_path, capsys):
     out = tmp_path / "audit.json"
-    assert data.main(["audit", str(planted), "--json", str(out), "--min-size", "40"]) == 0
+    assert commands.data(["audit", str(planted), "--json", str(out), "--min-size", "40"]) == 0
     report = json.loads(out.read_text())
     assert report["files"] == 25 and report["class_counts"]["rose"] == 5 and report["class_counts"]["daisy"] == 5
     assert {u["path"] for u in report["unreadable"]} == {"rose/broken.jpg", "daisy/truncated.jpg"}
@@ -44,12 +45,12 @@ def test_audit_cli_finds_every_planted_problem(planted, tmp_path, capsys):
 
 
 def test_min_size_defaults_to_the_training_size(planted, capsys):
-    assert data.main(["audit", str(planted)]) == 0
+    assert commands.data(["audit", str(planted)]) == 0
     assert "smaller than 224px on the short side: 23" in capsys.readouterr().out  # every readable image
 
 
 def test_audit_of_a_folder_that_cannot_be_scanned_exits_2(tmp_path, capsys):
-    assert data.main(["audit", str(tmp_path / "nowhere")]) == 2
+    assert commands.data(["audit", str(tmp_path / "nowhere")]) == 2
     assert "no such folder" in capsys.readouterr().err
 
 
@@ -75,7 +76,7 @@ def test_prepare_split_writes_audit_json_from_its_single_decode_pass(planted, tm
 
 def test_real_photos_conflicting_duplicates_are_found(real_flowers, tmp_path):
     out = tmp_path / "audit.json"
-    assert data.main(["audit", str(real_flowers), "--json", str(out)]) == 0
+    assert commands.data(["audit", str(real_flowers), "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     (conflict,) = report["conflicting_duplicates"]  # one Flickr photo filed under rose and under tulip
     assert conflict["labels"] == ["rose", "tulip"]

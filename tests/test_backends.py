@@ -17,7 +17,7 @@ from flowers_classifier.aot import cpu_package_path
 from flowers_classifier.backends import BackendError
 from flowers_classifier.inference import _choose_backend
 from flowers_classifier.payload import INT8, QUANTIZE_KEY, TEMPERATURE_KEY
-from flowers_fastai import export
+from flowers_fastai import cli as commands
 
 T = 2.5  # a calibration temperature, so that every backend is shown to serve softmax(logits / T)
 # Max abs difference of probabilities from eager, as each backend's own tests bound it: the ONNX graph and the
@@ -35,7 +35,7 @@ def files(packaged_cnn, tmp_path_factory):
     torch.save(fc.load_payload(packaged_cnn) | {TEMPERATURE_KEY: T}, pth)
     shutil.copy(cpu_package_path(packaged_cnn), cpu_package_path(pth))
     onnx_path = folder / "cnn_flowers.onnx"
-    assert export.main([str(pth), "--onnx", str(onnx_path)]) == 0
+    assert commands.export([str(pth), "--onnx", str(onnx_path)]) == 0
     return pth, onnx_path
 
 

@@ -23,7 +23,7 @@ from PIL import Image
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 import flowers_classifier as fc
-from flowers_fastai import demo as app
+from flowers_apps import demo as app
 
 pytestmark = pytest.mark.browser
 

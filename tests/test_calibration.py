@@ -20,7 +20,7 @@ from flowers_classifier import factory
 from flowers_classifier.classes import CLASSES
 from flowers_classifier.payload import TEMPERATURE_KEY, load_payload
 from flowers_classifier.preprocess import preprocess_image
-from flowers_fastai import evaluate, export
+from flowers_fastai import cli as commands
 from flowers_fastai.calibration import TEMPERATURE_BOUNDS, fit_temperature, image_logits, nll_at
 from flowers_fastai.metrics import calibration_metrics
 
@@ -144,14 +144,14 @@ def _run_folder(tmp_path: Path) -> Path:
 
 def test_export_calibrates_on_valid_and_evaluate_reports_before_after(tmp_path, capsys):
     run = _run_folder(tmp_path)
-    assert export.main([str(run), "--out", str(tmp_path / "cal.pth")]) == 0
+    assert commands.export([str(run), "--out", str(tmp_path / "cal.pth")]) == 0
     assert "calibrated on 15 valid images: temperature" in capsys.readouterr().out
     t = load_payload(tmp_path / "cal.pth")[TEMPERATURE_KEY]
     assert TEMPERATURE_BOUNDS[0] <= t <= TEMPERATURE_BOUNDS[1]
-    assert export.main([str(run), "--out", str(tmp_path / "raw.pth"), "--no-calibrate"]) == 0
+    assert commands.export([str(run), "--out", str(tmp_path / "raw.pth"), "--no-calibrate"]) == 0
     assert TEMPERATURE_KEY not in load_payload(tmp_path / "raw.pth")
 
-    assert evaluate.main([str(run)]) == 0
+    assert commands.evaluate([str(run)]) == 0
     out = capsys.readouterr().out
     assert f"calibration, temperature {t:.3f}: ECE" in out
     m = json.loads((run / "eval_metrics.json").read_text())
@@ -168,7 +168,7 @@ def test_export_without_the_images_writes_t1_and_says_how_to_calibrate(tmp_path,
     for d in sorted((tmp_path / "images").iterdir()):
         d.rmdir()
     (tmp_path / "images").rmdir()
-    assert export.main([str(run), "--out", str(tmp_path / "m.pth")]) == 0
+    assert commands.export([str(run), "--out", str(tmp_path / "m.pth")]) == 0
     out = capsys.readouterr().out
     assert "not calibrated" in out and "--data DIR" in out
     assert TEMPERATURE_KEY not in load_payload(tmp_path / "m.pth")

@@ -34,7 +34,7 @@ def test_train_prints_its_plan_first_and_no_deprecation_noise(tmp_path):
 
 
 def test_download_failure_prints_only_the_error(tmp_path):
-    proc = run("-m", "flowers_fastai.data", "download", "--url", "http://127.0.0.1:9/x.tgz", "--dest",
+    proc = run("-m", "flowers_fastai", "data", "download", "--url", "http://127.0.0.1:9/x.tgz", "--dest",
                str(tmp_path / "d"))
     assert proc.returncode == 2
     assert proc.stdout == ""  # fastdownload's progress bar drew a glyph here before the error

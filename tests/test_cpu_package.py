@@ -23,7 +23,8 @@ import flowers_classifier as fc
 from flowers_classifier import aot, backends
 from flowers_classifier import payload as payload_module
 from flowers_classifier.payload import load_payload
-from flowers_fastai import cpu_package, export
+from flowers_fastai import cli as commands
+from flowers_fastai import cpu_package
 
 pytestmark = pytest.mark.slow  # each package is a real AOTInductor compile (about a minute on 2 cores)
 
@@ -306,7 +307,7 @@ def test_a_failed_compile_writes_nothing_and_names_its_cause(tiny_cnn_pth, tmp_p
         monkeypatch.delattr(torch._inductor, "aot_compile")
     else:
         monkeypatch.setattr(torch._inductor, "aot_compile", failure)
-    assert export.main([str(pth), "--cpu-package"]) == 2
+    assert commands.export([str(pth), "--cpu-package"]) == 2
     err = capsys.readouterr().err
     assert re.search(says, err, re.S) and never not in err and "nothing was written" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn_flowers.pth"]  # no package, no temp file

@@ -47,7 +47,7 @@ def hammer(url: str, photos: list[Path], requests: int = REQUESTS, in_flight: in
 def test_200_requests_8_in_flight_all_succeed(tiny_cnn_pth, tiny_vit_pth, real_photos, capsys):
     from test_app import serving
 
-    from flowers_fastai import demo as app
+    from flowers_apps import demo as app
 
     photos = [p for ps in real_photos.values() for p in ps]
     demo = app.build_demo(tiny_cnn_pth, tiny_vit_pth, None)

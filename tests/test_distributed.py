@@ -17,6 +17,7 @@ import torch
 from conftest import TINY_CNN
 
 import flowers_classifier as fc
+from flowers_fastai import cli as commands
 from flowers_fastai import data, distributed, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,7 +94,7 @@ def test_refuses_an_accelerate_cpu_launch_that_started_one_process(monkeypatch, 
     monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
     with pytest.raises(ValueError, match="started only this one"):
         distributed.check_launch()
-    assert train.main(["--out", str(tmp_path / "run"), "--no-pretrained"]) == 2
+    assert commands.train(["--out", str(tmp_path / "run"), "--no-pretrained"]) == 2
     assert not (tmp_path / "run").exists()
 
 
@@ -114,9 +115,9 @@ def test_train_main_leaves_the_process_group_on_every_way_out(monkeypatch, tmp_p
     monkeypatch.setattr(train, "train", fake_train)
     if outcome == "KeyboardInterrupt":
         with pytest.raises(KeyboardInterrupt):
-            train.main(["--out", str(tmp_path / "run")])
+            commands.train(["--out", str(tmp_path / "run")])
     else:
-        assert train.main(["--out", str(tmp_path / "run")]) == (0 if outcome == "finished" else 2)
+        assert commands.train(["--out", str(tmp_path / "run")]) == (0 if outcome == "finished" else 2)
     assert not torch.distributed.is_initialized()
     distributed.shutdown()  # no group: nothing to do, no error
 

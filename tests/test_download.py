@@ -1,4 +1,4 @@
-"""`python -m flowers_fastai.data download` against a small flower_photos-style archive on 127.0.0.1."""
+"""`python -m flowers_fastai data download` against a small flower_photos-style archive on 127.0.0.1."""
 
 import functools
 import http.server
@@ -9,6 +9,7 @@ import pytest
 from conftest import make_image_folder
 
 from flowers_classifier.classes import CLASSES
+from flowers_fastai import cli as commands
 from flowers_fastai import data
 
 
@@ -34,7 +35,7 @@ def archive_server(tmp_path):
 
 def test_download_extracts_and_normalises_class_folders(archive_server, tmp_path, capsys):
     dest = tmp_path / "data" / "flowers"
-    assert data.main(["download", "--dest", str(dest), "--url", archive_server]) == 0
+    assert commands.data(["download", "--dest", str(dest), "--url", archive_server]) == 0
     assert sorted(p.name for p in dest.iterdir() if p.is_dir()) == sorted(CLASSES)
     assert len(list((dest / "rose").glob("*.jpg"))) == 3
     assert "rose 3" in capsys.readouterr().out
@@ -44,6 +45,6 @@ def test_download_extracts_and_normalises_class_folders(archive_server, tmp_path
 
 def test_download_failure_says_what_to_do(tmp_path, capsys):
     dest = tmp_path / "flowers"
-    assert data.main(["download", "--dest", str(dest), "--url", "http://127.0.0.1:9/flower_photos.tgz"]) == 2
+    assert commands.data(["download", "--dest", str(dest), "--url", "http://127.0.0.1:9/flower_photos.tgz"]) == 2
     err = capsys.readouterr().err
     assert "download of http://127.0.0.1:9/flower_photos.tgz failed" in err and "--data" in err

@@ -10,10 +10,12 @@ import pkgutil
 
 import pytest
 
+import flowers_apps
 import flowers_classifier as fc
 import flowers_fastai
+from flowers_fastai import cli as commands
 
-# Every exception class of both packages -> the built-in it derived from before FlowersError. A new one must be
+# Every exception class of the three packages -> the built-in it derived from before FlowersError. A new one must be
 # listed here, which makes its author choose a FlowersError base.
 EXCEPTIONS = {
     "flowers_classifier.aot.CpuPackageError": ValueError,
@@ -23,8 +25,8 @@ EXCEPTIONS = {
     "flowers_classifier.preprocess.InvalidImageError": ValueError,
     "flowers_fastai.calibration.EvaluationError": ValueError,
     "flowers_fastai.data.DatasetError": ValueError,
-    "flowers_fastai.demo.AuthError": ValueError,
-    "flowers_fastai.demo.ExamplesError": ValueError,
+    "flowers_apps.demo.AuthError": ValueError,
+    "flowers_apps.demo.ExamplesError": ValueError,
     "flowers_fastai.experiments.PlanError": ValueError,
     "flowers_fastai.export.ExportError": ValueError,
     "flowers_fastai.onnx_export.OnnxExportError": ValueError,
@@ -37,9 +39,9 @@ EXCEPTIONS = {
 
 
 def defined_exceptions() -> dict[str, type[BaseException]]:
-    """module.Name -> class, for every exception class defined (not imported) in a module of both packages."""
+    """module.Name -> class, for every exception class defined (not imported) in a module of the packages."""
     found = {}
-    for pkg in (fc, flowers_fastai):
+    for pkg in (fc, flowers_fastai, flowers_apps):
         for info in pkgutil.iter_modules(pkg.__path__):
             if info.name == "__main__":  # running it is the CLI
                 continue
@@ -91,6 +93,6 @@ def test_train_main_exit_codes_are_kept(error, code, monkeypatch, capsys):
     def fail(args):
         raise cls[error](message)
 
-    monkeypatch.setattr(train, "train", fail)
-    assert train.main([]) == code
+    monkeypatch.setattr(commands, "train_run", fail)
+    assert commands.train([]) == code
     assert message in capsys.readouterr().err

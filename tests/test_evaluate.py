@@ -1,5 +1,5 @@
 """Evaluation reports: the metric and baseline arithmetic on known inputs, TTA views, and
-`python -m flowers_fastai.evaluate` on a tiny exported model and on a run folder."""
+`python -m flowers_fastai evaluate` on a tiny exported model and on a run folder."""
 
 import json
 import math
@@ -16,6 +16,7 @@ from PIL import Image
 from flowers_classifier import factory
 from flowers_classifier.classes import CLASSES
 from flowers_classifier.preprocess import Preprocess, preprocess_image
+from flowers_fastai import cli as commands
 from flowers_fastai import evaluate
 from flowers_fastai.metrics import baselines, classification_metrics, confusion_matrix
 
@@ -82,7 +83,7 @@ def photos(real_photos, tmp_path):
 
 def test_evaluate_exported_model_writes_every_report(tiny_cnn_pth, photos, tmp_path, capsys):
     out = tmp_path / "eval"
-    assert evaluate.main([str(tiny_cnn_pth), "--data", str(photos), "--out", str(out), "--tta", "--bs", "7"]) == 0
+    assert commands.evaluate([str(tiny_cnn_pth), "--data", str(photos), "--out", str(out), "--tta", "--bs", "7"]) == 0
     for name in ("eval_metrics.json", "predictions.csv", "confusion_matrix.png", "top_losses.png"):
         assert (out / name).stat().st_size > 0, name
     assert not (out / "curves.png").exists()  # a .pth has no history
@@ -99,7 +100,7 @@ def test_evaluate_exported_model_writes_every_report(tiny_cnn_pth, photos, tmp_p
 
 def test_evaluate_matches_the_served_predictions(tiny_cnn_pth, photos, tmp_path):
     import flowers_classifier as fc
-    evaluate.main([str(tiny_cnn_pth), "--data", str(photos), "--out", str(tmp_path / "eval")])
+    commands.evaluate([str(tiny_cnn_pth), "--data", str(photos), "--out", str(tmp_path / "eval")])
     preds = pd.read_csv(tmp_path / "eval" / "predictions.csv")
     model = fc.load_model(tiny_cnn_pth, device="cpu")
     for row in preds.head(5).itertuples():
@@ -128,7 +129,7 @@ def _fake_run(run: Path, images: Path) -> Path:
 def test_evaluate_run_folder_uses_the_valid_split_and_plots_curves(tmp_path):
     images = make_image_folder(tmp_path / "images", per_class=6)
     run = _fake_run(tmp_path / "run", images)
-    assert evaluate.main([str(run)]) == 0
+    assert commands.evaluate([str(run)]) == 0
     m = json.loads((run / "eval_metrics.json").read_text())
     assert m["n_images"] == 10 and np.array(m["confusion_matrix"]).sum() == 10  # 2 valid rows per class
     assert "curves.png" in m["files"] and (run / "curves.png").stat().st_size > 0
@@ -144,7 +145,7 @@ def test_evaluate_run_reports_the_test_split_apart_from_valid(tmp_path, capsys):
     split["split"] = np.tile(["valid"] * 2 + ["train"] * 2 + ["test"] * 2, len(CLASSES))  # _fake_run's order
     assert (split["is_valid"] == (split["split"] == "valid")).all()
     split.to_csv(run / "split.csv", index=False)  # 2 valid, 2 test, 2 train rows per class
-    assert evaluate.main([str(run)]) == 0
+    assert commands.evaluate([str(run)]) == 0
     m = json.loads((run / "eval_metrics.json").read_text())
     assert m["split"] == "valid" and m["n_images"] == 10 and m["calibration"]["n_images"] == 10
     test = m["test"]
@@ -163,13 +164,13 @@ def test_evaluate_run_reports_the_test_split_apart_from_valid(tmp_path, capsys):
 
 
 def test_evaluate_errors_name_the_flag(tiny_cnn_pth, tmp_path, capsys):
-    assert evaluate.main([str(tiny_cnn_pth)]) == 2
+    assert commands.evaluate([str(tiny_cnn_pth)]) == 2
     assert "--data" in capsys.readouterr().err
-    assert evaluate.main([str(tmp_path / "missing.pth"), "--data", str(tmp_path)]) == 2
+    assert commands.evaluate([str(tmp_path / "missing.pth"), "--data", str(tmp_path)]) == 2
     assert "missing.pth" in capsys.readouterr().err
     run = tmp_path / "run"
     run.mkdir()
-    assert evaluate.main([str(run)]) == 2
+    assert commands.evaluate([str(run)]) == 2
     assert "split.csv" in capsys.readouterr().err
 
 

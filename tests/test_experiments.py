@@ -15,6 +15,7 @@ from conftest import TINY_CNN, make_image_folder
 from fastai.callback.core import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from flowers_fastai import cli as commands
 from flowers_fastai import data, experiments, learner
 from flowers_fastai import train as train_mod
 
@@ -46,7 +47,7 @@ def grid(photos, tmp_path_factory):
     plan = write_plan(tmp / "plan.toml", "tensorboard = true\n[grid]\nlr = [1e-3, 3e-3]\n", photos,
                       top="seeds = [0, 1]\n")
     out = tmp / "exp"
-    return out, plan, experiments.main([plan, "--out", str(out)])
+    return out, plan, commands.experiments([plan, "--out", str(out)])
 
 
 def test_grid_trains_each_run_once_and_summarises(grid):
@@ -76,11 +77,11 @@ def test_second_invocation_trains_nothing(grid, monkeypatch, capsys):
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/metrics.json")}
     calls = []
     monkeypatch.setattr(experiments, "train", lambda args: calls.append(args))
-    assert experiments.main([plan, "--out", str(out)]) == 0
+    assert commands.experiments([plan, "--out", str(out)]) == 0
     assert calls == []
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/metrics.json")} == stamps
     assert len(pd.read_csv(out / "results.csv")) == 4
-    assert experiments.main([plan, "--out", str(out), "--dry-run"]) == 0
+    assert commands.experiments([plan, "--out", str(out), "--dry-run"]) == 0
     assert capsys.readouterr().out.count("skip (finished)") == 4
 
 
@@ -100,7 +101,7 @@ def test_unknown_plan_key_fails_before_training(photos, tmp_path, monkeypatch, c
                       photos)
     calls = []
     monkeypatch.setattr(experiments, "train", lambda args: calls.append(args))
-    assert experiments.main([plan, "--out", str(tmp_path / "exp")]) == 2
+    assert commands.experiments([plan, "--out", str(tmp_path / "exp")]) == 2
     err = capsys.readouterr().err
     assert "learning_rate" in err and "'typo'" in err and "train.py --help" in err
     assert calls == [] and not (tmp_path / "exp").exists()
@@ -109,7 +110,7 @@ def test_unknown_plan_key_fails_before_training(photos, tmp_path, monkeypatch, c
 def test_failed_run_is_recorded_and_the_others_finish(photos, tmp_path):
     body = f'[[run]]\nname = "no-photos"\ndata = "{tmp_path / "missing"}"\n[[run]]\nname = "ok"\n'
     out = tmp_path / "exp"
-    assert experiments.main([write_plan(tmp_path / "plan.toml", body, photos), "--out", str(out)]) == 1
+    assert commands.experiments([write_plan(tmp_path / "plan.toml", body, photos), "--out", str(out)]) == 1
     results = pd.read_csv(out / "results.csv").set_index("config")
     assert results.loc["no-photos", "status"] == "failed"
     assert "missing" in results.loc["no-photos", "error"]
@@ -155,14 +156,14 @@ def test_second_invocations_skip_resume_restart_and_rerun_what_they_should(photo
         return json.loads((folder / "metrics.json").read_text())["status"]
 
     monkeypatch.setattr(train_mod, "fine_tune", fine_tune)
-    assert experiments.main([str(plan), "--out", str(out)]) == 130
+    assert commands.experiments([str(plan), "--out", str(out)]) == 130
     assert (status(done), status(cut), auto.exists()) == ("finished", "interrupted", False)
     first_epoch = pd.read_csv(cut / "history.csv")
     assert len(first_epoch) == 1
     done_stamp = (done / "metrics.json").stat().st_mtime_ns
 
     monkeypatch.setattr(train_mod, "find_lr", ctrl_c)
-    assert experiments.main([str(plan), "--out", str(out)]) == 130
+    assert commands.experiments([str(plan), "--out", str(out)]) == 130
     assert (done / "metrics.json").stat().st_mtime_ns == done_stamp
     history = pd.read_csv(cut / "history.csv")
     assert status(cut) == "finished" and history["epoch"].tolist() == [0, 1]
@@ -173,7 +174,7 @@ def test_second_invocations_skip_resume_restart_and_rerun_what_they_should(photo
 
     monkeypatch.undo()
     monkeypatch.setattr(data.RGBImage, "failure_log", None)
-    assert experiments.main([str(plan), "--out", str(out)]) == 0
+    assert commands.experiments([str(plan), "--out", str(out)]) == 0
     metrics = json.loads((auto / "metrics.json").read_text())
     assert metrics["status"] == "finished" and metrics["recipe"]["lr"] == metrics["lr_auto"]["valley"]
     assert pd.read_csv(auto / "history.csv")["stage"].tolist() == ["frozen", "unfrozen"]
@@ -182,11 +183,11 @@ def test_second_invocations_skip_resume_restart_and_rerun_what_they_should(photo
 
     write_plan(plan, runs.format(lr=3e-3), photos, top="seeds = [0]\n")
     capsys.readouterr()
-    assert experiments.main([str(plan), "--out", str(out), "--dry-run"]) == 0
+    assert commands.experiments([str(plan), "--out", str(out), "--dry-run"]) == 0
     dry = capsys.readouterr().out
     assert re.search(r"^train again +\S*done-seed0: train\.py", dry, re.M) and "--lr 0.001 -> 0.003" in dry
     assert dry.count("skip (finished)") == 2
-    assert experiments.main([str(plan), "--out", str(out)]) == 0
+    assert commands.experiments([str(plan), "--out", str(out)]) == 0
     kept = out / experiments.SUPERSEDED / "done-seed0"
     old = json.loads((kept / "metrics.json").read_text())
     assert old["status"] == "finished" and old["config"]["lr"] == 1e-3
@@ -217,7 +218,7 @@ def test_each_run_frees_the_previous_runs_learner(photos, tmp_path, monkeypatch)
     monkeypatch.setattr(train_mod, "make_learner", make_learner)
     gc.disable()
     try:
-        assert experiments.main([plan, "--out", str(tmp_path / "exp")]) == 0
+        assert commands.experiments([plan, "--out", str(tmp_path / "exp")]) == 0
     finally:
         gc.enable()
     assert len(built) == 4 and alive_at_next == [False, False]

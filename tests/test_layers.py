@@ -1,5 +1,6 @@
-"""The two layers stay apart: `flowers_classifier` (the runtime: torch, timm, open_clip, PIL) never imports the
-trainer `flowers_fastai` or its libraries, the project's modules import each other without cycles, and the
+"""The three layers import only downward: `flowers_classifier` (the runtime: torch, timm, open_clip, PIL) never
+imports the trainer `flowers_fastai`, the apps `flowers_apps` or their libraries; the apps (the demo) never import
+the trainer or fastai; the project's modules import each other without cycles, and the
 runtime installs on its own (its declared dependencies, nothing from the [train] or [demo] extras) and
 predicts with a model the trainer exported. What only writes a model (ONNX export, compiling the CPU package,
 pretrained weights) is the trainer's: the runtime's source never imports it, and loading and predicting with
@@ -34,11 +35,13 @@ from flowers_classifier.payload import INT8, QUANTIZE_KEY, load_payload
 from flowers_fastai.onnx_export import export_onnx
 from flowers_fastai.wheelhouse import copy_source  # what a build of the project reads, copied (no build/ in the repo)
 
-PACKAGES = ("flowers_classifier", "flowers_fastai")
+PACKAGES = ("flowers_classifier", "flowers_fastai", "flowers_apps")
 # What only the [train]/[demo] extras bring: the runtime must install and work without any of them.
 TRAINER_LIBS = ("fastai", "fastcore", "gradio", "pandas", "matplotlib")
 # ... nor import the trainer, which ships in the same distribution (installed, but unusable without [train]).
 TRAINER_ONLY = ("flowers_fastai", *TRAINER_LIBS)
+# The apps serve through the runtime's public API, beside the trainer: never it, nor fastai.
+NOT_FOR_APPS = ("flowers_fastai", "fastai", "fastcore")
 # What only builds a model: pretrained weights come through huggingface_hub; onnx, onnxscript and torch.onnx write
 # ONNX, ONNX Runtime's quantiser writes int8 ONNX; torch.export and Inductor compile the CPU package.
 BUILDER_IMPORTS = ("huggingface_hub", "onnx", "onnxscript", "onnxruntime.quantization", "torch.onnx", "torch.export",
@@ -90,17 +93,37 @@ def is_within(module: str, packages: tuple[str, ...]) -> bool:
     return any(module == p or module.startswith(p + ".") for p in packages)
 
 
-def test_runtime_never_imports_the_trainer():
-    files = sorted((ROOT / "flowers_classifier").rglob("*.py"))
-    assert (ROOT / "flowers_classifier" / "__init__.py") in files, f"no runtime package under {ROOT}"
+def imports_of(package: str, forbidden: tuple[str, ...]) -> list[str]:
+    """`file:line imports module` for each import in `package`'s source that falls within `forbidden`."""
+    files = sorted((ROOT / package).rglob("*.py"))
+    assert (ROOT / package / "__init__.py") in files, f"no package {package} under {ROOT}"
     offenders = []
     for path in files:
         for line, module, names in imported_modules(path):
             # `from x import y` may name a submodule y: check both x and x.y.
             for candidate in [module] + [f"{module}.{n}" for n in names]:
-                if is_within(candidate, TRAINER_ONLY):
+                if is_within(candidate, forbidden):
                     offenders.append(f"{path.relative_to(ROOT)}:{line} imports {candidate}")
-    assert not offenders, "the runtime imports the trainer or its libraries:\n" + "\n".join(sorted(set(offenders)))
+    return sorted(set(offenders))
+
+
+def test_runtime_never_imports_the_trainer_or_the_apps():
+    offenders = imports_of("flowers_classifier", (*TRAINER_ONLY, "flowers_apps"))
+    assert not offenders, "the runtime imports the layers above it or their libraries:\n" + "\n".join(offenders)
+
+
+def test_the_apps_use_the_runtime_never_the_trainer():
+    offenders = imports_of("flowers_apps", NOT_FOR_APPS)
+    assert not offenders, "the apps import the trainer or fastai:\n" + "\n".join(offenders)
+    assert not imports_of("flowers_fastai", ("flowers_apps",)), "the trainer imports the apps"
+
+
+def test_no_package_hides_its_imports_behind_getattr():
+    """A module-level __getattr__ in a package's __init__ is the lazy-import net the layers make unneeded."""
+    nets = [pkg for pkg in PACKAGES
+            if any(isinstance(node, ast.FunctionDef) and node.name == "__getattr__"
+                   for node in ast.parse((ROOT / pkg / "__init__.py").read_text()).body)]
+    assert not nets, f"lazy imports in {nets}' __init__.py"
 
 
 def test_the_runtime_imports_no_builder():
@@ -134,6 +157,15 @@ def test_serving_every_backend_imports_no_builder(tiny_cnn_pth, tiny_vit_pth, re
 # Cycles between the project's own modules.
 
 
+def script_lines(path: Path) -> set[int]:
+    """The lines of `if __name__ == "__main__":` blocks (`python -m pkg.mod` runs them in another module)."""
+    lines = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("__name__ == '__main__'", "'__main__' == __name__"):
+            lines |= set(range(node.lineno, node.end_lineno + 1))
+    return lines
+
+
 def import_graph() -> dict[str, set[str]]:
     """Module -> the project modules it imports (function-level imports included: still dependencies).
 
@@ -148,7 +180,10 @@ def import_graph() -> dict[str, set[str]]:
     graph = {}
     for name, path in modules.items():
         deps = set()
-        for _, module, names in imported_modules(path):
+        script_only = script_lines(path)
+        for line, module, names in imported_modules(path):
+            if line in script_only:  # runs in the module `__main__`, not in `name`: no edge of `name`
+                continue
             if names:
                 # `from pkg import x`: the module pkg.x when it is one, else a name defined in pkg.
                 deps |= {f"{module}.{n}" if f"{module}.{n}" in modules else module for n in names}

@@ -19,6 +19,7 @@ from fastai.losses import LabelSmoothingCrossEntropyFlat
 from flowers_classifier import factory
 from flowers_classifier.classes import CLASSES
 from flowers_classifier.preprocess import Preprocess
+from flowers_fastai import cli as commands
 from flowers_fastai import data, experiments, flowers_dataloaders, flowers_learner, learner, train
 from flowers_fastai.learner import EarlyStopping, EmaCallback, MixUpOrCutMix, Recipe, build_learner, fine_tune
 
@@ -289,7 +290,7 @@ def test_deterministic_flag_reaches_the_run_and_experiment_plans(restore_determi
     assert not parse([]).deterministic and parse(["--deterministic"]).deterministic
     images = make_image_folder(tmp_path / "images", per_class=4, size=32)
     tiny = ["--model", TINY_CNN, "--no-pretrained", "--img-size", "32", "--bs", "8", "--workers", "0"]
-    code = train.main([*tiny, "--data", str(images), "--deterministic", "--lr-find", "--lr-find-iters", "30",
+    code = commands.train([*tiny, "--data", str(images), "--deterministic", "--lr-find", "--lr-find-iters", "30",
                        "--out", str(tmp_path / "run")])
     assert code == 0 and determinism() == (False, True, True)
     # experiments.py builds each run's command line with train.py's parser: a boolean key is the bare flag

@@ -11,6 +11,7 @@ import torch
 from conftest import TINY_CNN, TINY_SIZE, make_image_folder
 
 from flowers_classifier import factory
+from flowers_fastai import cli as commands
 from flowers_fastai import train
 from flowers_fastai.data import make_dataloaders, prepare_split
 from flowers_fastai.learner import HistoryCallback, Recipe, build_learner
@@ -46,7 +47,7 @@ def test_lr_argument_accepts_numbers_and_auto():
 
 def test_lr_find_cli_writes_plot_and_suggestions_and_does_not_train(images, tmp_path, capsys):
     out = tmp_path / "run"
-    assert train.main([*TINY, "--data", str(images), "--lr-find", "--lr-find-iters", "30", "--out", str(out)]) == 0
+    assert commands.train([*TINY, "--data", str(images), "--lr-find", "--lr-find-iters", "30", "--out", str(out)]) == 0
     assert (out / "lr_find.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     found = json.loads((out / "lr_find.json").read_text())
     assert set(found["suggestions"]) == set(LR_FIND_METHODS)
@@ -70,7 +71,7 @@ def test_lr_find_cli_writes_plot_and_suggestions_and_does_not_train(images, tmp_
 
 def test_too_few_lr_find_steps_is_a_clear_error(images, tmp_path, capsys):
     out = tmp_path / "run"
-    assert train.main([*TINY, "--data", str(images), "--lr-find", "--lr-find-iters", "10", "--out", str(out)]) == 2
+    assert commands.train([*TINY, "--data", str(images), "--lr-find", "--lr-find-iters", "10", "--out", str(out)]) == 2
     assert "raise --lr-find-iters" in capsys.readouterr().err
     assert not (out / "lr_find.json").exists()
 
@@ -90,7 +91,7 @@ def test_find_lr_leaves_weights_and_callbacks_as_they_were(learn, tmp_path):
 
 def test_lr_auto_trains_stage_2_with_the_valley_suggestion(images, tmp_path):
     out = tmp_path / "run"
-    assert train.main([*TINY, "--data", str(images), "--lr", "auto", "--lr-find-iters", "30", "--epochs", "1",
+    assert commands.train([*TINY, "--data", str(images), "--lr", "auto", "--lr-find-iters", "30", "--epochs", "1",
                        "--mixup", "0", "--out", str(out), "--no-export"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     valley = json.loads((out / "lr_find.json").read_text())["suggestions"]["valley"]
@@ -131,7 +132,7 @@ def test_sanity_check_warns_on_a_far_off_initial_loss(learn):
 
 def test_overfit_batch_succeeds_and_reports(images, tmp_path):
     out = tmp_path / "run"
-    assert train.main([*TINY, "--data", str(images), "--overfit-batch", "--out", str(out)]) == 0
+    assert commands.train([*TINY, "--data", str(images), "--overfit-batch", "--out", str(out)]) == 0
     result = json.loads((out / "overfit_batch.json").read_text())
     assert result["success"] and result["final_loss"] < 0.1 and result["batch_accuracy"] == 1.0
     assert 1 <= result["steps"] <= 200 and len(result["losses"]) == result["steps"] + 1
@@ -140,7 +141,7 @@ def test_overfit_batch_succeeds_and_reports(images, tmp_path):
 
 def test_overfit_batch_failure_exits_1(images, tmp_path, capsys):
     out = tmp_path / "run"
-    assert train.main([*TINY, "--data", str(images), "--overfit-batch", "--lr", "1e-9", "--overfit-steps", "3",
+    assert commands.train([*TINY, "--data", str(images), "--overfit-batch", "--lr", "1e-9", "--overfit-steps", "3",
                        "--out", str(out)]) == 1
     result = json.loads((out / "overfit_batch.json").read_text())
     assert not result["success"] and result["steps"] == 3

@@ -19,8 +19,9 @@ from timm.layers.grn import GlobalResponseNorm
 from flowers_classifier.model import FastGlobalResponseNorm
 from flowers_fastai import flowers_dataloaders, flowers_learner
 from flowers_fastai.api import fine_tune_recipe
+from flowers_fastai.cli import train as main
 from flowers_fastai.learner import DeviceMixedPrecision, fit_only_callbacks, resolve_precision
-from flowers_fastai.train import build_parser, main
+from flowers_fastai.train import build_parser
 
 # --------------------------------------------------------------------------- GRN in fp16
 

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from flowers_classifier import factory
 from flowers_classifier import model as model_modules
 from flowers_classifier.classes import CLASSES
+from flowers_fastai import cli as commands
 from flowers_fastai import pretrained, splitters
 from flowers_fastai import train as train_module
 
@@ -112,7 +113,7 @@ def test_cnn_offline_weights_error_comes_before_the_data_scan(tmp_path, monkeypa
     monkeypatch.setattr(hf_constants, "ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     data = make_image_folder(tmp_path / "imgs", per_class=2)
-    rc = train_module.main(["--model", TINY_CNN, "--data", str(data), "--out", str(tmp_path / "run"), "--no-export"])
+    rc = commands.train(["--model", TINY_CNN, "--data", str(data), "--out", str(tmp_path / "run"), "--no-export"])
     err = capsys.readouterr().err
     assert rc == 2 and "--weights" in err and "--no-pretrained" in err and TINY_CNN in err
     assert scan_calls == []
@@ -121,7 +122,7 @@ def test_cnn_offline_weights_error_comes_before_the_data_scan(tmp_path, monkeypa
 @pytest.mark.parametrize("model, message", [(TINY_CNN, "--weights .*nope.pth: no such file"),
                                             ("convnextv2_nope", "--model convnextv2_nope: not a timm model")])
 def test_cnn_bad_weights_or_model_fail_before_the_data_scan(tmp_path, scan_calls, capsys, model, message):
-    rc = train_module.main(["--model", model, "--weights", str(tmp_path / "nope.pth"), "--data", str(tmp_path),
+    rc = commands.train(["--model", model, "--weights", str(tmp_path / "nope.pth"), "--data", str(tmp_path),
                             "--out", str(tmp_path / "run"), "--no-export"])
     assert rc == 2 and re.search(message, capsys.readouterr().err)
     assert scan_calls == []

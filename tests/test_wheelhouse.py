@@ -19,6 +19,7 @@ from packaging.utils import canonicalize_name
 from test_layers import clean_env, dependency_closure, installed_distributions, link_distributions, run
 
 from flowers_classifier.classes import CLASSES
+from flowers_fastai import cli as commands
 from flowers_fastai import wheelhouse as wh
 from flowers_fastai.wheelhouse import Exclusion, Wheel, WheelhouseError
 
@@ -81,13 +82,13 @@ def test_target_environment_is_the_targets_not_this_interpreters():
 
 
 def test_bad_options_stop_before_any_download(tmp_path, capsys):
-    assert wh.main([str(tmp_path / "wh"), "--extras", "gpu"]) == 2
+    assert commands.wheelhouse([str(tmp_path / "wh"), "--extras", "gpu"]) == 2
     assert "--extras 'gpu'" in capsys.readouterr().err
-    assert wh.main([str(tmp_path / "wh"), "--python-version", "3.12.1"]) == 2
+    assert commands.wheelhouse([str(tmp_path / "wh"), "--python-version", "3.12.1"]) == 2
     assert "--python-version '3.12.1'" in capsys.readouterr().err
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "old.whl").touch()
-    assert wh.main([str(tmp_path / "full")]) == 2
+    assert commands.wheelhouse([str(tmp_path / "full")]) == 2
     assert "not an empty folder" in capsys.readouterr().err
     assert not (tmp_path / "wh").exists()
 

@@ -22,7 +22,8 @@ import flowers_classifier as fc
 from flowers_classifier import factory
 from flowers_classifier.payload import TEMPERATURE_KEY, load_payload
 from flowers_classifier.preprocess import preprocess_image
-from flowers_fastai import evaluate, export, pretrained
+from flowers_fastai import cli as commands
+from flowers_fastai import export, pretrained
 from flowers_fastai.train import main as train_main
 
 
@@ -49,7 +50,7 @@ def _probs(model: fc.FlowerClassifier, photos: list[Path]) -> np.ndarray:
 
 
 def _export(run: Path, out: Path, *flags: str) -> dict:
-    assert export.main([str(run), "--out", str(out), *flags]) == 0
+    assert commands.export([str(run), "--out", str(out), *flags]) == 0
     return load_payload(out)
 
 
@@ -134,7 +135,7 @@ def test_one_command_writes_one_set_of_weights_and_one_temperature(moved_run, re
 
 def test_sweep_reports_every_alpha(clip_run, tmp_path, capsys):
     run, _ = clip_run
-    assert evaluate.main([str(run), "--wise-ft-sweep", "--out", str(tmp_path)]) == 0
+    assert commands.evaluate([str(run), "--wise-ft-sweep", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     report = json.loads((tmp_path / "wise_ft.json").read_text())
     assert [r["alpha"] for r in report["rows"]] == [round(0.1 * i, 1) for i in range(11)]
@@ -154,8 +155,8 @@ def test_runs_without_a_meaningful_zero_shot_model_are_refused(tmp_path, capsys,
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.json").write_text(json.dumps(dict(model={}, config=config)))
-    assert export.main([str(run), "--wise-ft", "0.5"]) == 2
+    assert commands.export([str(run), "--wise-ft", "0.5"]) == 2
     err = capsys.readouterr().err
     assert "--wise-ft" in err and reason in err
-    assert evaluate.main([str(run), "--wise-ft-sweep"]) == 2
+    assert commands.evaluate([str(run), "--wise-ft-sweep"]) == 2
     assert reason in capsys.readouterr().err

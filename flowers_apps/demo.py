@@ -3,7 +3,7 @@ map) and, optionally, the test-time-augmented answer.
 
     python app.py [--cnn models/cnn_flowers.pth] [--vit models/vit_flowers.pth] [--host 127.0.0.1]
                   [--port 7860] [--share] [--examples DIR] [--mcp] [--auth USER:PASS]
-                  (or: flowers-demo ...)
+                  (or: flowers-demo ...; the options: flowers_apps/cli.py)
 
 This module owns the page, its named API endpoint `/predict` (for gradio_client, and the MCP tool with
 --mcp), login (--auth or $FLOWERS_DEMO_AUTH), the upload limit and the queue settings.
@@ -13,10 +13,8 @@ fastai. Models load once, in `build_demo`; a missing model file only removes tha
 
 from __future__ import annotations
 
-import argparse
 import html
 import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -278,45 +276,3 @@ def launch_demo(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, shar
                                   prevent_thread_lock=prevent_thread_lock, footer_links=["api"],
                                   mcp_server=mcp, auth=auth)
     return local_url
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="app.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cnn", type=Path, default=DEFAULT_CNN,
-                   help=f"exported CNN (default: {DEFAULT_CNN}; skipped when missing)")
-    p.add_argument("--vit", type=Path, default=DEFAULT_VIT,
-                   help=f"exported CLIP ViT (default: {DEFAULT_VIT}; skipped when missing)")
-    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=7860, help="TCP port (default 7860)")
-    p.add_argument("--share", action="store_true",
-                   help="also open a public gradio.live link (needs internet; off unless given)")
-    p.add_argument("--auth", metavar="USER:PASS", default=os.environ.get(AUTH_ENV),
-                   help=f"require this login for the page and its API (default: ${AUTH_ENV} if set)")
-    p.add_argument("--mcp", action="store_true",
-                   help="also serve the classifier as an MCP tool for LLM agents at <url>gradio_api/mcp/")
-    p.add_argument("--examples", type=Path, help="folder of example photos (or of <class>/ subfolders)")
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        auth = parse_auth(args.auth, f"--auth (or ${AUTH_ENV})")
-        if auth and args.mcp:
-            raise AuthError(MCP_WITH_AUTH_ERROR)
-        demo = build_demo(args.cnn, args.vit, args.examples)
-    except FlowersError as e:  # ModelFileError, ExamplesError, AuthError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        launch_demo(demo, args.host, args.port, args.share, mcp=args.mcp, auth=auth)
-    except OSError as e:
-        print(f"error: cannot serve on {args.host}:{args.port} ({e}). Pass a free --port or another --host.",
-              file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
