@@ -14,6 +14,7 @@ ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
 COPY pyproject.toml README.md ./
 COPY flowers_classifier/ flowers_classifier/
 COPY flowers_fastai/ flowers_fastai/
+COPY flowers_apps/ flowers_apps/
 RUN pip install ".[train,tensorboard,demo]"
 COPY train.py export.py app.py ./
 

@@ -122,7 +122,11 @@ def _calibrate(payload: dict, run_dir: str | Path, data: str | Path | None, bs: 
         root, df = run_valid_images(Path(run_dir), data)
     except EvaluationError as e:
         return dict(skipped=f"{e} Calibrate with `python export.py {run_dir} --data DIR`.")
-    record = fit_payload_temperature(payload, root, df, bs)
+    try:
+        record = fit_payload_temperature(payload, root, df, bs)
+    except EvaluationError as e:  # the valid images are there but none decodes: nothing is written
+        raise ExportError(f"cannot calibrate {run_dir}: {e} Pass --data DIR with the run's photos, or "
+                          f"--no-calibrate to write it uncalibrated.") from e
     payload[TEMPERATURE_KEY] = record["temperature"]
     return record
 

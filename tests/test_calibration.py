@@ -174,6 +174,16 @@ def test_export_without_the_images_writes_t1_and_says_how_to_calibrate(tmp_path,
     assert TEMPERATURE_KEY not in load_payload(tmp_path / "m.pth")
 
 
+def test_export_with_undecodable_valid_images_is_an_error_that_writes_nothing(tmp_path, capsys):
+    run = _run_folder(tmp_path)
+    for p in (tmp_path / "images").rglob("*.jpg"):
+        p.write_bytes(b"not a jpeg")
+    assert commands.export([str(run), "--out", str(tmp_path / "m.pth")]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot calibrate {run}" in err and "--no-calibrate" in err
+    assert not (tmp_path / "m.pth").exists()
+
+
 def test_onnx_carries_the_temperature_in_its_metadata(tiny_cnn_pth, real_photos, tmp_path):
     from flowers_fastai.onnx_export import export_onnx
     payload = fc.load_payload(tiny_cnn_pth) | {TEMPERATURE_KEY: 2.5}

@@ -35,6 +35,7 @@ from flowers_classifier import factory
 from flowers_classifier.classes import CLASSES
 from flowers_classifier.preprocess import preprocess_image
 from flowers_fastai import pretrained, splitters
+from flowers_fastai.cli import train as main
 from flowers_fastai.data import make_dataloaders, prepare_split
 from flowers_fastai.export import export_run
 from flowers_fastai.learner import build_learner, fine_tune, resolve_precision
@@ -42,7 +43,6 @@ from flowers_fastai.train import (
     build_model,
     build_parser,
     check_clip_args,
-    main,
     make_recipe,
     model_spec,
     resolve_args,

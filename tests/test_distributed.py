@@ -18,7 +18,7 @@ from conftest import TINY_CNN
 
 import flowers_classifier as fc
 from flowers_fastai import cli as commands
-from flowers_fastai import data, distributed, train
+from flowers_fastai import data, distributed
 
 REPO = Path(__file__).resolve().parents[1]
 FILES = ("split.csv", "audit.json", "history.csv", "metrics.json", "best.pth", "last.pth", "learner.pkl",
@@ -112,7 +112,7 @@ def test_train_main_leaves_the_process_group_on_every_way_out(monkeypatch, tmp_p
             raise KeyboardInterrupt
         return tmp_path
 
-    monkeypatch.setattr(train, "train", fake_train)
+    monkeypatch.setattr(commands, "train_run", fake_train)
     if outcome == "KeyboardInterrupt":
         with pytest.raises(KeyboardInterrupt):
             commands.train(["--out", str(tmp_path / "run")])

@@ -31,7 +31,7 @@ from flowers_classifier.quantize import (
     quantize_int8,
 )
 from flowers_fastai import onnx_export
-from flowers_fastai.export import main as export_main
+from flowers_fastai.cli import export as export_main
 
 # Max abs difference of probabilities, int8 vs fp32, on the tiny random-init models. Measured: ~2e-4 (ViT-S-32)
 # and ~2e-3 (convnextv2_atto): weights are rounded to 1/127 of each output channel's range and activations

@@ -75,3 +75,11 @@ def test_torch_floor_and_docker_image_are_versions_that_run():
         f"pyproject.toml: torch>={low}, but only {', '.join(sorted(map(str, runs)))} run here; raise the floor"
     assert docker_torch() in runs, (f"Dockerfile: the base image's torch {docker_torch()} is not one that runs here "
                                     f"({', '.join(sorted(map(str, runs)))}); pick its pytorch/pytorch tag")
+
+
+def test_dockerfile_copies_every_package_it_installs():
+    """The image installs the project from the files COPY brings in: a package missing there (flowers_apps was
+    once) installs nothing and `app.py` fails in the container only."""
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    copied = set(re.findall(r"^COPY\s+(\w+)/", (ROOT / "Dockerfile").read_text(), re.M))
+    assert set(packages) <= copied, f"Dockerfile: no COPY of {sorted(set(packages) - copied)}"

@@ -24,7 +24,6 @@ from flowers_classifier.payload import TEMPERATURE_KEY, load_payload
 from flowers_classifier.preprocess import preprocess_image
 from flowers_fastai import cli as commands
 from flowers_fastai import export, pretrained
-from flowers_fastai.train import main as train_main
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +32,7 @@ def clip_run(real_flowers, tmp_path_factory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("wise")
     ckpt = save_random_clip(tmp / "vit_s_32_random.pt")
     run = tmp / "run"
-    rc = train_main(["--arch", "clip", "--model", TINY_CLIP, "--img-size", str(TINY_SIZE), "--weights", str(ckpt),
+    rc = commands.train(["--arch", "clip", "--model", TINY_CLIP, "--img-size", str(TINY_SIZE), "--weights", str(ckpt),
                      "--data", str(real_flowers), "--freeze-epochs", "0", "--epochs", "1", "--bs", "16",
                      "--out", str(run), "--no-export"])
     assert rc == 0
