@@ -263,6 +263,9 @@ def export_files(source: Path, *, out: Path | None = None, half: bool | None = N
         run_dir = None if from_pth else source
         licence = resolve_licence(payload, run_dir, license)
         name = repo_id or "ORG/NAME"
+        if repo_id is None:
+            print("note: the card and the Space name the model ORG/<folder name>; pass --repo-id ORG/NAME, the id "
+                  "you will upload to, to name it right.", file=sys.stderr)
     if hub:
         graph = (lambda path: _export_onnx(payload, path, opset, int8)) if hub_onnx else None
         files = write_hub_folder(payload, hub, run_dir=run_dir, licence=licence, repo_id=repo_id, wise_ft=wise_ft,

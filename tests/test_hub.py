@@ -26,7 +26,14 @@ from flowers_classifier import hub
 from flowers_classifier.hub import CARD_FILE, CONFIG_FILE, ONNX_FILE, WEIGHTS_FILE, HubError
 from flowers_classifier.payload import TEMPERATURE_KEY, ModelFileError, load_payload
 from flowers_fastai import cli as commands
-from flowers_fastai.hub import CONFUSION_FILE, OTHER, model_card, resolve_licence, weights_licence
+from flowers_fastai.hub import (
+    CONFUSION_FILE,
+    OTHER,
+    model_card,
+    resolve_licence,
+    weights_licence,
+    write_model_files,
+)
 
 REPO_ID = "acme/flowers-atto"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -155,7 +162,11 @@ def test_card_leaves_out_what_the_run_did_not_measure(exported, finished_run, tm
 
 
 def test_export_from_a_pth_writes_a_folder_without_results(exported, tmp_path, capsys):
+    """... into an earlier --hub folder too, whose graph and matrix (of other weights) do not stay."""
     pth, _ = exported
+    (tmp_path / "h").mkdir()
+    for stale in (ONNX_FILE, CONFUSION_FILE, WEIGHTS_FILE):
+        (tmp_path / "h" / stale).write_bytes(b"an earlier export")
     assert commands.export([str(pth), "--hub", str(tmp_path / "h"), "--license", "apache-2.0"]) == 0
     card = ModelCard.load(tmp_path / "h" / CARD_FILE)
     assert card.data.license == "apache-2.0" and not card.data.eval_results
@@ -201,6 +212,16 @@ def test_folder_serves_what_the_pth_serves(exported, photos, backend):
     served = fc.load_model(folder, backend=backend)
     if backend != "onnx":
         assert type(served.backend) is type(reference.backend)
+    assert (probabilities(served, photos) - probabilities(reference, photos)).abs().max() <= 1e-6
+
+
+def test_clip_folder_keeps_fp16_storage_and_serves_the_same(tiny_vit_pth, photos, tmp_path):
+    payload = load_payload(tiny_vit_pth)
+    write_model_files(payload, tmp_path)
+    assert json.loads((tmp_path / CONFIG_FILE).read_text())["dtype"] == "float16"
+    assert all(t.dtype == torch.float16 for t in hub.read_hub_payload(tmp_path)["state_dict"].values()
+               if t.is_floating_point())
+    served, reference = fc.load_vit_model(tmp_path), fc.load_vit_model(tiny_vit_pth)
     assert (probabilities(served, photos) - probabilities(reference, photos)).abs().max() <= 1e-6
 
 
