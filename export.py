@@ -3,6 +3,8 @@
     python export.py RUN_DIR [--out models/cnn_flowers.pth] [--half | --fp32]
     python export.py RUN_DIR|MODEL.pth --onnx OUT.onnx [--out PTH] [--opset N]
     python export.py RUN_DIR|MODEL.pth --int8 [--out PTH] [--onnx OUT.onnx]
+    python export.py RUN_DIR|MODEL.pth --hub DIR [--onnx] [--license L]    # the Hugging Face model repo
+    python export.py RUN_DIR|MODEL.pth --space DIR [--examples PHOTOS]     # a Gradio Space (docs/sharing.md)
 
 --onnx writes an fp32 ONNX graph (input `image` (N, 3, H, W) with a dynamic batch axis, outputs `logits`
 and `probabilities`; the preprocessing spec as JSON in its metadata) and prints how far ONNX Runtime's

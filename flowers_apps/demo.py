@@ -98,12 +98,13 @@ def find_examples(examples_dir: str | os.PathLike | None) -> list[Path]:
 
 def load_models(cnn_path: str | os.PathLike | None,
                 vit_path: str | os.PathLike | None) -> dict[str, fc.FlowerClassifier | list[fc.FlowerClassifier]]:
-    """Choice name -> model(s), for the files that exist; "Ensemble" only when both do. A file that
-    exists but does not load raises ModelFileError: serving without it would hide a broken export."""
+    """Choice name -> model(s), for the paths that exist (a .pth, an .onnx, or a Hub folder written by `export.py
+    --hub`); "Ensemble" only when both do. One that exists but does not load raises ModelFileError: serving
+    without it would hide a broken export."""
     models: dict[str, fc.FlowerClassifier | list[fc.FlowerClassifier]] = {}
-    if cnn_path is not None and Path(cnn_path).is_file():
+    if cnn_path is not None and Path(cnn_path).exists():
         models[CNN] = fc.load_cnn_model(cnn_path)
-    if vit_path is not None and Path(vit_path).is_file():
+    if vit_path is not None and Path(vit_path).exists():
         models[VIT] = fc.load_vit_model(vit_path)
     if CNN in models and VIT in models:
         models[ENSEMBLE] = [models[CNN], models[VIT]]

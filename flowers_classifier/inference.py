@@ -20,6 +20,7 @@ from torch import nn
 from .aot import CpuPackageError, cpu_package_path, load_cpu_package
 from .backends import BACKENDS, Backend, BackendError, CpuPackageBackend, EagerBackend, Int8Backend
 from .factory import build_from_spec
+from .hub import CONFIG_FILE, ONNX_FILE, hub_folder, is_hub_source, read_hub_payload
 from .model import FlowerClassifier
 from .onnx_model import load_onnx_model
 from .payload import (
@@ -69,8 +70,10 @@ def _load_weights(net: nn.Module, payload: dict, path: str | os.PathLike, assign
 def load_model(weights_path: str | os.PathLike, *, backend: str = "auto", device: str | torch.device | None = None,
                calibrated: bool = True, dtype: torch.dtype = torch.float32, family: str | None = None,
                compile: bool = False, threads: int | None = None) -> FlowerClassifier:
-    """The exported model at `weights_path` (a `.pth` payload or a `.onnx` graph; a bare name is looked up in
-    models/), served by one backend (backends.py) chosen here, once: no download, eval mode.
+    """The exported model at `weights_path` (a `.pth` payload, a `.onnx` graph, or a Hub folder written by
+    `export.py --hub DIR`; a bare name is looked up in models/), or "hf-hub:ORG/NAME[@REV]" (that folder on the
+    Hugging Face Hub, from huggingface_hub's cache: downloaded only then), served by one backend (backends.py)
+    chosen here, once, in eval mode. A Hub folder serves as the .pth it was written from (onnx: its model.onnx).
 
     `backend="auto"`: a `.onnx` file -> onnx; on CUDA -> eager; on the CPU -> int8 when the file asks for it
     (`export.py --int8`), else the compiled package beside the `.pth` when one fits this torch, CPU and weights
@@ -89,6 +92,9 @@ def load_model(weights_path: str | os.PathLike, *, backend: str = "auto", device
     if backend not in ("auto", *BACKENDS):
         raise BackendError(f"load_model(backend={backend!r}): not a backend; pass one of "
                            f"{', '.join(map(repr, ('auto', *BACKENDS)))}.")
+    if is_hub_source(weights_path):  # a Hub folder, or "hf-hub:ORG/NAME[@REV]" (hub.py)
+        return _load_hub_model(weights_path, backend=backend, device=device, calibrated=calibrated, dtype=dtype,
+                               family=family, compile=compile, threads=threads)
     path = resolve_model_path(weights_path)
     if path.suffix.lower() == ".onnx":
         if backend not in ("auto", "onnx") or compile:
@@ -102,9 +108,7 @@ def load_model(weights_path: str | os.PathLike, *, backend: str = "auto", device
     # The tensors mapped, not read: a CPU package that serves never needs them (ViT-L/14: 1.2 GB not read,
     # not held in memory). The eager network gets them read below, not left mapped to a file that may change.
     payload = load_payload(path, mmap=True)
-    if family and payload["family"] != family:
-        loader = "load_cnn_model" if payload["family"] == "cnn" else "load_vit_model"
-        raise ModelFileError(f"{path}: holds a {payload['family']!r} model, not {family!r}; use {loader}().")
+    _check_family(payload, family, path)
     device = _device(device)
     backend = _choose_backend(backend, payload, path, device, compile)
     package = _fitting_cpu_package(payload, path, required=backend == "cpu-package") if backend in (
@@ -116,6 +120,36 @@ def load_model(weights_path: str | os.PathLike, *, backend: str = "auto", device
         return _classifier(served, payload, temperature)
     return model_from_payload(load_payload(path), backend="int8" if backend == "int8" else "eager", device=device,
                               dtype=dtype, calibrated=calibrated, compile=compile, path=path)
+
+
+def _check_family(payload: dict, family: str | None, path: str | os.PathLike) -> None:
+    if family and payload["family"] != family:
+        loader = "load_cnn_model" if payload["family"] == "cnn" else "load_vit_model"
+        raise ModelFileError(f"{path}: holds a {payload['family']!r} model, not {family!r}; use {loader}().")
+
+
+def _load_hub_model(source: str | os.PathLike, *, backend: str, device, calibrated: bool, dtype: torch.dtype,
+                    family: str | None, compile: bool, threads: int | None) -> FlowerClassifier:
+    """`load_model` of a Hub folder or id: its model.onnx through ONNX Runtime for backend="onnx", else its
+    payload (config.json + model.safetensors) served as the .pth it was written from is served."""
+    if backend == "onnx":
+        folder = hub_folder(source, (CONFIG_FILE, ONNX_FILE))
+        if not (folder / ONNX_FILE).is_file():
+            raise BackendError(f"{source}: no {ONNX_FILE} in {folder}; write the folder with `export.py ... --hub DIR "
+                               f"--onnx`, or load it with backend='eager'.")
+        return load_model(folder / ONNX_FILE, backend="onnx", device=device, calibrated=calibrated, family=family,
+                          compile=compile, threads=threads)
+    if backend == "cpu-package":
+        raise BackendError(f"{source}: a Hub folder holds no CPU package (one is compiled for one machine's CPU); "
+                           f"compile the .pth with `python export.py MODEL.pth --cpu-package`, or load the folder "
+                           f"with backend='eager'.")
+    folder = hub_folder(source)
+    payload = read_hub_payload(folder)
+    _check_family(payload, family, folder)
+    device = _device(device)
+    chosen = _choose_backend(backend, payload, folder, device, compile)
+    return model_from_payload(payload, backend="int8" if chosen == "int8" else "eager", device=device, dtype=dtype,
+                              calibrated=calibrated, compile=compile, path=folder)
 
 
 def _device(device: str | torch.device | None) -> torch.device:

@@ -119,7 +119,12 @@ def load_payload(weights_path: str | os.PathLike, mmap: bool = False) -> dict:
     if not path.is_file():
         raise ModelFileError(f"{path}: no such model file. Train and export one with "
                              f"`python train.py --arch cnn` (or `python export.py RUN_DIR`).")
-    payload = _torch_load(path, mmap)
+    return validate_payload(_torch_load(path, mmap), path)
+
+
+def validate_payload(payload: object, path: str | os.PathLike = "payload") -> dict:
+    """`payload` when it is one this code serves (its keys, version, classes, family, temperature, int8
+    request); ModelFileError naming `path` otherwise. Shared by the .pth reader and the Hub folder's (hub.py)."""
     if not isinstance(payload, dict):
         raise ModelFileError(f"{path}: not a flowers_fastai payload (a {type(payload).__name__}, not a dict)")
     keys = set(payload)

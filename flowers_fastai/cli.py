@@ -30,6 +30,7 @@ from .calibration import EvaluationError
 from .data import FLOWERS_URL, DatasetError, download_flowers, scan_folder
 from .evaluate import evaluate_file, evaluate_run, summary, wise_ft_sweep, wise_ft_table
 from .export import CLI_USAGE, ExportError, export_files
+from .hub import ShareError
 from .onnx_export import OnnxExportError
 from .probes import SanityCheckError
 from .train import TrainingInterrupted, build_parser, resume_args
@@ -56,6 +57,9 @@ def train(argv: list[str] | None = None) -> int:
     return 0
 
 
+HUB_ONNX = Path("<the --hub folder>")  # a bare --onnx: model.onnx in the --hub folder
+
+
 def export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="export.py", description=CLI_USAGE,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,7 +79,8 @@ def export_parser() -> argparse.ArgumentParser:
     w.add_argument("--wise-ft", type=float, metavar="ALPHA",
                    help="CLIP run: interpolate (1 - ALPHA) * zero-shot + ALPHA * fine-tuned weights, ALPHA in [0, 1]")
     s = p.add_argument_group("other formats and CPU serving")
-    s.add_argument("--onnx", type=Path, metavar="OUT.onnx", help="write an fp32 ONNX graph (dynamic batch axis)")
+    s.add_argument("--onnx", type=Path, nargs="?", const=HUB_ONNX, metavar="OUT.onnx",
+                   help="write an fp32 ONNX graph (dynamic batch axis); bare (after --hub DIR): DIR/model.onnx")
     s.add_argument("--opset", type=int, help="ONNX opset for --onnx (default: the exporter's)")
     s.add_argument("--cpu-package", action="store_true",
                    help="also compile the .pth for this CPU into NAME.cpu.pt2 beside it (AOTInductor; load_model "
@@ -83,6 +88,19 @@ def export_parser() -> argparse.ArgumentParser:
     s.add_argument("--int8", action="store_true",
                    help="the .pth asks to be served int8 on the CPU (quantised at load time; weights stored as "
                         "usual); with --onnx: ONNX Runtime's int8 quantisation of the graph")
+    h = p.add_argument_group("sharing on the Hugging Face Hub (docs/sharing.md)")
+    h.add_argument("--hub", type=Path, metavar="DIR",
+                   help="write the folder `hf upload ORG/NAME DIR` publishes: model.safetensors, config.json, "
+                        "README.md (the model card), and model.onnx with a bare --onnx")
+    h.add_argument("--space", type=Path, metavar="DIR",
+                   help="write a Gradio Space (`hf upload ORG/NAME DIR --repo-type space`): the demo on this model")
+    h.add_argument("--license", metavar="ID",
+                   help="the card's licence (a Hub licence id, e.g. apache-2.0), over the starting weights' own")
+    h.add_argument("--repo-id", metavar="ORG/NAME",
+                   help="the Hub id the card's usage example and the Space's model link name (default ORG/<DIR>)")
+    h.add_argument("--examples", type=Path, metavar="PHOTOS_DIR",
+                   help="--space: its example photos (photos, or <class>/ folders: the first of each); default: "
+                        "one per class from the run's test (else valid) split")
     return p
 
 
@@ -92,23 +110,38 @@ def export(argv: list[str] | None = None) -> int:
     p = export_parser()
     args = p.parse_args(argv)
     from_pth = not args.run_dir.is_dir()
-    int8_copy = from_pth and args.int8 and args.out and not args.onnx
+    hub_onnx = args.onnx == HUB_ONNX
+    onnx = None if hub_onnx else args.onnx
+    sharing = args.hub or args.space
+    int8_copy = from_pth and args.int8 and args.out and not (onnx or sharing)
+    if hub_onnx and not args.hub:
+        p.error("--onnx without a path writes model.onnx into the --hub folder: add --hub DIR, or give --onnx OUT.onnx")
+    for flag, value in (("--license", args.license), ("--repo-id", args.repo_id)):
+        if value is not None and not sharing:
+            p.error(f"{flag} goes into the model card or the Space: add --hub DIR or --space DIR")
+    if args.examples is not None and not args.space:
+        p.error("--examples are the Space's example photos: add --space DIR")
+    if args.repo_id is not None and (args.repo_id.count("/") != 1 or not all(args.repo_id.split("/"))):
+        p.error(f"--repo-id {args.repo_id}: expected ORG/NAME, the Hub id you will upload to")
+    if args.hub and args.space and args.hub.resolve() == args.space.resolve():
+        p.error(f"--hub and --space name the same folder {args.hub}: a model repo and a Space are two folders")
     if args.wise_ft is not None and from_pth:
         p.error(f"--wise-ft interpolates a run folder's weights, and {args.run_dir} is not one")
     if args.int8 and args.cpu_package:
         p.error("--cpu-package compiles the fp32 model and an --int8 file is served quantised, not compiled: "
                 "choose one (docs/int8.md compares them)")
-    if from_pth and not (args.onnx or int8_copy or args.cpu_package):
+    if from_pth and not (args.onnx or int8_copy or args.cpu_package or sharing):
         p.error(f"{args.run_dir} is not a run folder; exporting a .pth file is only meaningful with --onnx OUT.onnx "
-                f"or --int8 --out NEW.pth, or --cpu-package")
+                f"or --int8 --out NEW.pth, --cpu-package, --hub DIR or --space DIR")
     if args.out and from_pth and not int8_copy:
         p.error(f"--out writes a .pth from a run folder (or with --int8 alone), and {args.run_dir} is not one; "
                 f"drop --out")
     try:
-        export_files(args.run_dir, out=args.out, half=args.half, onnx=args.onnx, opset=args.opset,
+        export_files(args.run_dir, out=args.out, half=args.half, onnx=onnx, opset=args.opset,
                      cpu_package=args.cpu_package, int8=args.int8, data=args.data, calibrate=not args.no_calibrate,
-                     wise_ft=args.wise_ft)
-    except (ExportError, OnnxExportError, CpuPackageError) as e:
+                     wise_ft=args.wise_ft, hub=args.hub, hub_onnx=hub_onnx, space=args.space, license=args.license,
+                     repo_id=args.repo_id, examples=args.examples)
+    except (ExportError, OnnxExportError, CpuPackageError, ShareError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -26,7 +26,9 @@ from flowers_classifier.payload import (
 
 from .calibration import EvaluationError, fit_payload_temperature, run_valid_images
 from .cpu_package import compile_cpu_package
+from .hub import folder_size, resolve_licence, write_hub_folder
 from .onnx_export import export_onnx
+from .space import write_space
 
 BEST_NAME = "best"  # run_dir/best.pth: the best weights on valid accuracy (SaveModelCallback)
 ZEROSHOT_NAME = "zeroshot"  # run_dir/zeroshot.pth: a pretrained CLIP run's zero-shot model, for WiSE-FT
@@ -173,6 +175,8 @@ CLI_USAGE = """Export a train.py run folder to a plain .pth for flowers_classifi
     python export.py RUN_DIR|MODEL.pth --onnx OUT.onnx [--out PTH] [--opset N]
     python export.py RUN_DIR|MODEL.pth --cpu-package [--out PTH]
     python export.py RUN_DIR|MODEL.pth --int8 [--out PTH] [--onnx OUT.onnx]
+    python export.py RUN_DIR|MODEL.pth --hub DIR [--onnx] [--license L] [--repo-id ORG/NAME]
+    python export.py RUN_DIR|MODEL.pth --space DIR [--examples PHOTOS_DIR] [--license L] [--repo-id ORG/NAME]
 
 A run folder's payload is calibrated: one temperature T is fitted on the run's valid split (NLL of
 softmax(logits / T), on the weights written) and stored in it; flowers_classifier divides the logits by T
@@ -201,6 +205,14 @@ version and this kind of CPU only; elsewhere load_model warns and serves the eag
 still holds the usual weights, and load_model(..., backend="eager") serves it fp32. From an exported MODEL.pth,
 --int8 --out NEW.pth writes a copy that asks for int8. With --onnx, --int8 writes ONNX Runtime's dynamic
 int8 quantisation of the fp32 graph instead.
+
+--hub DIR writes the folder `hf upload ORG/NAME DIR` publishes: model.safetensors (no pickle), config.json (the
+payload's metadata), README.md (the model card: licence of the starting weights or --license, the run's data,
+recipe and measured results, its confusion matrix) and, with a bare --onnx after it, model.onnx.
+flowers_classifier.load_model(DIR) or load_model("hf-hub:ORG/NAME") serves it. --space DIR writes a Gradio Space
+(`hf upload ORG/NAME DIR --repo-type space`): the demo on the model, pinned requirements, example photos from
+--examples or else from the run's test (or valid) split. With --hub or --space, a .pth is written only when --out
+is given too. docs/sharing.md walks through both.
 """
 
 
@@ -230,24 +242,49 @@ def _int8_copy(payload: dict, source: Path, out: Path) -> None:
 
 def export_files(source: Path, *, out: Path | None = None, half: bool | None = None, onnx: Path | None = None,
                  opset: int | None = None, cpu_package: bool = False, int8: bool = False, data: Path | None = None,
-                 calibrate: bool = True, wise_ft: float | None = None) -> None:
+                 calibrate: bool = True, wise_ft: float | None = None, hub: Path | None = None, hub_onnx: bool = False,
+                 space: Path | None = None, license: str | None = None, repo_id: str | None = None,
+                 examples: Path | None = None) -> None:
     """What `export.py` writes from a run folder or an exported .pth (`source`; see CLI_USAGE for which file
     each option asks for). One payload is made (and calibrated) once, and every file is written from it."""
     from_pth = not source.is_dir()
-    int8_copy = from_pth and int8 and out and not onnx  # MODEL.pth --int8 --out NEW.pth
-    writes_pth = not from_pth and (not onnx or out or cpu_package)
+    int8_copy = from_pth and int8 and out and not (onnx or hub or space)  # MODEL.pth --int8 --out NEW.pth
+    writes_pth = not from_pth and (not (onnx or hub or space) or out or cpu_package)
     if from_pth:
         payload, record = load_exported(source), None
+        if int8:
+            payload[QUANTIZE_KEY] = INT8
     else:
-        half = False if half is None and not writes_pth else half  # fp16 is a .pth's storage
+        # fp16 is the storage of a .pth, a Hub folder and a Space (CLIP's default); an .onnx alone is fp32
+        half = False if half is None and not (writes_pth or hub or space) else half
         payload, record = run_payload(source, half, wise_ft, calibrate, data, int8=int8)
     if int8_copy:
         _int8_copy(payload, source, out)
         return
     if onnx:
         _export_onnx(payload, onnx, opset, int8)
-        if record is not None and not writes_pth:
-            print(calibration_note(record))
+    if hub or space:
+        run_dir = None if from_pth else source
+        licence = resolve_licence(payload, run_dir, license)
+        name = repo_id or "ORG/NAME"
+        if repo_id is None:
+            print("note: the card and the Space name the model ORG/<folder name>; pass --repo-id ORG/NAME, the id "
+                  "you will upload to, to name it right.", file=sys.stderr)
+    if hub:
+        graph = (lambda path: _export_onnx(payload, path, opset, int8)) if hub_onnx else None
+        files = write_hub_folder(payload, hub, run_dir=run_dir, licence=licence, repo_id=repo_id, wise_ft=wise_ft,
+                                 write_onnx=graph)
+        print(f"wrote the Hub folder {hub} ({', '.join(p.name for p in files)}; {folder_size(files)}, license "
+              f"{licence.id}); publish it with `hf upload {name} {hub}`")
+    if space:
+        files, notes = write_space(payload, space, licence=licence, run_dir=run_dir, repo_id=repo_id,
+                                   examples_dir=examples, data=data)
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+        print(f"wrote the Space {space} ({', '.join(p.name for p in files)}); try it with `cd {space} && python "
+              f"app.py`, publish it with `hf upload {name} {space} --repo-type space`")
+    if record is not None and not writes_pth:
+        print(calibration_note(record))
     pth = source
     if writes_pth:
         pth = atomic_write(out or default_model_path(payload["family"]), lambda tmp: torch.save(payload, tmp))

@@ -11,9 +11,7 @@ Pure torch/timm/open_clip (no fastai).
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +20,7 @@ from torch import nn
 from flowers_classifier import factory
 from flowers_classifier.classes import CLASSES
 from flowers_classifier.errors import FlowersError
+from flowers_classifier.hub import hub_reachable
 from flowers_classifier.model import ClipClassifier, use_fast_grn
 
 CNN_DEFAULT = "convnextv2_tiny"
@@ -45,20 +44,6 @@ class WeightsFileError(FlowersError, ValueError):
 
 # --------------------------------------------------------------------------- the hub
 
-def _hub_reachable(timeout: float = 5.0) -> bool:
-    """One DNS lookup + TCP connect to the Hugging Face endpoint: a bounded answer, not a retry loop."""
-    from huggingface_hub import constants
-    if constants.HF_HUB_OFFLINE:
-        return False
-    url = urlparse(constants.ENDPOINT)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((url.hostname, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def _cached_in_hub(repo_id: str, filenames: tuple[str, ...]) -> bool:
     from huggingface_hub import try_to_load_from_cache
     return any(isinstance(try_to_load_from_cache(repo_id, f), str) for f in filenames)
@@ -67,11 +52,11 @@ def _cached_in_hub(repo_id: str, filenames: tuple[str, ...]) -> bool:
 def _require_hub(repo_id: str, filenames: tuple[str, ...], what: str) -> None:
     """Make sure `repo_id` can be had: cached (then stay offline) or the hub answers; else raise."""
     if _cached_in_hub(repo_id, filenames):
-        if not _hub_reachable():
+        if not hub_reachable():
             from huggingface_hub import constants
             constants.HF_HUB_OFFLINE = True  # use the cache without a retry loop against a dead network
         return
-    if not _hub_reachable():
+    if not hub_reachable():
         raise PretrainedWeightsUnavailable(
             f"Cannot download pretrained weights for {what} (hub repo {repo_id!r}): the Hugging Face hub "
             f"is not reachable and the weights are not in the local cache. {OFFLINE_HINT}")

@@ -69,12 +69,16 @@ def thread_cpus_after(code: str) -> tuple[list[int], dict[str, list[int]]]:
 BUILDER_MODULES = ("onnx", "onnxscript", "onnxruntime.quantization", "torch.onnx._internal.exporter._core",
                    "torch._inductor.compile_fx", "torch._inductor.codecache", "torch._inductor.package",
                    "flowers_fastai", "fastai")
+# What downloads a model from the Hub (flowers_classifier.hub, for an "hf-hub:" id only): serving a local file or
+# folder never imports it. (timm imports huggingface_hub itself, but not its download code.)
+DOWNLOAD_MODULES = ("huggingface_hub._snapshot_download",)
 
 
 def builders_imported_by_serving(models: list[Path], photo: Path, python: str | Path = sys.executable,
                                  **run_kwargs) -> list[str]:
     """Load each model file with `load_model`'s defaults and predict `photo` with it, all in one fresh
-    interpreter (`python`, run with `run_kwargs`); return the BUILDER_MODULES (and their submodules) it imported."""
+    interpreter (`python`, run with `run_kwargs`); return the BUILDER_MODULES and DOWNLOAD_MODULES (and their
+    submodules) it imported."""
     script = textwrap.dedent("""
         import json, sys
         import flowers_classifier as fc
@@ -82,7 +86,7 @@ def builders_imported_by_serving(models: list[Path], photo: Path, python: str | 
         for path in models:
             assert fc.predict(fc.load_model(path), photo) in fc.CLASSES, path
         print(json.dumps(sorted(n for n in sys.modules if any(n == b or n.startswith(b + ".") for b in BUILDERS))))
-    """).replace("BUILDERS", repr(BUILDER_MODULES))
+    """).replace("BUILDERS", repr(BUILDER_MODULES + DOWNLOAD_MODULES))
     run_kwargs = {"cwd": ROOT, **run_kwargs}
     done = subprocess.run([str(python), "-c", script, *map(str, models), str(photo)], capture_output=True, text=True,
                           timeout=600, **run_kwargs)
@@ -183,3 +187,14 @@ def packaged_cnn(tiny_cnn_pth, tmp_path_factory) -> Path:
     EXPORT_STDERR[pth] = err.getvalue()
     return pth
 
+
+
+@pytest.fixture(scope="session")
+def finished_run(real_flowers, tmp_path_factory) -> Path:
+    """A finished train.py run folder with a test split (its evaluation, eval_metrics.json, covers valid and test):
+    convnextv2_atto from random init, one epoch at 32 px on the committed photos (seconds). Nothing exported."""
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    assert commands.train(["--arch", "cnn", "--model", TINY_CNN, "--no-pretrained", "--data", str(real_flowers),
+                           "--img-size", "32", "--epochs", "1", "--bs", "16", "--patience", "0", "--test-pct", "0.2",
+                           "--out", str(run_dir), "--no-export"]) == 0
+    return run_dir

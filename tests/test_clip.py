@@ -379,12 +379,12 @@ def test_pretrained_tag_sets_quick_gelu_and_round_trips_export(monkeypatch, tmp_
 def test_hub_reachability_honours_hf_endpoint(monkeypatch):
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(hf_constants, "ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
-    assert pretrained._hub_reachable(timeout=2.0) is False
+    assert pretrained.hub_reachable(timeout=2.0) is False
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen()
         monkeypatch.setattr(hf_constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
-        assert pretrained._hub_reachable(timeout=2.0) is True
+        assert pretrained.hub_reachable(timeout=2.0) is True
 
 
 def test_offline_default_fails_fast_naming_the_flags(tmp_path):

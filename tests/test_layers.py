@@ -32,6 +32,7 @@ from packaging.utils import canonicalize_name
 
 from flowers_classifier.classes import CLASSES
 from flowers_classifier.payload import INT8, QUANTIZE_KEY, load_payload
+from flowers_fastai.hub import write_model_files
 from flowers_fastai.onnx_export import export_onnx
 from flowers_fastai.wheelhouse import copy_source  # what a build of the project reads, copied (no build/ in the repo)
 
@@ -42,10 +43,12 @@ TRAINER_LIBS = ("fastai", "fastcore", "gradio", "pandas", "matplotlib")
 TRAINER_ONLY = ("flowers_fastai", *TRAINER_LIBS)
 # The apps serve through the runtime's public API, beside the trainer: never it, nor fastai.
 NOT_FOR_APPS = ("flowers_fastai", "fastai", "fastcore")
-# What only builds a model: pretrained weights come through huggingface_hub; onnx, onnxscript and torch.onnx write
-# ONNX, ONNX Runtime's quantiser writes int8 ONNX; torch.export and Inductor compile the CPU package.
-BUILDER_IMPORTS = ("huggingface_hub", "onnx", "onnxscript", "onnxruntime.quantization", "torch.onnx", "torch.export",
-                   "torch._inductor")
+# What only builds a model: onnx, onnxscript and torch.onnx write ONNX, ONNX Runtime's quantiser writes int8 ONNX;
+# torch.export and Inductor compile the CPU package.
+BUILDER_IMPORTS = ("onnx", "onnxscript", "onnxruntime.quantization", "torch.onnx", "torch.export", "torch._inductor")
+# The Hub client (pretrained weights, models by Hub id): in the runtime, only flowers_classifier/hub.py imports it,
+# and only inside the functions that resolve an "hf-hub:" id.
+HUB_CLIENT, HUB_MODULE = "huggingface_hub", ROOT / "flowers_classifier" / "hub.py"
 EXPORT_LIBS = ("onnx", "onnxscript")  # the [onnx] extra less ONNX Runtime: writing an .onnx needs them, serving not
 
 
@@ -136,6 +139,28 @@ def test_the_runtime_imports_no_builder():
     assert not offenders, "the runtime imports what only builds a model:\n" + "\n".join(sorted(set(offenders)))
 
 
+def function_level_lines(path: Path) -> set[int]:
+    """The lines of the import statements inside functions (they run when the function is called)."""
+    tree = ast.parse(path.read_text())
+    functions = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)]
+    return {node.lineno for f in functions for node in ast.walk(f) if isinstance(node, ast.Import | ast.ImportFrom)}
+
+
+def test_the_runtime_imports_the_hub_client_only_lazily_in_its_hub_module():
+    """Loading a .pth or a folder needs no Hub client: huggingface_hub is imported by flowers_classifier/hub.py
+    alone, inside its functions (those that resolve an "hf-hub:" id), never at module level."""
+    found, offenders = [], []
+    for path in sorted((ROOT / "flowers_classifier").rglob("*.py")):
+        lazy = function_level_lines(path)
+        for line, module, names in imported_modules(path):
+            if any(is_within(c, (HUB_CLIENT,)) for c in [module] + [f"{module}.{n}" for n in names]):
+                found.append(path)
+                if path != HUB_MODULE or line not in lazy:
+                    offenders.append(f"{path.relative_to(ROOT)}:{line} imports {module}")
+    assert HUB_MODULE in found, f"{HUB_MODULE.relative_to(ROOT)} imports no {HUB_CLIENT}: the check sees nothing"
+    assert not offenders, "the runtime imports huggingface_hub outside hub.py's functions:\n" + "\n".join(offenders)
+
+
 def served_models(pth: Path, out: Path) -> list[Path]:
     """`pth`, a copy of it that asks for int8 and its fp32 ONNX export, in `out`: a model for each backend that
     load_model's defaults serve without a compiler (the CPU package: tests/test_cpu_package.py)."""
@@ -147,7 +172,10 @@ def served_models(pth: Path, out: Path) -> list[Path]:
 
 
 def test_serving_every_backend_imports_no_builder(tiny_cnn_pth, tiny_vit_pth, real_flowers, tmp_path):
-    models = served_models(tiny_cnn_pth, tmp_path) + [tiny_vit_pth]
+    """... nor the Hub client's download code, for a Hub folder either (loaded by path)."""
+    folder = tmp_path / "hub"
+    write_model_files(load_payload(tiny_vit_pth), folder)
+    models = served_models(tiny_cnn_pth, tmp_path) + [tiny_vit_pth, folder]
     models.append(export_onnx(load_payload(tiny_vit_pth), tmp_path / "vit_int8.onnx", int8=True)[0])
     photo = sorted((real_flowers / "rose").glob("*.jpg"))[0]
     assert builders_imported_by_serving(models, photo) == []

@@ -22,12 +22,15 @@ from flowers_fastai.learner import stage2_lrs
 from flowers_fastai.train import build_parser, make_learner, resolve_args
 
 NOTEBOOK = ROOT / "notebooks" / "quickstart.ipynb"
-SKIP_TAG = "skip-execution"  # the demo cell: it starts a server
+SKIP_TAG = "skip-execution"  # the demo cell (it starts a server) and the upload cell (it needs the network, a login)
 
 
 def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     assert any("SMALL = True" in c.source for c in nb.cells), "the notebook must start with SMALL = True"
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert "export_files(" in code[-2].source and "hf upload" in code[-1].source, "the notebook must end by sharing"
+    assert SKIP_TAG in code[-1].metadata.get("tags", []), "the upload cell must be tagged to skip in the tests"
     nb.cells = [c for c in nb.cells if SKIP_TAG not in c.metadata.get("tags", [])]
     monkeypatch.setenv("FLOWERS_OUT", str(tmp_path))  # runs/ and models/ there, not in the repository
     monkeypatch.setenv("MPLBACKEND", "Agg")
@@ -41,6 +44,9 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     print(f"notebook ran in {time.time() - start:.0f} s")
     assert (tmp_path / "models" / "quickstart.pth").is_file()
     assert (tmp_path / "runs" / "quickstart" / "best.pth").is_file()
+    share = tmp_path / "share"  # the Hub folder and the Space folder its last cells write
+    assert (share / "flowers-quickstart" / "model.safetensors").is_file()
+    assert (share / "flowers-quickstart-demo" / "app.py").is_file()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert any("image/png" in o.get("data", {}) for o in outputs), "show_batch/lr_find/plots drew nothing inline"
 
