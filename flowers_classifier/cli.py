@@ -1,6 +1,7 @@
-"""`python -m flowers_classifier PATH... [--model models/cnn_flowers.pth] [--top-k 3] [--json OUT] [--bs N]`
-(also `flowers-predict`): predict image files and folders (searched recursively) with an exported model,
-in batches: one line per image on stdout, errors on stderr, and optionally every record as JSON.
+"""`python -m flowers_classifier PATH... [--model models/cnn_flowers.pth] [--top-k 3] [--json OUT] [--bs N]`:
+predict image files and folders (searched recursively) with an exported model, in batches: one line per image on
+stdout, errors on stderr, and optionally every record as JSON. `build_parser` and `run` are what `flowers-predict`
+(flowers_apps.cli: the same job, in this process or on Ray, and --out CSV/Parquet) builds on.
 
 Also what every command-line entry point of the project shares: `quiet_third_party_warnings`, called by
 the entry points only (never on import, so code importing the library keeps Python's own filters).
@@ -9,16 +10,18 @@ the entry points only (never on import, so code importing the library keeps Pyth
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from .backends import BACKENDS
 from .classes import CLASSES
+from .files import write_json
 from .inference import error_record, find_images, iter_predictions, load_model
+from .model import FlowerClassifier
 from .payload import default_model_path
 from .preprocess import IMAGE_SUFFIXES
 
@@ -47,37 +50,50 @@ def _top_k(record: dict, k: int) -> str:
     return f"{record['image_path']}\t" + "  ".join(f"{c} {p:.3f}" for c, p in ranked)
 
 
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m flowers_classifier",
+def build_parser(prog: str = "python -m flowers_classifier") -> argparse.ArgumentParser:
+    """The batch CLI's parser, in argument groups; flowers-predict (flowers_apps.cli) adds its engine group to it."""
+    p = argparse.ArgumentParser(prog=prog,
                                 description="Predict the flower class of image files and folders (searched "
                                             "recursively) with an exported model, in batches.")
     p.add_argument("paths", nargs="+", help="image files and/or folders")
-    p.add_argument("--model", type=Path, default=default_model_path("cnn"),
+    m = p.add_argument_group("model")
+    m.add_argument("--model", type=Path, default=default_model_path("cnn"),
                    help=f"exported .pth (cnn or clip) or .onnx (default: {default_model_path('cnn')})")
-    p.add_argument("--top-k", type=int, default=3, help="classes printed per image (default 3)")
-    p.add_argument("--json", type=Path, help="also write one record per image to this JSON file")
-    p.add_argument("--bs", type=int, default=32, help="images per forward pass (default 32)")
-    p.add_argument("--uncalibrated", action="store_true",
+    m.add_argument("--uncalibrated", action="store_true",
                    help="raw softmax confidences, ignoring the temperature the model was calibrated with at export")
-    g = p.add_mutually_exclusive_group()
+    g = m.add_mutually_exclusive_group()
     g.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
                    help="what runs the model (default auto: see load_model)")
     g.add_argument("--int8", dest="backend", action="store_const", const="int8",
                    help="serve a .pth int8 on the CPU (as --backend int8)")
     g.add_argument("--fp32", dest="backend", action="store_const", const="eager",
                    help="serve a .pth unquantised even if it asks for int8 (as --backend eager)")
-    args = p.parse_args(argv)
+    o = p.add_argument_group("output")
+    o.add_argument("--top-k", type=int, default=3, help="classes printed per image (default 3)")
+    o.add_argument("--json", type=Path, help="also write one record per image to this JSON file")
+    o.add_argument("--bs", type=int, default=32, help="images per forward pass (default 32)")
+    return p
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """`args` when its values are in range; else the parser's usage error (exit 2) naming the flag."""
     if not 1 <= args.top_k <= len(CLASSES):
-        p.error(f"--top-k must be between 1 and {len(CLASSES)}, not {args.top_k}")
+        parser.error(f"--top-k must be between 1 and {len(CLASSES)}, not {args.top_k}")
     if args.bs < 1:
-        p.error(f"--bs must be at least 1, not {args.bs}")
+        parser.error(f"--bs must be at least 1, not {args.bs}")
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI: one line per image (path, top-k classes with confidences), errors on stderr; exit code 0 when
-    every image was predicted, 1 when some could not be read, 2 when nothing could run."""
-    args = _parse_args(argv)
+# What runs the job: (the model loaded here, the image files, bs) -> one record per file, in order. The default is
+# in this process; flowers-predict --engine ray passes a Ray Data pipeline (flowers_apps.batch).
+Predictions = Callable[[FlowerClassifier, list[Path], int], Iterable[dict]]
+
+
+def run(args: argparse.Namespace, predictions: Predictions = iter_predictions,
+        write: Callable[[list[dict]], None] | None = None) -> int:
+    """The job `args` asks for (build_parser's), predicted by `predictions`: one line per image (path, top-k
+    classes with confidences), errors on stderr, --json, then `write(records)` (flowers-predict's --out). Exit code
+    0 when every image was predicted, 1 when some could not be read, 2 when nothing could run."""
     quiet_third_party_warnings()
     try:
         model = load_model(args.model, backend=args.backend, calibrated=not args.uncalibrated)
@@ -97,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # A progress bar on a terminal only; tqdm.write keeps it below the result lines.
     with tqdm(total=len(paths), unit="image", file=sys.stderr, disable=not sys.stderr.isatty()) as bar:
-        for record in iter_predictions(model, paths, args.bs):
+        for record in predictions(model, paths, args.bs):
             if record["error"]:
                 bar.write(f"error: {record['error']}", file=sys.stderr)
             else:
@@ -105,9 +121,16 @@ def main(argv: list[str] | None = None) -> int:
             records.append(record)
             bar.update()
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(records, indent=2) + "\n")
+        write_json(args.json, records)
+    if write:
+        write(records)
     failed = sum(r["error"] is not None for r in records)
     print(f"{len(records) - failed} image(s) predicted, {failed} failed"
           + (f"; records in {args.json}" if args.json else ""), file=sys.stderr)
     return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m flowers_classifier`: the batch job in this process (see run)."""
+    parser = build_parser()
+    return run(check_args(parser, parser.parse_args(argv)))

@@ -32,7 +32,15 @@ from .payload import (
     payload_temperature,
     resolve_model_path,
 )
-from .preprocess import IMAGE_SUFFIXES, InvalidImageError, Preprocess, preprocess_image, tta_views
+from .preprocess import (
+    IMAGE_SUFFIXES,
+    ImageSource,
+    InvalidImageError,
+    Preprocess,
+    is_path,
+    preprocess_image,
+    tta_views,
+)
 
 
 def _build_with_weights(payload: dict, path: str | os.PathLike = "payload") -> nn.Module:
@@ -267,8 +275,9 @@ def load_ensemble(cnn_path: str | os.PathLike = DEFAULT_FILES["cnn"],
 
 
 def predict_proba(model: FlowerClassifier | Sequence[FlowerClassifier],
-                  image_path: str | os.PathLike, tta: bool = False) -> dict[str, float]:
-    """Class -> probability for one image file (EXIF-rotated, any mode -> RGB, validation crop).
+                  image_path: ImageSource, tta: bool = False) -> dict[str, float]:
+    """Class -> probability for one image: a file, its encoded bytes or a PIL image (EXIF-rotated, any mode -> RGB,
+    validation crop; InvalidImageError when it does not decode).
     A list of models (see `load_ensemble`) gives the unweighted mean of their probability vectors.
     `tta=True`: the mean over the ten views of `tta_views` (as `evaluate.py --tta`) instead of one crop."""
     models = [model] if isinstance(model, FlowerClassifier) else list(model) if isinstance(model, Sequence) else []
@@ -281,7 +290,7 @@ def predict_proba(model: FlowerClassifier | Sequence[FlowerClassifier],
     return {c: float(p) for c, p in zip(models[0].classes, probs.mean(0), strict=True)}
 
 
-def predict(model: FlowerClassifier | Sequence[FlowerClassifier], image_path: str | os.PathLike) -> str:
+def predict(model: FlowerClassifier | Sequence[FlowerClassifier], image_path: ImageSource) -> str:
     """The most likely class: always one of daisy, dandelion, rose, sunflower, tulip."""
     probs = predict_proba(model, image_path)
     return max(probs, key=probs.get)
@@ -301,7 +310,7 @@ def find_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
     return found
 
 
-def _load_or_error(load: Callable, path: Path, prep: Preprocess) -> torch.Tensor | str:
+def _load_or_error(load: Callable, path: Path | ImageSource, prep: Preprocess) -> torch.Tensor | str:
     try:
         return load(path, prep)
     except InvalidImageError as e:
@@ -334,18 +343,19 @@ def decoding_threads(model: FlowerClassifier, workers: int | None = None) -> int
     return max(1, cpus - torch.get_num_threads() + 1)
 
 
-def iter_probabilities(model: FlowerClassifier, image_paths: Iterable[str | os.PathLike], bs: int = 32,
+def iter_probabilities(model: FlowerClassifier, image_paths: Iterable[ImageSource], bs: int = 32,
                        load: Callable[[Path, Preprocess], torch.Tensor] = preprocess_image,
                        workers: int | None = None, logits: bool = False,
-                       ) -> Iterator[tuple[Path, torch.Tensor | None, str | None]]:
+                       ) -> Iterator[tuple[Path | ImageSource, torch.Tensor | None, str | None]]:
     """(path, probabilities, error) for every image, in order, `bs` images per forward pass; a file that
-    does not decode gives (path, None, message) and the others go on. `load(path, prep)` makes the input
+    does not decode gives (path, None, message) and the others go on. An image may also be given as its
+    encoded bytes or a PIL image (then yielded as given instead of a Path). `load(path, prep)` makes the input
     (default: the served preprocessing); when it returns a stack of views (V, 3, H, W) the probabilities
     are (V, K), one row per view, for test-time augmentation. `logits=True` yields the raw logits instead
     (before the temperature), for calibration and evaluation. `workers`: decoding threads (PIL decodes
     outside the GIL), default `decoding_threads`' choice."""
     forward = model.logits if logits else model.probabilities
-    paths = [Path(p) for p in image_paths]
+    paths = [Path(p) if is_path(p) else p for p in image_paths]
     threads = min(decoding_threads(model, workers), max(1, len(paths)))
     with ThreadPoolExecutor(threads) if threads > 1 else nullcontext() as pool:
         decode = pool.map if pool else map
@@ -362,23 +372,29 @@ def iter_probabilities(model: FlowerClassifier, image_paths: Iterable[str | os.P
                     yield path, (p if x.dim() == 4 else p[0]), None
 
 
-def error_record(path: str | os.PathLike, error: str) -> dict:
-    return dict(image_path=str(path), predicted_class=None, confidence=None, probabilities=None, error=error)
+def error_record(path: ImageSource, error: str) -> dict:
+    return dict(image_path=_record_path(path), predicted_class=None, confidence=None, probabilities=None, error=error)
 
 
-def iter_predictions(model: FlowerClassifier, image_paths: Iterable[str | os.PathLike],
+def _record_path(image: ImageSource) -> str | None:
+    """A record's image_path: the file's name; None for an image given as bytes or a PIL image."""
+    return str(image) if is_path(image) else None
+
+
+def iter_predictions(model: FlowerClassifier, image_paths: Iterable[ImageSource],
                      bs: int = 32) -> Iterator[dict]:
-    """One JSON-ready record per image: image_path, predicted_class, confidence, probabilities (class ->
-    probability) and error (None, or why the file could not be read, the other fields then None)."""
+    """One JSON-ready record per image: image_path (None for bytes or a PIL image), predicted_class, confidence,
+    probabilities (class -> probability) and error (None, or why the file could not be read, the other fields
+    then None)."""
     for path, probs, error in iter_probabilities(model, image_paths, bs):
         if error is not None:
             yield error_record(path, error)
             continue
         best = int(probs.argmax())
-        yield dict(image_path=str(path), predicted_class=model.classes[best], confidence=float(probs[best]),
+        yield dict(image_path=_record_path(path), predicted_class=model.classes[best], confidence=float(probs[best]),
                    probabilities={c: float(p) for c, p in zip(model.classes, probs, strict=True)}, error=None)
 
 
-def predict_batch(model: FlowerClassifier, image_paths: Iterable[str | os.PathLike], bs: int = 32) -> list[dict]:
+def predict_batch(model: FlowerClassifier, image_paths: Iterable[ImageSource], bs: int = 32) -> list[dict]:
     """Records (see `iter_predictions`) for many images at once: batched, unreadable files reported."""
     return list(iter_predictions(model, image_paths, bs))

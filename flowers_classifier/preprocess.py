@@ -7,6 +7,7 @@ is what is served. Pure PIL/NumPy/torch: no fastai here.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import warnings
@@ -69,25 +70,68 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Decode `path` fully (first frame of animations) into an RGB image, or raise InvalidImageError."""
-    path = Path(path)
-    if not path.exists():
-        raise InvalidImageError(f"{path}: no such file")
-    if path.is_dir():
-        raise InvalidImageError(f"{path}: is a directory, not an image file")
+# What the public API takes wherever it reads an image: a file, its encoded bytes (an HTTP body: never written to a
+# temp file) or a PIL image. Each goes through the same guards (decompression bomb, truncated, not an image).
+ImageSource = str | os.PathLike | bytes | bytearray | memoryview | Image.Image
+BYTES_TYPES = (bytes, bytearray, memoryview)
+
+
+def source_name(image: ImageSource) -> str:
+    """How messages name an image: its path, else what it is (the caller may add where it came from)."""
+    if isinstance(image, BYTES_TYPES):
+        return f"image bytes ({len(image)} bytes)"
+    if isinstance(image, Image.Image):
+        return f"PIL image ({image.width}x{image.height} {image.mode})"
+    return str(image)
+
+
+def is_path(image: ImageSource) -> bool:
+    """True for a file name (str or os.PathLike), False for in-memory bytes or a PIL image."""
+    return isinstance(image, str | os.PathLike)
+
+
+def load_rgb(image: ImageSource, name: str | None = None) -> Image.Image:
+    """Decode `image` (a file, its bytes or a PIL image) fully (first frame of animations) into an RGB image, or
+    raise InvalidImageError. `name`: how the message calls the image (default `source_name`), e.g. the path the
+    bytes were read from."""
+    name = name or source_name(image)
+    if is_path(image):
+        path = Path(image)
+        if not path.exists():
+            raise InvalidImageError(f"{name}: no such file")
+        if path.is_dir():
+            raise InvalidImageError(f"{name}: is a directory, not an image file")
+    elif not isinstance(image, BYTES_TYPES + (Image.Image,)):
+        raise TypeError(f"load_rgb: expected a path, image bytes or a PIL image, got {type(image).__name__}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            if isinstance(image, Image.Image):
+                # Already opened by the caller: the same size guard as Image.open, then the pixels (lazy until now).
+                _check_pixels(image)
+                image.load()
+                return to_rgb(image)
+            with Image.open(io.BytesIO(image) if isinstance(image, BYTES_TYPES) else image) as img:
                 img.load()  # force the full decode now: truncated files fail here, not mid-epoch
                 return to_rgb(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise InvalidImageError(f"{path}: image is too large to decode safely ({e})") from e
+        raise InvalidImageError(f"{name}: image is too large to decode safely ({e})") from e
     except UnidentifiedImageError as e:
-        raise InvalidImageError(f"{path}: not a recognised image format") from e
+        raise InvalidImageError(f"{name}: not a recognised image format") from e
     except (OSError, SyntaxError, ValueError) as e:
-        raise InvalidImageError(f"{path}: cannot decode image ({e})") from e
+        raise InvalidImageError(f"{name}: cannot decode image ({e})") from e
+
+
+def _check_pixels(img: Image.Image) -> None:
+    """Image.open's decompression-bomb rule for an image opened elsewhere: more than Image.MAX_IMAGE_PIXELS
+    pixels warns (an error here), more than twice that is an error."""
+    limit, pixels = Image.MAX_IMAGE_PIXELS, img.width * img.height
+    if limit and pixels > 2 * limit:
+        raise Image.DecompressionBombError(f"Image size ({pixels} pixels) exceeds limit of {2 * limit} pixels, "
+                                           f"could be decompression bomb DOS attack.")
+    if limit and pixels > limit:
+        warnings.warn(f"Image size ({pixels} pixels) exceeds limit of {limit} pixels, could be decompression "
+                      f"bomb DOS attack.", Image.DecompressionBombWarning, stacklevel=2)
 
 
 def resize_center_crop(img: Image.Image, size: int, crop_pct: float,
@@ -114,9 +158,10 @@ def to_tensor(img: Image.Image, prep: Preprocess) -> torch.Tensor:
     return (x - mean) / std
 
 
-def preprocess_image(path: str | os.PathLike, prep: Preprocess) -> torch.Tensor:
-    """File -> normalised (3, size, size) tensor, exactly as validation sees it."""
-    img = resize_center_crop(load_rgb(path), prep.image_size, prep.crop_pct, prep.interpolation)
+def preprocess_image(image: ImageSource, prep: Preprocess, name: str | None = None) -> torch.Tensor:
+    """File (or its bytes, or a PIL image) -> normalised (3, size, size) tensor, exactly as validation sees it.
+    `name`: as for load_rgb."""
+    img = resize_center_crop(load_rgb(image, name), prep.image_size, prep.crop_pct, prep.interpolation)
     return to_tensor(img, prep)
 
 
@@ -136,10 +181,10 @@ def _corner_crops(img: Image.Image, size: int, interpolation: str) -> list[Image
                                                                (w - size, h - size))]
 
 
-def tta_views(path: str | os.PathLike, prep: Preprocess) -> torch.Tensor:
-    """(10, 3, H, W): the served crop (view 0), the four corner crops of the image resized to
-    size / 0.875 on its short side, and the mirror image of each of those five."""
-    img = load_rgb(path)
+def tta_views(image: ImageSource, prep: Preprocess, name: str | None = None) -> torch.Tensor:
+    """(10, 3, H, W): the served crop (view 0), the four corner crops of the image (a file, its bytes or a PIL
+    image) resized to size / 0.875 on its short side, and the mirror image of each of those five."""
+    img = load_rgb(image, name)
     crops = [resize_center_crop(img, prep.image_size, prep.crop_pct, prep.interpolation)]
     crops += _corner_crops(img, prep.image_size, prep.interpolation)
     crops += [c.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for c in crops]

@@ -198,3 +198,28 @@ def finished_run(real_flowers, tmp_path_factory) -> Path:
                            "--img-size", "32", "--epochs", "1", "--bs", "16", "--patience", "0", "--test-pct", "0.2",
                            "--out", str(run_dir), "--no-export"]) == 0
     return run_dir
+
+
+RAY_CPUS = 4  # logical CPUs of the test Ray's head node: two 1-CPU replicas and Ray Data's tasks fit on 2 cores
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for every test that needs it (serving, Ray Data), started once (seconds): a
+    `ray.cluster_utils.Cluster` head node this process is connected to, so that a test can add a worker node and
+    remove it. Its workers import this checkout (PYTHONPATH), not another copy installed in the venv."""
+    import importlib.util
+    require(importlib.util.find_spec("ray") is not None, "needs Ray: pip install -e '.[serve]'")
+    import ray
+    from ray.cluster_utils import Cluster
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+        cluster = Cluster(initialize_head=True, connect=True,
+                          head_node_args=dict(num_cpus=RAY_CPUS, include_dashboard=False,
+                                              object_store_memory=256 * 2**20))
+        try:
+            yield cluster
+        finally:
+            ray.shutdown()
+            cluster.shutdown()

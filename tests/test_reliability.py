@@ -1,6 +1,7 @@
-"""Bad images and hostile model files: each case works correctly or raises the project's own
-ValueError subclass naming the file; nothing in a model file ever executes."""
+"""Bad images (files, their bytes, PIL images) and hostile model files: each case works correctly or raises the
+project's own ValueError subclass naming the file; nothing in a model file ever executes."""
 
+import io
 import zipfile
 
 import numpy as np
@@ -55,6 +56,64 @@ def test_decompression_bomb_is_refused(model, tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL's guard, scaled down for the test
     with pytest.raises(fc.InvalidImageError, match="big.png.*too large"):
         fc.predict(model, path)
+
+
+@pytest.mark.parametrize("case", ["zero_bytes", "truncated", "random_bytes", "text"])
+def test_undecodable_bytes_raise_invalid_image_like_the_file(model, tmp_path, a_photo, case):
+    """The same guards for an image given as its bytes (an HTTP body) as for the file holding them."""
+    data = bad_file(tmp_path, case, a_photo).read_bytes()
+    for fn in (fc.predict, fc.predict_proba):
+        with pytest.raises(fc.InvalidImageError, match="image bytes") as err:
+            fn(model, data)
+        assert isinstance(err.value, ValueError)
+    (record,) = fc.predict_batch(model, [data])
+    assert record["image_path"] is None and "image bytes" in record["error"] and record["probabilities"] is None
+
+
+def test_decompression_bomb_is_refused_as_bytes_and_as_a_pil_image(model, monkeypatch):
+    buf = io.BytesIO()
+    Image.new("RGB", (120, 120)).save(buf, "PNG")
+    with Image.open(io.BytesIO(buf.getvalue())) as opened:  # opened before the limit drops: not yet refused
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL's guard, scaled down for the test
+        for image in (buf.getvalue(), opened):
+            with pytest.raises(fc.InvalidImageError, match="too large"):
+                fc.predict(model, image)
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 7000)  # over the limit, under twice it: the warning's case
+        with pytest.raises(fc.InvalidImageError, match="too large"):
+            fc.predict(model, opened)
+
+
+def test_a_truncated_pil_image_is_refused_when_its_pixels_load(model, tmp_path, a_photo):
+    path = tmp_path / "half.jpg"
+    a_photo.save(path, quality=95)
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])  # the header whole, half the pixels
+    with Image.open(path) as lazy:  # Image.open reads the header only: the damage shows when the pixels load
+        with pytest.raises(fc.InvalidImageError, match="PIL image.*cannot decode"):
+            fc.predict_proba(model, lazy)
+
+
+def test_bytes_and_pil_images_predict_as_the_file(model, real_photos, tmp_path):
+    """predict_proba, predict, TTA and the batch path give the file's answer for its bytes and for the PIL image
+    it opens to (a PNG/alpha/EXIF-rotated one too: the same decoding)."""
+    rotated = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    with Image.open(real_photos["rose"][0]) as img:
+        img.transpose(Image.Transpose.ROTATE_270).save(rotated, exif=exif.tobytes(), quality=95)
+    photos = [real_photos["daisy"][0], real_photos["tulip"][1], rotated]
+    for path in photos:
+        with Image.open(path) as pil:
+            for image in (path.read_bytes(), bytearray(path.read_bytes()), pil):
+                assert fc.predict_proba(model, image) == pytest.approx(fc.predict_proba(model, path), abs=1e-6)
+                assert fc.predict_proba(model, image, tta=True) == pytest.approx(
+                    fc.predict_proba(model, path, tta=True), abs=1e-6)
+                assert fc.predict(model, image) == fc.predict(model, path)
+    mixed = [photos[0].read_bytes(), photos[1], Image.open(photos[2])]
+    records = fc.predict_batch(model, mixed, bs=2)
+    assert [r["image_path"] for r in records] == [None, str(photos[1]), None]
+    for record, path in zip(records, photos, strict=True):
+        assert record["error"] is None
+        assert record["probabilities"] == pytest.approx(fc.predict_proba(model, path), abs=1e-5)
 
 
 def save_variant(a_photo, tmp_path, case):
