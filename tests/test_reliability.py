@@ -1,5 +1,5 @@
-"""Bad images (files, their bytes, PIL images) and hostile model files: each case works correctly or raises the project's own
-ValueError subclass naming the file; nothing in a model file ever executes."""
+"""Bad images (files, their bytes, PIL images) and hostile model files: each case works correctly or raises the
+project's own ValueError subclass naming the file; nothing in a model file ever executes."""
 
 import io
 import zipfile
