@@ -10,9 +10,10 @@ speed), served by load_model's defaults (no CPU package: nothing compiled). The 
 cleanly when absent), each sent as its JPEG bytes. A local Ray with this machine's CPUs; Serve's proxy on a free port.
 Contenders are timed in turns, `--rounds` rounds, so that load drifting on a shared machine slows both alike:
 
-  latency     one client, keep-alive HTTP (flowers_apps.client) against fc.predict on the same bytes: p50 each,
-              and where the Serve request's time went (the Server-Timing header: batch wait, decode + forward,
-              the replica's whole call; the rest is the HTTP proxy, the router and the network)
+  latency     one client, keep-alive HTTP (flowers_apps.client) against fc.predict on the same bytes, and the
+              same call through a DeploymentHandle from this process (Python, no HTTP proxy): p50 each, and
+              where the HTTP request's time went (the Server-Timing header: batch wait, decode + forward, the
+              replica's whole call; the rest is the HTTP proxy, the router and the network)
   throughput  --clients concurrent clients (threads of this process, one keep-alive connection each) against
               fc.predict_batch at bs --max-batch, images/s; the mean batch the replicas formed
   Ray Data    flowers-predict's --engine ray pipeline (read, decode tasks, --data-replicas model actors of
@@ -48,7 +49,8 @@ from bench.common import (
 from bench.inference import parse_models
 from bench.report import GOALS
 
-CONTENDERS = ("in-process", "serve")
+CONTENDERS = ("in-process", "serve")  # throughput; latency also times "handle"
+LATENCY_CONTENDERS = ("in-process", "handle", "serve")
 
 
 def make_model(name: str, size: int, out: Path) -> Path:
@@ -82,6 +84,7 @@ class Bench:
 
     def __init__(self, args: argparse.Namespace, model_path: Path, bodies: list[bytes]):
         import torch
+        from ray import serve
 
         import flowers_classifier as fc
         from flowers_apps import serve as app
@@ -94,6 +97,8 @@ class Bench:
                                       batch_wait_ms=args.batch_wait_ms, threads=args.threads // args.replicas or 1),
                         "127.0.0.1", free_port())
         self.one = ServeClient(url)
+        self.handle = serve.get_app_handle(app.APP_NAME)
+        self.handle.predict.remote(bodies[0]).result()
         self.many = [ServeClient(url) for _ in range(args.clients)]
         for client in [self.one, *self.many]:  # connections open, replicas warm
             client.predict(bodies[0])
@@ -109,6 +114,8 @@ class Bench:
             start = time.perf_counter()
             if contender == "serve":
                 self.one.predict(body)
+            elif contender == "handle":
+                self.handle.predict.remote(body).result()
             else:
                 self.fc.predict(self.model, body)
             times.append(time.perf_counter() - start)
@@ -139,13 +146,13 @@ class Bench:
 
 
 def measure_serving(bench: Bench, args: argparse.Namespace) -> dict:
-    times: dict[str, list[float]] = {c: [] for c in CONTENDERS}
+    times: dict[str, list[float]] = {c: [] for c in LATENCY_CONTENDERS}
     rates: dict[str, list[float]] = {c: [] for c in CONTENDERS}
     parts: list[dict] = []
     batch_sizes: list[int] = []
     per_turn = max(1, args.latency_runs // args.rounds)
     for r in range(args.rounds):
-        for contender in rotated(CONTENDERS, r):
+        for contender in rotated(LATENCY_CONTENDERS, r):
             times[contender] += bench.latency(contender, per_turn, parts)
             time.sleep(0.3)  # thread pools stop spinning before the other contender's turn
         for contender in rotated(CONTENDERS, r):
@@ -154,7 +161,9 @@ def measure_serving(bench: Bench, args: argparse.Namespace) -> dict:
     import numpy as np
     latency = {c: latency_ms(np.array(t)) for c, t in times.items()}
     breakdown = {k: statistics.median(p[k] for p in parts) for k in parts[0]}
-    breakdown["proxy_router_network"] = latency["serve"]["p50_ms"] - breakdown["replica"]
+    # HTTP minus the replica's own time: the proxy, the router and the network; the handle skips the HTTP proxy
+    breakdown["outside_replica"] = latency["serve"]["p50_ms"] - breakdown["replica"]
+    breakdown["http_proxy"] = latency["serve"]["p50_ms"] - latency["handle"]["p50_ms"]
     return dict(latency=latency, breakdown_ms=breakdown,
                 throughput={c: statistics.median(v) for c, v in rates.items()}, throughput_rounds=rates,
                 mean_batch=statistics.mean(batch_sizes), max_batch_seen=max(batch_sizes),
@@ -191,7 +200,8 @@ def report(res: dict) -> str:
         f"{m['model']}@{m['image_size']}, {m['replicas']} replica(s) x {m['replica_threads']} thread(s), max batch "
         f"{m['max_batch']}, batch wait {m['batch_wait_ms']:g} ms, {m['clients']} clients; 1-min load at start "
         f"{m['load_start']}, at end {m['load_end']}",
-        f"p50 latency: in-process {lat['in-process']['p50_ms']:.1f} ms, Serve {lat['serve']['p50_ms']:.1f} ms: "
+        f"p50 latency: in-process {lat['in-process']['p50_ms']:.1f} ms, Serve {lat['serve']['p50_ms']:.1f} ms "
+        f"(through a DeploymentHandle, no HTTP: {lat['handle']['p50_ms']:.1f} ms): "
         f"{added:+.1f} ms (goal <= +{GOALS['serve_latency'].threshold:g} ms: "
         f"{'met' if GOALS['serve_latency'].met(added) else 'NOT met'})",
         "  Serve request, medians (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()),
