@@ -43,7 +43,7 @@ class Goal:
     run: str                    # the arguments that measure it
     threshold: float
     higher_is_better: bool
-    unit: str                   # "x" (a ratio), "points" (percentage points) or "%" (a fraction shown in %)
+    unit: str                   # "x" (a ratio), "points" (percentage points), "%" (a fraction shown in %) or "ms"
     columns: tuple[str, ...]    # the label's header, then one per figure
     value_name: str
     rows: Callable[[dict], list[Row]]  # a result file's rows for this goal; [] when it does not measure it
@@ -53,6 +53,8 @@ class Goal:
             return f"{value:+.1f} points"
         if self.unit == "%":
             return f"{100 * value:.1f}%"
+        if self.unit == "ms":
+            return f"{value:+.1f} ms"
         return f"{value:.2f}x"
 
     def met(self, value: float) -> bool:
@@ -150,6 +152,24 @@ def _gpu_mfu_rows(data: dict) -> list[Row]:
                 best["mfu"])]
 
 
+def _serve_rows(data: dict, measure: str) -> list[Row]:
+    """bench/serve.py's file: Serve's p50 latency (ms added) or throughput, or Ray Data's throughput (ratios)."""
+    meta, serving, ray_data = data.get("meta", {}), data.get("serving", {}), data.get("ray_data", {})
+    name = f"{meta.get('model')}@{meta.get('image_size')}"
+    if measure == "latency" and "latency" in serving:
+        ours, base = (serving["latency"][c]["p50_ms"] for c in ("serve", "in-process"))
+        return [Row(f"{name}, one client", [ours, base], ours - base)]
+    if measure == "serve" and "throughput" in serving:
+        ours, base = (serving["throughput"][c] for c in ("serve", "in-process"))
+        return [Row(f"{name}, {meta.get('clients')} clients, {meta.get('replicas')} replica(s)",
+                    [ours, base, serving.get("mean_batch")], ours / base)]
+    if measure == "data" and "throughput" in ray_data:
+        ours, base = (ray_data["throughput"][c] for c in ("ray-data", "in-process"))
+        return [Row(f"{name}, {meta.get('data_images')} files, {meta.get('data_replicas')} actor(s)", [ours, base],
+                    ours / base)]
+    return []
+
+
 GOALS = {g.key: g for g in (
     Goal("inference_latency", "Inference latency: ours end to end vs ONNX Runtime end to end, each model size",
          "inference", "", 1.10, False, "x", ("model", "ours p50 ms", "ORT p50 ms"), "ours / ORT",
@@ -172,6 +192,15 @@ GOALS = {g.key: g for g in (
          True, "x", ("precision", "GPU"), "ours / plain", _gpu_ratio_rows),
     Goal("gpu_mfu", "GPU: ViT-L/14 bf16 training MFU (on an H100)", "gpu_check", "", 0.40, True, "%",
          ("config", "GPU", "batch", "img/s"), "MFU", _gpu_mfu_rows),
+    Goal("serve_throughput", f"Ray Serve throughput: concurrent clients over HTTP vs in-process predict_batch at "
+         f"batch {GOAL_BATCH}", "serve", "", 0.95, True, "x", ("run", "Serve img/s", "in-process img/s",
+                                                                "mean batch"), "Serve / in-process",
+         lambda d: _serve_rows(d, "serve")),
+    Goal("serve_latency", "Ray Serve p50 latency: one client over HTTP vs in-process predict", "serve", "", 10.0,
+         False, "ms", ("run", "Serve p50 ms", "in-process p50 ms"), "added", lambda d: _serve_rows(d, "latency")),
+    Goal("ray_data_throughput", f"Ray Data batch prediction (flowers-predict --engine ray) vs in-process "
+         f"predict_batch, images/s at batch {GOAL_BATCH}", "serve", "", 0.80, True, "x",
+         ("run", "Ray Data img/s", "in-process img/s"), "Ray Data / in-process", lambda d: _serve_rows(d, "data")),
 )}
 
 

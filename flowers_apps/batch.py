@@ -27,8 +27,11 @@ from flowers_classifier.errors import FlowersError
 from flowers_classifier.inference import error_record
 from flowers_classifier.preprocess import InvalidImageError, Preprocess, load_rgb, preprocess_image
 
+from .cluster import model_bytes, model_location, torch_thread
+
 DEFAULT_REPLICAS = 1
 DECODE_BATCH = 16  # images per decoding task call: a task's overhead spread over a few, blocks kept small
+MODEL_MEMORY_FACTOR = 2  # a model actor's memory reservation, in model file sizes: the weights and the load's peak
 
 
 class RayEngineError(FlowersError, RuntimeError):
@@ -49,17 +52,19 @@ def _decode(batch: dict[str, np.ndarray], prep: Preprocess) -> dict[str, np.ndar
 
 
 class _Predictor:
-    """Actor: the model loaded once, then one forward per batch of decoded crops (error rows skip it)."""
+    """Actor: the model loaded once, then one forward per batch of decoded crops (error rows skip it), every torch
+    call on one thread (cluster.torch_thread)."""
 
     def __init__(self, model: str, backend: str, calibrated: bool, threads: int):
-        torch.set_num_threads(threads)
-        self.model = fc.load_model(model, backend=backend, calibrated=calibrated)
+        self.worker = torch_thread(threads)
+        self.model = self.worker.submit(fc.load_model, model, backend=backend, calibrated=calibrated).result()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = batch["error"] == ""
         probs = np.full((len(ok), len(self.model.classes)), np.nan, np.float32)
         if ok.any():
-            probs[ok] = self.model.probabilities(torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok]))).numpy()
+            pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok]))
+            probs[ok] = self.worker.submit(lambda: self.model.probabilities(pixels).numpy()).result()
         return {"path": batch["path"], "probabilities": probs, "error": batch["error"]}
 
 
@@ -74,24 +79,24 @@ def _record(path: str, probs: np.ndarray, error: str, classes: tuple[str, ...]) 
 
 def ray_predictions(model_path: str | os.PathLike, *, backend: str = "auto", calibrated: bool = True,
                     replicas: int = DEFAULT_REPLICAS, threads: int = 1) -> Predictions:
-    """What `flowers_classifier.cli.run` calls to predict (model, files, bs): the Ray Data pipeline, on the Ray
-    this process is connected to (`connect`), `replicas` actors of `threads` CPUs each."""
+    """What `flowers_classifier.cli.run` calls to predict (model, files, bs): the Ray Data pipeline on the Ray this
+    process is connected to (cluster.connect), `replicas` model actors running `threads` torch threads each."""
     if replicas < 1 or threads < 1:
         raise RayEngineError(f"--replicas ({replicas}) and --threads ({threads}) must be at least 1")
-    model_file = str(Path(model_path).absolute())  # the actors' working directory is not this one
+    location = model_location(model_path)
 
     def predictions(model: fc.FlowerClassifier, paths: list[Path], bs: int) -> Iterator[dict]:
         failed, readable = {}, []
         for i, path in enumerate(paths):
             if path.is_file() and os.access(path, os.R_OK):
-                readable.append(str(path.absolute()))  # the workers' working directory is not this one
+                readable.append(str(path.absolute()))
                 continue
             try:  # a missing or unreadable file: the runtime's own message, without a task
                 load_rgb(path)
                 readable.append(str(path.absolute()))  # it became readable meanwhile
             except InvalidImageError as e:
                 failed[i] = error_record(path, str(e))
-        rows = _run(readable, model.prep, model_file, backend, calibrated, replicas, threads, bs)
+        rows = _run(readable, model.prep, location, backend, calibrated, replicas, threads, bs)
         pending: dict[str, list[dict]] = {}  # rows by path: in input order (preserve_order), a dict all the same
         for i, path in enumerate(paths):
             if i in failed:
@@ -109,22 +114,32 @@ def ray_predictions(model_path: str | os.PathLike, *, backend: str = "auto", cal
     return predictions
 
 
-def _run(files: list[str], prep: Preprocess, model_file: str, backend: str, calibrated: bool, replicas: int,
+def _run(files: list[str], prep: Preprocess, location: str, backend: str, calibrated: bool, replicas: int,
          threads: int, bs: int) -> Iterator[dict]:
     """The pipeline's rows ({path, probabilities, error}) for `files` (absolute paths), in their order."""
     if not files:
         return iter(())
     from ray.data import ActorPoolStrategy, DataContext, read_binary_files
 
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if cpus < replicas + 1:
+        raise RayEngineError(f"--replicas {replicas} needs {replicas + 1} CPUs in the Ray cluster (one per model actor "
+                             f"and one for reading and decoding), it has {cpus:g}; pass fewer --replicas")
     context = DataContext.get_current()
     context.execution_options.preserve_order = True
     context.enable_progress_bars = False  # the CLI's own progress bar counts the records
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # its per-job INFO lines are not the user's
     ds = read_binary_files(files, include_paths=True)
     ds = ds.map_batches(_decode, fn_kwargs={"prep": prep}, batch_size=DECODE_BATCH, batch_format="numpy")
-    ds = ds.map_batches(_Predictor, fn_constructor_kwargs=dict(model=model_file, backend=backend,
-                                                               calibrated=calibrated, threads=threads),
-                        batch_size=bs, batch_format="numpy", compute=ActorPoolStrategy(size=replicas), num_cpus=threads)
+    # Each actor reserves one CPU but runs `threads` torch threads: reserving them all would leave a small machine
+    # no CPU for the reading and decoding tasks, and the job would wait forever; those tasks are short next to a
+    # forward. It also reserves its model's memory (the weights and the load's peak), so that Ray never packs more
+    # actors on a node than fit; that reservation also keeps Ray Data from fusing the decoding into the actors.
+    memory = MODEL_MEMORY_FACTOR * model_bytes(location)
+    ds = ds.map_batches(_Predictor, fn_constructor_kwargs=dict(model=location, backend=backend, calibrated=calibrated,
+                                                               threads=threads),
+                        batch_size=bs, batch_format="numpy", compute=ActorPoolStrategy(size=replicas), num_cpus=1,
+                        **({"memory": memory} if memory else {}))
     return _rows(ds)
 
 

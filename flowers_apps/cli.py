@@ -140,7 +140,8 @@ def predict_parser() -> argparse.ArgumentParser:
                         "a local Ray or the cluster at --address")
     e.add_argument("--address", help="--engine ray: join this Ray cluster (default $RAY_ADDRESS, else a local Ray)")
     e.add_argument("--replicas", type=int, default=1, help="--engine ray: model actors (default 1)")
-    e.add_argument("--threads", type=int, default=1, help="--engine ray: CPUs (torch threads) per actor (default 1)")
+    e.add_argument("--threads", type=int, help="--engine ray: torch threads per model actor (default: this machine's "
+                                               "CPUs divided by --replicas; set it when joining a cluster)")
     return p
 
 
@@ -154,11 +155,12 @@ def predict(argv: list[str] | None = None) -> int:
     parser = predict_parser()
     args = check_args(parser, parser.parse_args(argv))
     ray_only = [f for f, v in (("--address", args.address), ("--replicas", args.replicas != 1),
-                               ("--threads", args.threads != 1)) if v]
+                               ("--threads", args.threads is not None)) if v]
     if args.engine != "ray" and ray_only:
         parser.error(f"{', '.join(ray_only)}: only with --engine ray")
-    if args.replicas < 1 or args.threads < 1:
-        parser.error(f"--replicas and --threads must be at least 1, not {args.replicas} and {args.threads}")
+    threads = args.threads or max(1, len(available_cpus()) // max(1, args.replicas))
+    if args.replicas < 1 or threads < 1:
+        parser.error(f"--replicas and --threads must be at least 1, not {args.replicas} and {threads}")
     try:
         out = args.out and records.check_out(args.out)
     except FlowersError as e:
@@ -176,7 +178,7 @@ def predict(argv: list[str] | None = None) -> int:
         return 2
     try:
         return run(args, batch.ray_predictions(args.model, backend=args.backend, calibrated=not args.uncalibrated,
-                                               replicas=args.replicas, threads=args.threads), write=write)
+                                               replicas=args.replicas, threads=threads), write=write)
     except FlowersError as e:  # RayEngineError: the pipeline failed as a whole
         print(f"error: {e}", file=sys.stderr)
         return 2
