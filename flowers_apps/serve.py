@@ -14,9 +14,10 @@ HTTP contract (docs/serving.md):
     GET /healthz    -> 200 {"status": "ok", "model": ...}
 
 Each replica loads the model once (`fc.load_model`, any file it serves) and runs concurrent requests through
-`@serve.batch`: up to `max_batch` images per forward, waiting at most `batch_wait_ms` for a batch to fill, decoded
-from the request bytes in memory (never a temp file) by the runtime's batch path, so a bad image fails its own
-request only. Imports Ray: only the serving entry points import this module.
+`@serve.batch`: up to `max_batch` images per forward, the requests that came during the previous forward together
+(plus at most `batch_wait_ms` for more), decoded from the request bytes in memory (never a temp file) by the
+runtime's batch path, so a bad image fails its own request only. Imports Ray: only the serving entry points
+import this module.
 """
 
 from __future__ import annotations

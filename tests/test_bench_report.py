@@ -88,7 +88,20 @@ def results(tmp_path) -> Path:
     # the GPU goals: a CUDA run, then a newer --cpu-smoke run that measures nothing about a GPU
     save(folder, "gpu", "gpu_check", "2026-12-01T00:00:00+00:00", **gpu_check_result("cuda", 0.9, 0.45))
     save(folder, "smoke", "gpu_check", "2026-12-07T00:00:00+00:00", **gpu_check_result("cpu-smoke", 2.0, 0.9))
+    save(folder, "serve", "serve", "2026-12-07T01:00:00+00:00", **serve_result(serve_ms=55.0, in_process_ms=40.0,
+                                                                                serve_ips=21.0, data_ips=15.0))
     return folder
+
+
+def serve_result(serve_ms: float, in_process_ms: float, serve_ips: float, data_ips: float) -> dict:
+    """bench/serve.py's file: meta, serving (measure_serving) and ray_data (measure_ray_data), in-process at
+    20 img/s."""
+    latency = {c: dict(p50_ms=ms, p95_ms=1.2 * ms) for c, ms in (("in-process", in_process_ms),
+                                                                 ("handle", serve_ms - 5), ("serve", serve_ms))}
+    return dict(meta=dict(model="convnextv2_tiny", image_size=224, clients=16, replicas=1, data_images=960,
+                          data_replicas=1),
+                serving=dict(latency=latency, throughput={"in-process": 20.0, "serve": serve_ips}, mean_batch=6.5),
+                ray_data=dict(throughput={"in-process": 20.0, "ray-data": data_ips}))
 
 
 def sections(page: str) -> dict[str, str]:
@@ -149,11 +162,23 @@ def test_tables_verdicts_and_links(results, tmp_path):
     assert table_row(mfu, "ViT-L-14 bf16, grad checkpointing off (the better of off/on)")[-2:] == [
         "[45.0%](results/gpu.json)", "met"]
 
+    served = s[report.GOALS["serve_latency"].title]
+    assert table_row(served, "convnextv2_tiny@224, one client")[1:] == [
+        "[55.0](results/serve.json)", "[40.0](results/serve.json)", "[+15.0 ms](results/serve.json)", "**not met**"]
+    assert "Goal: added ≤ 10.0 ms." in served
+    serving = s[report.GOALS["serve_throughput"].title]
+    assert table_row(serving, "convnextv2_tiny@224, 16 clients, 1 replica(s)")[-2:] == [
+        "[1.05x](results/serve.json)", "met"]
+    data = s[report.GOALS["ray_data_throughput"].title]
+    assert table_row(data, "convnextv2_tiny@224, 960 files, 1 actor(s)")[-2:] == ["[0.75x](results/serve.json)",
+                                                                              "**not met**"]
+
     summary = page.split("\n## ")[0]
     verdicts = {g.key: table_row(summary, g.title)[2] for g in report.GOALS.values()}
     assert verdicts == dict(inference_latency="**not met**", inference_throughput="**not met**",
                             int8_speed="**not met**", int8_agreement="**not met**", train_throughput="met",
-                            accuracy="**not met**", gpu_train_throughput="**not met**", gpu_mfu="met")
+                            accuracy="**not met**", gpu_train_throughput="**not met**", gpu_mfu="met",
+                            serve_throughput="met", serve_latency="**not met**", ray_data_throughput="**not met**")
     for link in re.findall(r"\]\(([^)]+)\)", page):  # every link resolves from the page's folder
         assert (out.parent / link).exists(), link
 

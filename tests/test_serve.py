@@ -25,7 +25,6 @@ from PIL import Image
 import flowers_classifier as fc
 
 serve = pytest.importorskip("ray.serve", reason="needs Ray Serve: pip install -e '.[serve]'")
-import psutil  # noqa: E402 - Ray's own dependency: only after Ray is known to be there
 import ray  # noqa: E402
 
 from flowers_apps import serve as app  # noqa: E402
@@ -73,9 +72,9 @@ def deploy(model_file: Path, **options) -> None:
 
 
 def replica_pids() -> list[int]:
-    """The replicas' processes (Ray names them ray::ServeReplica:<app>:<deployment>)."""
-    title = f"ServeReplica:{app.APP_NAME}:{app.DEPLOYMENT_NAME}"
-    return sorted(p.pid for p in psutil.process_iter(["cmdline"]) if any(title in c for c in p.info["cmdline"] or ()))
+    """The process of each replica of this session's application (asked through Ray, never by process name:
+    another Ray on the machine may run replicas of the same name)."""
+    return sorted(replica_info(lambda: os.getpid()).values())
 
 
 def running_replicas() -> int:
@@ -256,13 +255,23 @@ def test_removing_a_node_of_a_two_node_cluster_loses_no_request(ray_cluster, url
         serve.delete(app.APP_NAME)
 
 
-def replica_nodes() -> dict[str, str]:
-    """Replica id (the X-Replica header) -> the Ray node its actor is on, for every replica of the application."""
+def replica_info(fn) -> dict[str, object]:
+    """Replica id (the X-Replica header) -> fn() run inside that replica's actor, for each live replica."""
     prefix = f"SERVE_REPLICA::{app.APP_NAME}#{app.DEPLOYMENT_NAME}#"
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
-    nodes = ray.get([ray.get_actor(name, namespace="serve").__ray_call__.remote(
-        lambda self: ray.get_runtime_context().get_node_id()) for name in names], timeout=60)
-    return {name.removeprefix(prefix): node for name, node in zip(names, nodes, strict=True)}
+    found = {}
+    for name in names:
+        try:
+            found[name.removeprefix(prefix)] = ray.get(
+                ray.get_actor(name, namespace="serve").__ray_call__.remote(lambda self: fn()), timeout=30)
+        except (ValueError, ray.exceptions.RayError):  # gone between the listing and the call
+            pass
+    return found
+
+
+def replica_nodes() -> dict[str, str]:
+    """Replica id -> the Ray node its actor is on."""
+    return replica_info(lambda: ray.get_runtime_context().get_node_id())
 
 
 def iter_cycle(items: list):
@@ -334,6 +343,22 @@ def test_flowers_serve_refuses_a_bad_model_file_before_starting_ray(tmp_path):
     from flowers_apps import cli
     missing = tmp_path / "nope.pth"
     assert cli.serve([str(missing), "--port", "1"]) == 2
+
+
+def test_the_serve_config_example_is_valid_and_builds_the_app(model_file):
+    """docs/serve-config.yaml passes Serve's own schema (what `serve run` / `serve deploy` check), and its
+    import_path + args build the application (model swapped for the test's file)."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load((ROOT / "docs" / "serve-config.yaml").read_text())
+    ServeDeploySchema.model_validate(config)
+    (application,) = config["applications"]
+    module, _, name = application["import_path"].partition(":")
+    assert (module, name) == ("flowers_apps.serve", "app_builder") and application["name"] == app.APP_NAME
+    assert [d["name"] for d in application["deployments"]] == [app.DEPLOYMENT_NAME]
+    built = app.app_builder({**application["args"], "model": str(model_file)})
+    assert isinstance(built, serve.Application)
 
 
 def test_serve_config_builder_rejects_unknown_args(model_file):
