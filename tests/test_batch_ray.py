@@ -80,3 +80,11 @@ def test_local_engine_writes_out_and_never_imports_ray(tiny_cnn_pth, real_photos
     assert json.loads(rows[0]["probabilities"]) == pytest.approx(records[0]["probabilities"], abs=1e-9)
     assert float(rows[0]["confidence"]) == pytest.approx(records[0]["confidence"], abs=1e-9)
     assert rows[-1]["probabilities"] == "" and "no such file" in rows[-1]["error"]
+
+
+def test_engine_ray_refuses_more_replicas_than_the_cluster_can_feed(ray_cluster, tiny_cnn_pth, real_photos, capsys):
+    """Each model actor reserves a CPU and reading/decoding needs one more: a job that cannot run says so (exit 2)
+    instead of waiting forever."""
+    photo = str(real_photos["rose"][0])
+    assert cli.predict([photo, "--model", str(tiny_cnn_pth), "--engine", "ray", "--replicas", "64"]) == 2
+    assert "--replicas 64 needs 65 CPUs" in capsys.readouterr().err
