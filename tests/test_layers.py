@@ -327,6 +327,19 @@ def link_distributions(wanted: dict[str, md.Distribution], every: dict[str, md.D
     mirror(())
 
 
+def linked_venv(venv: Path, wanted: dict[str, md.Distribution], every: dict[str, md.Distribution],
+                site: Path) -> tuple[Path, Path]:
+    """A new venv without pip at `venv` holding the `wanted` distributions of `site`, symlinked (link_distributions);
+    (its python, its site-packages)."""
+    run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", "--without-pip", venv], "creating the venv",
+        env=clean_env())
+    python = venv / "bin" / "python"
+    new_site = Path(run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                        "locating the venv's site-packages").stdout.strip())
+    link_distributions(wanted, every, site, new_site)
+    return python, new_site
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     """The environment without anything that would let the outer .venv or the repo leak in: no PYTHONPATH, no
     user site-packages, no pip configuration; hub downloads refused, so any network access fails loudly."""
@@ -382,12 +395,7 @@ def runtime_venv(tmp_path_factory) -> Path:
     assert not set(serving) & set(EXPORT_LIBS), f"onnxruntime pulls in {sorted(set(serving) & set(EXPORT_LIBS))}"
 
     venv = tmp / "venv"
-    base_python = getattr(sys, "_base_executable", sys.executable)
-    run([base_python, "-m", "venv", "--without-pip", venv], "creating the venv", env=clean_env())
-    python = venv / "bin" / "python"
-    new_site = Path(run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                        "locating the venv's site-packages").stdout.strip())
-    link_distributions(runtime | tools | serving, every, site, new_site)
+    python, _ = linked_venv(venv, runtime | tools | serving, every, site)
 
     run([python, "-m", "pip", "install", "--no-deps", "--no-index", "--no-build-isolation", "--no-cache-dir",
          "-q", copy_source(tmp / "src")], "installing the project without extras", env=clean_env(), cwd=tmp)

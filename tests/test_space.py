@@ -30,7 +30,7 @@ from gradio_client import Client, handle_file
 from huggingface_hub import SpaceCard
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
-from test_layers import clean_env, dependency_closure, installed_distributions, link_distributions, run
+from test_layers import clean_env, dependency_closure, installed_distributions, linked_venv, run
 
 import flowers_classifier as fc
 from flowers_fastai import cli as commands
@@ -162,12 +162,7 @@ def test_space_installs_offline_from_its_requirements_and_predicts(space, finish
             wheel_of(dist, site, wheels)
 
     venv = tmp_path / "venv"
-    run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", "--without-pip", venv], "creating the venv",
-        env=clean_env())
-    python = venv / "bin" / "python"
-    new_site = Path(run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                        "locating the venv's site-packages").stdout.strip())
-    link_distributions(base, every, site, new_site)
+    python, new_site = linked_venv(venv, base, every, site)
     # The linked distributions are .venv's files: pip must never replace (uninstall through the links) one.
     constraints = tmp_path / "base.txt"
     constraints.write_text("".join(f"{d.metadata['Name']}=={d.version}\n" for d in base.values()))

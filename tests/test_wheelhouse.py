@@ -16,7 +16,7 @@ import pytest
 from conftest import ROOT, TINY_CNN, require
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
-from test_layers import clean_env, dependency_closure, installed_distributions, link_distributions, run
+from test_layers import clean_env, dependency_closure, installed_distributions, linked_venv, run
 
 from flowers_classifier.classes import CLASSES
 from flowers_fastai import cli as commands
@@ -220,12 +220,7 @@ def test_offline_install_on_a_pytorch_box_trains_and_predicts(pytorch_box_wheelh
     every = installed_distributions(site)
     box = dependency_closure([*PYTORCH_BOX, "pip", "setuptools"], every)
     venv = tmp_path / "venv"
-    run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", "--without-pip", venv], "creating the venv",
-        env=clean_env())
-    python = venv / "bin" / "python"
-    new_site = Path(run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                        "locating the venv's site-packages").stdout.strip())
-    link_distributions(box, every, site, new_site)
+    python, _ = linked_venv(venv, box, every, site)
     # The linked distributions are .venv's files: pip must never replace (uninstall through the links) one.
     constraints = tmp_path / "box.txt"
     constraints.write_text("".join(f"{d.metadata['Name']}=={d.version}\n" for d in box.values()))
